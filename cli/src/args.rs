@@ -1,0 +1,404 @@
+//! The command line of `venomctl`, declared with clap derive.
+//!
+//! Only declarations live here (plus the small value parsers they need), so that
+//! `Command::debug_assert()` can check the whole tree in a unit test and the command
+//! modules receive plain, already-validated values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Where `venomctl` looks for a coordinator when told nothing else.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+
+/// Submit, watch and inspect Venom waves; run an embedded dev cluster.
+#[derive(Debug, Parser)]
+#[command(name = "venomctl", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every subcommand accepts.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Coordinator URLs, comma-separated. Any member works: each is tried in turn and
+    /// requests follow the leader.
+    #[arg(
+        long,
+        global = true,
+        env = "VENOM_COORDINATOR",
+        value_delimiter = ',',
+        default_value = DEFAULT_COORDINATOR,
+        value_name = "URL[,URL…]"
+    )]
+    pub coordinator: Vec<String>,
+
+    /// Client token, sent as `authorization: Bearer TOKEN`.
+    #[arg(long, global = true, env = "VENOM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Output format: aligned tables for people, one pretty JSON document for scripts.
+    #[arg(long, global = true, env = "VENOM_OUTPUT", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+impl OutputFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputFormat::Table => "table",
+            OutputFormat::Json => "json",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a single-node coordinator and a local worker in this process; with WAVE,
+    /// run that wave to completion and exit with its outcome.
+    Dev(DevArgs),
+
+    /// Validate a wave file locally, then submit it.
+    Submit(SubmitArgs),
+
+    /// Validate a wave file locally (no coordinator needed).
+    Validate {
+        /// Wave file (.toml or .json).
+        file: PathBuf,
+    },
+
+    /// Print a wave as Graphviz DOT. A file gives the full dependency graph; a wave id
+    /// gives its tasks and their progress, without edges (the coordinator does not
+    /// serve dependencies).
+    Graph {
+        /// Wave file, or the id of a submitted wave.
+        #[arg(value_name = "FILE|WAVE")]
+        target: String,
+    },
+
+    /// List waves.
+    Waves,
+
+    /// Show one wave: counts, timings, measured speed-up beside the model's figure.
+    Status {
+        /// Wave id.
+        wave: u64,
+    },
+
+    /// List a wave's micro-tasks.
+    Tasks {
+        /// Wave id.
+        wave: u64,
+    },
+
+    /// Print the captured stdout and stderr of a micro-task's latest attempt.
+    Logs {
+        /// Wave id.
+        wave: u64,
+        /// Task id, with `[INDEX]` for one micro-task of an array task (e.g. `shard[7]`).
+        #[arg(value_name = "TASK[INDEX]", value_parser = parse_task_ref)]
+        task: TaskRef,
+    },
+
+    /// Wait until a wave finishes; the exit code is its outcome (0 succeeded, 1 not).
+    Wait {
+        /// Wave id.
+        wave: u64,
+    },
+
+    /// Cancel a wave: pending micro-tasks are dropped, running ones are killed.
+    Cancel {
+        /// Wave id.
+        wave: u64,
+    },
+
+    /// List worker nodes with their health, mode and load.
+    Nodes,
+
+    /// Stop placing new work on a node (running work finishes).
+    Drain {
+        /// Node name.
+        node: String,
+        /// Undo a drain: the node takes new work again.
+        #[arg(long)]
+        undo: bool,
+    },
+
+    /// Show the coordinator cluster: members, leader, term, indexes, aggregate S_Total.
+    Cluster,
+
+    /// Scan this machine's hardware and show its Möbius model figures.
+    Scan,
+
+    /// Compress HOURS of sequential work with this machine's model figures
+    /// (and the three reference profiles').
+    Compress {
+        /// Sequential hours of work.
+        #[arg(value_parser = parse_hours)]
+        hours: f64,
+    },
+
+    /// Sample this machine's health θ every second.
+    Monitor {
+        /// How long to sample (e.g. `10s`, `2m`, `500ms`; a bare number is seconds).
+        #[arg(default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+    },
+
+    /// Print the effective configuration.
+    Config,
+
+    /// Measure Venom against the physical spawn floor on this machine.
+    Benchmark(BenchArgs),
+
+    /// Print a shell completion script.
+    Completions {
+        /// Target shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    /// Wave file to run; without it the dev cluster stays up until Ctrl-C.
+    pub wave: Option<PathBuf>,
+
+    /// Keep the coordinator's and worker's data here (default: a temporary directory).
+    #[arg(long, env = "VENOM_DEV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Address to serve on (`127.0.0.1:0` picks a free port).
+    #[arg(long, env = "VENOM_DEV_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+
+    /// Slots of the local worker (default: this machine's CPUs).
+    #[arg(long, env = "VENOM_DEV_SLOTS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub slots: Option<u32>,
+
+    /// Keep the temporary data directory on exit (its path is printed).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SubmitArgs {
+    /// Wave file (.toml or .json; other names are detected from the content).
+    pub file: PathBuf,
+
+    /// Block until the wave finishes; the exit code is its outcome.
+    #[arg(long, conflicts_with = "watch")]
+    pub wait: bool,
+
+    /// Show live progress bars until the wave finishes; the exit code is its outcome.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Micro-tasks in the array wave (and processes in its spawn floor).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub n: u32,
+
+    /// Tasks in the dependency chain (0 skips the chain).
+    #[arg(long, default_value_t = 1_000)]
+    pub chain: u32,
+
+    /// Processes in flight for the spawn floor, and the dev worker's slots with `--dev`.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub slots: u32,
+
+    /// Do not measure the spawn floors.
+    #[arg(long)]
+    pub skip_floor: bool,
+
+    /// Start an embedded dev cluster (coordinator plus one worker) instead of using
+    /// `--coordinator`.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+/// One micro-task named on the command line: `task` or `task[index]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRef {
+    pub task_id: String,
+    pub index: Option<u32>,
+}
+
+impl std::fmt::Display for TaskRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.index {
+            Some(index) => write!(f, "{}[{}]", self.task_id, index),
+            None => f.write_str(&self.task_id),
+        }
+    }
+}
+
+/// Parses `TASK` or `TASK[INDEX]`.
+pub fn parse_task_ref(text: &str) -> Result<TaskRef, String> {
+    let text = text.trim();
+    let Some(open) = text.find('[') else {
+        if text.is_empty() {
+            return Err("the task id is empty".to_owned());
+        }
+        if text.contains(']') {
+            return Err(format!("`{text}`: `]` without `[`"));
+        }
+        return Ok(TaskRef {
+            task_id: text.to_owned(),
+            index: None,
+        });
+    };
+    let task_id = &text[..open];
+    let rest = &text[open + 1..];
+    if task_id.is_empty() {
+        return Err(format!("`{text}`: the task id before `[` is empty"));
+    }
+    let Some(digits) = rest.strip_suffix(']') else {
+        return Err(format!("`{text}`: expected TASK[INDEX], ending with `]`"));
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("`{text}`: the index must be a non-negative integer"));
+    }
+    let index = digits
+        .parse::<u32>()
+        .map_err(|err| format!("`{text}`: index {digits}: {err}"))?;
+    Ok(TaskRef {
+        task_id: task_id.to_owned(),
+        index: Some(index),
+    })
+}
+
+/// Parses a duration such as `10s`, `1.5m`, `250ms`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a number with an optional unit (ms, s, m, h)"))?;
+    let seconds_per_unit = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" | "mins" => 60.0,
+        "h" | "hr" | "hrs" => 3_600.0,
+        other => return Err(format!("`{text}`: unknown unit `{other}` (use ms, s, m or h)")),
+    };
+    let seconds = value * seconds_per_unit;
+    // A week is far beyond any sensible monitoring run and keeps the value finite.
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > 7.0 * 86_400.0 {
+        return Err(format!("`{text}`: must be above zero and at most a week"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Parses a positive, finite number of hours.
+pub fn parse_hours(text: &str) -> Result<f64, String> {
+    let hours: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a number of hours"))?;
+    if !hours.is_finite() || hours < 0.0 {
+        return Err(format!("`{text}`: hours must be a finite number ≥ 0"));
+    }
+    Ok(hours)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn task_refs_parse() {
+        assert_eq!(
+            parse_task_ref("shard[7]"),
+            Ok(TaskRef {
+                task_id: "shard".into(),
+                index: Some(7)
+            })
+        );
+        assert_eq!(
+            parse_task_ref("prepare"),
+            Ok(TaskRef {
+                task_id: "prepare".into(),
+                index: None
+            })
+        );
+        assert_eq!(
+            parse_task_ref("a-b_c.d[0]"),
+            Ok(TaskRef {
+                task_id: "a-b_c.d".into(),
+                index: Some(0)
+            })
+        );
+        for bad in [
+            "", "[3]", "shard[", "shard[]", "shard[x]", "shard[-1]", "shard[1]x", "shard]",
+            "shard[1][2]", "shard[99999999999]",
+        ] {
+            assert!(parse_task_ref(bad).is_err(), "`{bad}` should be rejected");
+        }
+        assert_eq!(parse_task_ref("shard[7]").map(|r| r.to_string()), Ok("shard[7]".into()));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1_500)));
+        for bad in ["", "s", "0", "10x", "-1s", "1e999", "9999h"] {
+            assert!(parse_duration(bad).is_err(), "`{bad}` should be rejected");
+        }
+    }
+
+    #[test]
+    fn global_flags_split_coordinator_lists() {
+        let cli = Cli::try_parse_from([
+            "venomctl",
+            "--coordinator",
+            "http://a:1,http://b:2",
+            "--output",
+            "json",
+            "waves",
+        ])
+        .expect("valid command line");
+        assert_eq!(cli.global.coordinator, vec!["http://a:1", "http://b:2"]);
+        assert_eq!(cli.global.output, OutputFormat::Json);
+        assert!(matches!(cli.command, Command::Waves));
+    }
+
+    #[test]
+    fn submit_wait_and_watch_conflict() {
+        let both = Cli::try_parse_from(["venomctl", "submit", "w.toml", "--wait", "--watch"]);
+        assert!(both.is_err());
+        let logs = Cli::try_parse_from(["venomctl", "logs", "3", "shard[7]"]).expect("valid");
+        match logs.command {
+            Command::Logs { wave, task } => {
+                assert_eq!(wave, 3);
+                assert_eq!(task.index, Some(7));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+}

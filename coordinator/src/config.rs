@@ -1,0 +1,80 @@
+//! Coordinator configuration: every flag also reads a `VENOM_…` environment variable.
+//!
+//! `CoordinatorConfig` is a clap `Args` struct so that the `venom-coordinator` binary and
+//! `venomctl dev` (which embeds a coordinator) share one definition.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// How a coordinator is run.
+#[derive(Debug, Clone, Args)]
+pub struct CoordinatorConfig {
+    /// Raft id of this coordinator (unique within the cluster, ≥ 1).
+    #[arg(long, env = "VENOM_ID", default_value_t = 1)]
+    pub id: u64,
+
+    /// Address serving clients, workers and raft peers.
+    #[arg(long, env = "VENOM_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+
+    /// Directory for the sled database (raft log and state machine).
+    /// Default: ./venom-data/coordinator-<id>.
+    #[arg(long, env = "VENOM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Raft peers as `ID=HOST:PORT,…`; none means a single-node cluster.
+    #[arg(long, env = "VENOM_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// Address for the Prometheus `/metrics` endpoint (off when unset).
+    #[arg(long, env = "VENOM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// A node that sends no heartbeat for this long is marked down.
+    #[arg(long, env = "VENOM_HEARTBEAT_TTL_MS", default_value_t = 5_000)]
+    pub heartbeat_ttl_ms: u64,
+
+    /// Most micro-tasks a single wave may expand to.
+    #[arg(long, env = "VENOM_MAX_MICRO_TASKS", default_value_t = 100_000)]
+    pub max_micro_tasks: u64,
+
+    /// Largest wave file accepted, in bytes.
+    #[arg(long, env = "VENOM_MAX_SPEC_BYTES", default_value_t = 1 << 20)]
+    pub max_spec_bytes: usize,
+
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "VENOM_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Raft tick interval.
+    #[arg(long, env = "VENOM_TICK_MS", default_value_t = 100)]
+    pub tick_ms: u64,
+}
+
+impl CoordinatorConfig {
+    /// A single-node coordinator on `listen` storing its data in `data_dir`,
+    /// with every other setting at its default (used by `venomctl dev` and tests).
+    pub fn single_node(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            id: 1,
+            listen,
+            data_dir: Some(data_dir),
+            peers: Vec::new(),
+            metrics_listen: None,
+            heartbeat_ttl_ms: 5_000,
+            max_micro_tasks: 100_000,
+            max_spec_bytes: 1 << 20,
+            max_message_bytes: 16 << 20,
+            tick_ms: 100,
+        }
+    }
+
+    /// The data directory actually used.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("venom-data/coordinator-{}", self.id)))
+    }
+}

@@ -1,0 +1,682 @@
+//! The raft replica: one tokio task owns the raft-rs `RawNode`, the sled [`Store`] and
+//! the connections to workers, and consumes a closed set of [`Event`]s.
+//!
+//! Each loop turn: take every event already waiting (so many proposals share one raft
+//! entry and one fsync — group commit), tick if due, run `on_ready` in raft-rs's order
+//! (send → apply snapshot → apply committed → append → persist hard state → fsync →
+//! send persisted messages → advance → apply light-ready commits → advance_apply), then,
+//! on the leader, run the pure scheduler and propose its plan. Scheduling is driven by
+//! events — a result arriving dispatches its dependents in the same turn — plus the
+//! tick for heartbeat expiry.
+//!
+//! Proposals carry a reply channel; lost leadership or shutdown fails them at once, so
+//! callers never hang.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, Entry, EntryType, Message as RaftMessage};
+use raft::{RawNode, StateRole};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+use venom_proto::v1 as pb;
+
+use crate::convert;
+use crate::scheduler::{self, SchedulerConfig};
+use crate::state::{Command, Effect, Outcome, State};
+use crate::storage::{Store, StoreError};
+use crate::transport::Transport;
+
+/// Why a proposal did not commit.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ProposeError {
+    #[error("not leader: leader={}", .leader_addr.as_deref().unwrap_or("unknown"))]
+    NotLeader { leader_addr: Option<String> },
+    #[error("coordinator is shutting down")]
+    Stopped,
+    #[error("raft refused the proposal: {0}")]
+    Raft(String),
+}
+
+type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
+
+/// Inputs of the replica task.
+pub enum Event {
+    Propose {
+        command: Command,
+        reply: Option<Reply>,
+    },
+    Raft(Vec<RaftMessage>),
+    /// A worker stream opened; assignments for `node` go to `tx` from now on.
+    WorkerAttached {
+        node: String,
+        conn: u64,
+        tx: mpsc::Sender<pb::CoordinatorMessage>,
+    },
+    WorkerDetached {
+        node: String,
+        conn: u64,
+    },
+}
+
+/// This replica's view of raft, published after every turn.
+#[derive(Debug, Clone, Default)]
+pub struct RaftStatus {
+    pub id: u64,
+    pub role: String,
+    pub term: u64,
+    pub leader_id: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub last_index: u64,
+    /// Peer id → address (this replica included).
+    pub members: BTreeMap<u64, String>,
+    /// Peer id → matched index (known on the leader only).
+    pub matched: BTreeMap<u64, u64>,
+}
+
+/// State shared with the gRPC handlers (read-only for them).
+pub struct Shared {
+    pub state: RwLock<State>,
+    pub status: RwLock<RaftStatus>,
+    /// Bumped after every applied batch; watchers wake on it.
+    pub applied: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+/// Handle to a running replica.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    pub tx: mpsc::Sender<Event>,
+    pub shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Proposes a command and waits for it to be applied.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Event::Propose {
+                command,
+                reply: Some(reply),
+            })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Proposes a command without waiting for its outcome.
+    pub async fn submit(&self, command: Command) -> Result<(), ProposeError> {
+        self.tx
+            .send(Event::Propose {
+                command,
+                reply: None,
+            })
+            .await
+            .map_err(|_| ProposeError::Stopped)
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        self.shared
+            .status
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.status().role == "leader"
+    }
+
+    /// The leader's client address, when known.
+    pub fn leader_addr(&self) -> Option<String> {
+        let status = self.status();
+        status.members.get(&status.leader_id).cloned()
+    }
+}
+
+/// Replica settings.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub id: u64,
+    pub members: BTreeMap<u64, String>,
+    pub tick: Duration,
+    pub heartbeat_ttl_ms: u64,
+    /// Largest raft entry a group commit builds, in bytes (approximate).
+    pub max_entry_bytes: usize,
+}
+
+/// Failures that stop the replica.
+#[derive(Debug, Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+}
+
+/// Unix time in milliseconds (the leader stamps this into commands).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Pending {
+    replies: Vec<Option<Reply>>,
+    /// This proposal carries the scheduler's plan.
+    is_plan: bool,
+}
+
+struct Replica<T: Transport> {
+    raw: RawNode<Store>,
+    store: Store,
+    shared: Arc<Shared>,
+    transport: T,
+    config: ReplicaConfig,
+    /// Random per-boot prefix of proposal contexts, so ids never match entries of an
+    /// earlier life of this replica.
+    boot_nonce: u64,
+    next_proposal: u64,
+    pending: HashMap<u64, Pending>,
+    queued: Vec<(Command, Option<Reply>)>,
+    queued_bytes: usize,
+    plan_in_flight: bool,
+    workers: HashMap<String, (u64, mpsc::Sender<pb::CoordinatorMessage>)>,
+    was_leader: bool,
+    leader_since_ms: u64,
+    applied: u64,
+}
+
+/// Opens the store, restores state, and spawns the replica task.
+pub fn start<T: Transport + 'static>(
+    config: ReplicaConfig,
+    store: Store,
+    mut state: State,
+    transport: T,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(Handle, tokio::task::JoinHandle<Result<(), ReplicaError>>), ReplicaError> {
+    if store.is_new()? {
+        store.bootstrap(config.members.keys().copied().collect())?;
+    }
+    let applied = store.load_state(&mut state)?;
+    let raft_config = raft::Config {
+        id: config.id,
+        election_tick: 10,
+        heartbeat_tick: 2,
+        applied,
+        max_size_per_msg: 4 << 20,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        ..raft::Config::default()
+    };
+    raft_config.validate()?;
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let mut raw = RawNode::new(&raft_config, store.clone(), &logger)?;
+    if config.members.len() == 1 {
+        // A group of one needs no election timeout.
+        raw.campaign()?;
+    }
+    let (applied_tx, _) = watch::channel(applied);
+    let shared = Arc::new(Shared {
+        state: RwLock::new(state),
+        status: RwLock::new(RaftStatus {
+            id: config.id,
+            members: config.members.clone(),
+            applied,
+            ..RaftStatus::default()
+        }),
+        applied: applied_tx,
+    });
+    let (tx, rx) = mpsc::channel(16_384);
+    let replica = Replica {
+        raw,
+        store,
+        shared: shared.clone(),
+        transport,
+        boot_nonce: now_ms() ^ u64::from(std::process::id()).rotate_left(40),
+        next_proposal: 1,
+        pending: HashMap::new(),
+        queued: Vec::new(),
+        queued_bytes: 0,
+        plan_in_flight: false,
+        workers: HashMap::new(),
+        was_leader: false,
+        leader_since_ms: 0,
+        applied,
+        config,
+    };
+    let task = tokio::spawn(replica.run(rx, shutdown));
+    Ok((Handle { tx, shared }, task))
+}
+
+/// Runs blocking disk work without stalling a multi-threaded runtime.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+impl<T: Transport> Replica<T> {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Event>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), ReplicaError> {
+        let mut ticker = tokio::time::interval(self.config.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            let mut tick_due = false;
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                event = rx.recv() => {
+                    let Some(event) = event else { break };
+                    self.handle(event);
+                    // Group commit: take whatever else is already waiting.
+                    let mut n = 0;
+                    while n < 8_192 {
+                        match rx.try_recv() {
+                            Ok(event) => self.handle(event),
+                            Err(_) => break,
+                        }
+                        n += 1;
+                    }
+                }
+                _ = ticker.tick() => tick_due = true,
+            }
+            if tick_due {
+                self.raw.tick();
+            }
+            self.propose_queued();
+            self.on_ready()?;
+            self.track_role();
+            if self.raw.raft.state == StateRole::Leader && !self.plan_in_flight {
+                self.schedule_round();
+                self.on_ready()?;
+            }
+            self.publish_status();
+        }
+        self.fail_pending(ProposeError::Stopped);
+        blocking(|| self.store.flush())?;
+        Ok(())
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Propose { command, reply } => {
+                self.queued_bytes += approx_size(&command);
+                self.queued.push((command, reply));
+                if self.queued_bytes >= self.config.max_entry_bytes {
+                    self.propose_queued();
+                }
+            }
+            Event::Raft(messages) => {
+                for m in messages {
+                    if let Err(e) = self.raw.step(m) {
+                        tracing::warn!(error = %e, "raft message rejected");
+                    }
+                }
+            }
+            Event::WorkerAttached { node, conn, tx } => {
+                self.workers.insert(node, (conn, tx));
+            }
+            Event::WorkerDetached { node, conn } => {
+                if self.workers.get(&node).is_some_and(|(c, _)| *c == conn) {
+                    self.workers.remove(&node);
+                }
+            }
+        }
+    }
+
+    fn next_context(&mut self) -> (u64, Vec<u8>) {
+        let id = self.next_proposal;
+        self.next_proposal += 1;
+        let mut ctx = Vec::with_capacity(16);
+        ctx.extend_from_slice(&self.boot_nonce.to_be_bytes());
+        ctx.extend_from_slice(&id.to_be_bytes());
+        (id, ctx)
+    }
+
+    fn propose_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut self.queued);
+        self.queued_bytes = 0;
+        if self.raw.raft.state != StateRole::Leader {
+            let err = self.not_leader();
+            for (_, reply) in queued {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+            return;
+        }
+        let (commands, replies): (Vec<Command>, Vec<Option<Reply>>) = queued.into_iter().unzip();
+        self.propose(Command::Batch(commands), replies, false);
+    }
+
+    fn propose(&mut self, command: Command, replies: Vec<Option<Reply>>, is_plan: bool) {
+        let data = match bincode::serialize(&command) {
+            Ok(data) => data,
+            Err(e) => {
+                let err = ProposeError::Raft(format!("encode: {e}"));
+                for reply in replies.into_iter().flatten() {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        let (id, ctx) = self.next_context();
+        match self.raw.propose(ctx, data) {
+            Ok(()) => {
+                self.pending.insert(id, Pending { replies, is_plan });
+                if is_plan {
+                    self.plan_in_flight = true;
+                }
+            }
+            Err(e) => {
+                let err = match e {
+                    raft::Error::ProposalDropped => self.not_leader(),
+                    other => ProposeError::Raft(other.to_string()),
+                };
+                for reply in replies.into_iter().flatten() {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    fn not_leader(&self) -> ProposeError {
+        ProposeError::NotLeader {
+            leader_addr: self.config.members.get(&self.raw.raft.leader_id).cloned(),
+        }
+    }
+
+    fn fail_pending(&mut self, err: ProposeError) {
+        for (_, pending) in self.pending.drain() {
+            for reply in pending.replies.into_iter().flatten() {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        for (_, reply) in self.queued.drain(..) {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        self.plan_in_flight = false;
+    }
+
+    fn track_role(&mut self) {
+        let is_leader = self.raw.raft.state == StateRole::Leader;
+        if self.was_leader && !is_leader {
+            let err = self.not_leader();
+            self.fail_pending(err);
+            self.workers.clear();
+        }
+        if !self.was_leader && is_leader {
+            self.leader_since_ms = now_ms();
+        }
+        self.was_leader = is_leader;
+    }
+
+    fn schedule_round(&mut self) {
+        let now = now_ms();
+        let plan = {
+            let Ok(state) = self.shared.state.read() else {
+                return;
+            };
+            let config = SchedulerConfig {
+                heartbeat_ttl_ms: self.config.heartbeat_ttl_ms,
+                // A new leader gives every node a full TTL before judging it.
+                grace_until_ms: self.leader_since_ms + self.config.heartbeat_ttl_ms,
+                max_placements: 4_096,
+                unreachable: state
+                    .nodes
+                    .keys()
+                    .filter(|n| !self.workers.contains_key(*n))
+                    .cloned()
+                    .collect::<BTreeSet<_>>(),
+            };
+            scheduler::schedule(&state, now, &config)
+        };
+        if plan.is_empty() {
+            return;
+        }
+        let mut commands = Vec::new();
+        for node in plan.mark_down {
+            tracing::warn!(node = %node, "node missed heartbeats, marking down");
+            commands.push(Command::MarkDown { node, now_ms: now });
+        }
+        if !plan.placements.is_empty() {
+            commands.push(Command::Assign {
+                placements: plan.placements,
+                now_ms: now,
+            });
+        }
+        let n = commands.len();
+        self.propose(Command::Batch(commands), (0..n).map(|_| None).collect(), true);
+    }
+
+    fn send_messages(&self, messages: Vec<RaftMessage>) {
+        if !messages.is_empty() {
+            self.transport.send(messages);
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), ReplicaError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        self.send_messages(ready.take_messages());
+        if *ready.snapshot() != raft::eraftpb::Snapshot::default() {
+            tracing::warn!("snapshot received but state-machine snapshots are not supported yet");
+        }
+        let committed = ready.take_committed_entries();
+        self.apply_entries(committed)?;
+        self.store.append(ready.entries())?;
+        if let Some(hs) = ready.hs() {
+            self.store.set_hard_state(hs)?;
+        }
+        blocking(|| self.store.flush())?;
+        self.send_messages(ready.take_persisted_messages());
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut hs = self.store.hard_state()?;
+            hs.commit = commit;
+            self.store.set_hard_state(&hs)?;
+        }
+        self.send_messages(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed)?;
+        self.raw.advance_apply();
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), ReplicaError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let is_leader = self.raw.raft.state == StateRole::Leader;
+        let mut replies: Vec<(Reply, Outcome)> = Vec::new();
+        let effects;
+        {
+            let mut state = match self.shared.state.write() {
+                Ok(s) => s,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            for entry in entries {
+                let index = entry.index;
+                match entry.get_entry_type() {
+                    EntryType::EntryConfChange => {
+                        let mut cc = ConfChange::default();
+                        if cc.merge_from_bytes(&entry.data).is_ok() {
+                            let cs = self.raw.apply_conf_change(&cc)?;
+                            self.store.set_conf_state(&cs)?;
+                        }
+                    }
+                    EntryType::EntryNormal if !entry.data.is_empty() => {
+                        let outcome = match bincode::deserialize::<Command>(&entry.data) {
+                            Ok(command) => state.apply(command),
+                            Err(e) => {
+                                tracing::error!(index, error = %e, "undecodable entry skipped");
+                                Outcome::Rejected(format!("undecodable entry: {e}"))
+                            }
+                        };
+                        if let Some(id) = self.own_proposal(&entry.context) {
+                            if let Some(pending) = self.pending.remove(&id) {
+                                if pending.is_plan {
+                                    self.plan_in_flight = false;
+                                }
+                                let outcomes = match outcome {
+                                    Outcome::Batch(o) => o,
+                                    other => vec![other],
+                                };
+                                for (reply, outcome) in pending.replies.into_iter().zip(outcomes) {
+                                    if let Some(reply) = reply {
+                                        replies.push((reply, outcome));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                self.applied = index;
+            }
+            self.store.persist_state(&mut state, self.applied)?;
+            let drained = std::mem::take(&mut state.effects);
+            effects = if is_leader {
+                self.build_messages(&state, drained)
+            } else {
+                Vec::new()
+            };
+        }
+        for (node, message) in effects {
+            self.send_to_worker(&node, message);
+        }
+        for (reply, outcome) in replies {
+            let _ = reply.send(Ok(outcome));
+        }
+        self.shared.applied.send_replace(self.applied);
+        Ok(())
+    }
+
+    fn own_proposal(&self, context: &[u8]) -> Option<u64> {
+        if context.len() != 16 {
+            return None;
+        }
+        let nonce = u64::from_be_bytes(context[..8].try_into().ok()?);
+        if nonce != self.boot_nonce {
+            return None;
+        }
+        Some(u64::from_be_bytes(context[8..].try_into().ok()?))
+    }
+
+    /// Packs every effect for one node into one message.
+    fn build_messages(
+        &self,
+        state: &State,
+        effects: Vec<Effect>,
+    ) -> Vec<(String, pb::CoordinatorMessage)> {
+        let mut by_node: BTreeMap<String, pb::CoordinatorMessage> = BTreeMap::new();
+        for effect in effects {
+            match effect {
+                Effect::Dispatch { node, keys } => {
+                    let msg = by_node.entry(node.clone()).or_default();
+                    for (key, attempt) in keys {
+                        if let Some(a) = convert::assignment(state, key, attempt) {
+                            msg.assign.push(a);
+                        }
+                    }
+                }
+                Effect::Cancel { node, attempts } => {
+                    by_node
+                        .entry(node)
+                        .or_default()
+                        .cancel
+                        .extend(attempts.iter().map(convert::attempt_to_pb));
+                }
+                Effect::Ack { node, attempts } => {
+                    by_node
+                        .entry(node)
+                        .or_default()
+                        .ack
+                        .extend(attempts.iter().map(convert::attempt_to_pb));
+                }
+                Effect::SlotsLimit { node, slots } => {
+                    by_node.entry(node).or_default().slots_limit = Some(slots);
+                }
+            }
+        }
+        by_node.into_iter().collect()
+    }
+
+    fn send_to_worker(&mut self, node: &str, message: pb::CoordinatorMessage) {
+        let Some((_, tx)) = self.workers.get(node) else {
+            return;
+        };
+        if let Err(e) = tx.try_send(message) {
+            // A worker that cannot keep up is cut off; it reconnects and reconciles.
+            tracing::warn!(node, error = %e, "worker stream full or closed, detaching it");
+            self.workers.remove(node);
+        }
+    }
+
+    fn publish_status(&self) {
+        let raft = &self.raw.raft;
+        let mut matched = BTreeMap::new();
+        if raft.state == StateRole::Leader {
+            for (id, pr) in raft.prs().iter() {
+                matched.insert(*id, pr.matched);
+            }
+        }
+        let status = RaftStatus {
+            id: self.config.id,
+            role: match raft.state {
+                StateRole::Leader => "leader",
+                StateRole::Follower => "follower",
+                StateRole::Candidate => "candidate",
+                StateRole::PreCandidate => "pre-candidate",
+            }
+            .to_string(),
+            term: raft.term,
+            leader_id: raft.leader_id,
+            commit: raft.raft_log.committed,
+            applied: self.applied,
+            last_index: raft.raft_log.last_index(),
+            members: self.config.members.clone(),
+            matched,
+        };
+        if let Ok(mut s) = self.shared.status.write() {
+            *s = status;
+        }
+    }
+}
+
+/// Rough wire size of a command, to bound group-commit entries.
+fn approx_size(command: &Command) -> usize {
+    match command {
+        Command::Finished { results, .. } => results
+            .iter()
+            .map(|r| 128 + r.stdout.len() + r.stderr.len())
+            .sum(),
+        Command::SubmitWave { spec, .. } => 256 + spec.tasks.len() * 256,
+        Command::Batch(c) => c.iter().map(approx_size).sum(),
+        _ => 128,
+    }
+}

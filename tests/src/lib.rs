@@ -1,0 +1,1 @@
+//! Shared helpers for Venom cross-crate tests.
