@@ -321,8 +321,7 @@ mod tests {
                 rpc.list_waves(venom_proto::ListWavesRequest {}).await
             })
             .await
-            .err()
-            .expect("nothing listens there");
+            .expect_err("nothing listens there");
         let text = format!("{err:#}");
         for url in &urls {
             assert!(text.contains(url.as_str()), "`{text}` should name {url}");

@@ -101,7 +101,11 @@ pub fn parallel_fraction(physical_cores: u32) -> f64 {
 /// `clamp(3.125 · physical_cores · memory_GiB · (1 + gpus), 10, 832)`. A negative or NaN memory
 /// counts as 0.
 pub fn lambda_wrap(physical_cores: u32, memory_gib: f64, gpus: u32) -> f64 {
-    let memory_gib = if memory_gib.is_nan() { 0.0 } else { memory_gib.max(0.0) };
+    let memory_gib = if memory_gib.is_nan() {
+        0.0
+    } else {
+        memory_gib.max(0.0)
+    };
     (3.125 * f64::from(physical_cores) * memory_gib * (1.0 + f64::from(gpus))).clamp(10.0, 832.0)
 }
 
@@ -377,4 +381,412 @@ fn pauses(policy: ThrottlePolicy) -> bool {
         policy,
         ThrottlePolicy::Conservative | ThrottlePolicy::Adaptive
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(actual: f64, expected: f64, relative: f64) -> bool {
+        (actual - expected).abs() <= relative * expected.abs()
+    }
+
+    fn node(cores: u32, memory_gib: f64, gpus: u32, theta: f64) -> NodeModelInput {
+        NodeModelInput {
+            physical_cores: cores,
+            logical_cores: cores,
+            memory_gib,
+            gpus,
+            theta,
+        }
+    }
+
+    /// The prototype's three reference rows. Each has as many logical as physical cores, so N
+    /// (logical CPUs, as the design gives it) equals the physical count, and all three reproduce
+    /// within 0.2 % (151.2, 2,900.0, 31,322.4): N needs no reinterpretation.
+    #[test]
+    fn the_three_reference_rows_reproduce_within_one_percent() {
+        let rows = [
+            (
+                "Raspberry Pi 4",
+                node(4, 4.0, 0, 0.61),
+                50.0,
+                0.65,
+                151.0,
+                Mode::Balance,
+            ),
+            (
+                "laptop",
+                node(8, 16.0, 0, 0.77),
+                400.0,
+                0.80,
+                2_900.0,
+                Mode::Wrap,
+            ),
+            (
+                "cloud",
+                node(32, 64.0, 0, 0.915),
+                832.0,
+                0.95,
+                31_322.0,
+                Mode::Optimize,
+            ),
+        ];
+        for (what, input, lambda, p, s_total, mode) in rows {
+            let figures = node_model(&input);
+            assert!(
+                close(figures.lambda, lambda, 0.01),
+                "{what}: Λ {}",
+                figures.lambda
+            );
+            assert!(close(figures.p, p, 0.01), "{what}: P {}", figures.p);
+            assert!(
+                close(figures.s_total, s_total, 0.01),
+                "{what}: S {}",
+                figures.s_total
+            );
+            assert!(
+                close(figures.s_total, s_total, 0.002),
+                "{what}: S {}",
+                figures.s_total
+            );
+            assert_eq!(figures.n, input.logical_cores, "{what}");
+            assert_eq!(figures.mode, mode, "{what}");
+            assert_eq!(figures.theta, input.theta);
+            let product = figures.theta_factor * figures.lambda * figures.s_a;
+            assert!(close(figures.s_total, product, 1e-12), "{what}");
+        }
+        // The prototype's compression line for the Pi: 840 h → 5.6 h.
+        let pi = node_model(&node(4, 4.0, 0, 0.61));
+        assert!(close(compress_hours(840.0, pi.s_total), 5.6, 0.01));
+    }
+
+    #[test]
+    fn n_is_the_logical_cpu_count() {
+        let input = NodeModelInput {
+            physical_cores: 4,
+            logical_cores: 8,
+            memory_gib: 4.0,
+            gpus: 0,
+            theta: 0.61,
+        };
+        let figures = node_model(&input);
+        assert_eq!(figures.n, 8);
+        assert!(close(figures.s_a, amdahl(0.65, 8), 1e-12));
+        assert!(close(figures.lambda, 50.0, 1e-12), "Λ uses physical cores");
+        let unknown_logical = node_model(&NodeModelInput {
+            logical_cores: 0,
+            ..input
+        });
+        assert_eq!(unknown_logical.n, 4, "falls back to physical cores");
+    }
+
+    #[test]
+    fn theta_compression_at_every_breakpoint() {
+        for (theta, expected) in [
+            (0.0, 0.5),
+            (0.29, 0.5),
+            (0.3, 0.5),
+            (0.4, 0.75),
+            (0.5, 1.0),
+            (0.6, 1.5),
+            (0.61, 1.55),
+            (0.7, 2.0),
+            (0.77, 2.175),
+            (0.8, 2.25),
+            (0.8999999, 2.5),
+            (0.9, 3.0),
+            (0.915, 3.0),
+            (1.0, 3.0),
+        ] {
+            let actual = theta_compression(theta);
+            assert!(
+                close(actual, expected, 1e-6),
+                "Θ({theta}) = {actual}, not {expected}"
+            );
+        }
+        assert_eq!(theta_compression(f64::NAN), 0.5);
+    }
+
+    #[test]
+    fn modes_switch_at_the_thresholds() {
+        for (theta, mode) in [
+            (-1.0, Mode::Unwrap),
+            (0.0, Mode::Unwrap),
+            (0.2999, Mode::Unwrap),
+            (0.3, Mode::Transition),
+            (0.4999, Mode::Transition),
+            (0.5, Mode::Balance),
+            (0.6999, Mode::Balance),
+            (0.7, Mode::Wrap),
+            (0.8999, Mode::Wrap),
+            (0.9, Mode::Optimize),
+            (1.0, Mode::Optimize),
+            (f64::NAN, Mode::Unwrap),
+        ] {
+            assert_eq!(Mode::from_theta(theta), mode, "θ = {theta}");
+        }
+        assert!(Mode::Unwrap < Mode::Optimize);
+        let names: Vec<&str> = [
+            Mode::Unwrap,
+            Mode::Transition,
+            Mode::Balance,
+            Mode::Wrap,
+            Mode::Optimize,
+        ]
+        .iter()
+        .map(|m| m.as_str())
+        .collect();
+        assert_eq!(
+            names,
+            ["UNWRAP", "TRANSITION", "BALANCE", "WRAP", "OPTIMIZE"]
+        );
+        assert_eq!(
+            serde_json::to_string(&Mode::Transition).expect("serializable"),
+            "\"TRANSITION\""
+        );
+    }
+
+    #[test]
+    fn parallel_fraction_lambda_and_amdahl() {
+        assert!(close(parallel_fraction(0), 0.5, 1e-12));
+        assert!(close(parallel_fraction(4), 0.65, 1e-12));
+        assert!(close(parallel_fraction(12), 0.95, 1e-12));
+        assert!(close(parallel_fraction(100), 0.95, 1e-12));
+        assert_eq!(lambda_wrap(1, 1.0, 0), 10.0, "clamped up to 10");
+        assert_eq!(lambda_wrap(0, 0.0, 0), 10.0);
+        assert_eq!(lambda_wrap(4, f64::NAN, 0), 10.0);
+        assert!(
+            close(lambda_wrap(4, 4.0, 1), 100.0, 1e-12),
+            "GPUs multiply by 1 + gpus"
+        );
+        assert_eq!(lambda_wrap(64, 512.0, 8), 832.0, "clamped down to 832");
+        assert!(close(amdahl(0.8, 8), 1.0 / (0.2 + 0.1), 1e-12));
+        assert_eq!(amdahl(0.0, 64), 1.0);
+        assert!(close(amdahl(1.0, 64), 64.0, 1e-12));
+        assert_eq!(amdahl(0.9, 0), 1.0, "n = 0 counts as 1");
+        assert_eq!(amdahl(f64::NAN, 4), 1.0);
+    }
+
+    #[test]
+    fn the_cluster_aggregate_of_two_nodes_by_hand() {
+        let pi = node(4, 4.0, 0, 0.61);
+        let laptop = NodeModelInput {
+            physical_cores: 8,
+            logical_cores: 16,
+            memory_gib: 16.0,
+            gpus: 0,
+            theta: 0.77,
+        };
+        let cluster = cluster_model(&[pi, laptop]).expect("two nodes");
+        // θ_c = (4·0.61 + 8·0.77) / 12 = 8.6 / 12 = 0.71666…  → WRAP, Θ = 2.0 + 0.01666…/0.2·0.5
+        let theta = (4.0 * 0.61 + 8.0 * 0.77) / 12.0;
+        assert!(close(cluster.theta, theta, 1e-12));
+        assert_eq!(cluster.mode, Mode::Wrap);
+        let theta_factor = 2.0 + (theta - 0.7) / 0.2 * 0.5;
+        assert!(close(cluster.theta_factor, theta_factor, 1e-12));
+        // Λ_c = 50 + 400, N_c = 4 + 16, P from 12 cores = min(0.95, 0.95) = 0.95.
+        assert!(close(cluster.lambda, 450.0, 1e-12));
+        assert_eq!(cluster.n, 20);
+        assert!(close(cluster.p, 0.95, 1e-12));
+        let s_a = 1.0 / (0.05 + 0.95 / 20.0);
+        assert!(close(cluster.s_a, s_a, 1e-12));
+        assert!(close(cluster.s_total, theta_factor * 450.0 * s_a, 1e-12));
+        assert!(
+            close(cluster.s_total, 9_423.1, 0.0001),
+            "{}",
+            cluster.s_total
+        );
+
+        assert_eq!(cluster_model(&[]), None);
+        let alone = cluster_model(&[pi]).expect("one node");
+        assert_eq!(alone, node_model(&pi), "a cluster of one is that node");
+        let coreless =
+            cluster_model(&[node(0, 1.0, 0, 0.2), node(0, 1.0, 0, 0.6)]).expect("two nodes");
+        assert!(
+            close(coreless.theta, 0.4, 1e-12),
+            "plain mean without cores"
+        );
+    }
+
+    #[test]
+    fn compress_hours_divides_by_s_total() {
+        assert!(close(compress_hours(840.0, 2_900.0), 0.2897, 0.001));
+        assert_eq!(compress_hours(10.0, 0.0), 10.0);
+        assert_eq!(compress_hours(10.0, -3.0), 10.0);
+        assert_eq!(compress_hours(10.0, f64::NAN), 10.0);
+    }
+
+    #[test]
+    fn throttle_policies_parse_and_print() {
+        for policy in ThrottlePolicy::ALL {
+            assert_eq!(policy.as_str().parse::<ThrottlePolicy>(), Ok(policy));
+            assert_eq!(policy.to_string(), policy.as_str());
+        }
+        assert_eq!(ThrottlePolicy::default(), ThrottlePolicy::Adaptive);
+        let err = "eager".parse::<ThrottlePolicy>().expect_err("unknown");
+        assert!(err.to_string().contains("\"eager\""), "{err}");
+        assert_eq!(
+            serde_json::to_string(&ThrottlePolicy::Conservative).expect("serializable"),
+            "\"conservative\""
+        );
+    }
+
+    #[test]
+    fn throttle_factors_per_mode() {
+        assert_eq!(throttle_factor(Mode::Optimize), 1.0);
+        assert_eq!(throttle_factor(Mode::Wrap), 1.0);
+        assert_eq!(throttle_factor(Mode::Balance), 0.75);
+        assert_eq!(throttle_factor(Mode::Transition), 0.5);
+        assert_eq!(throttle_factor(Mode::Unwrap), 0.25);
+    }
+
+    /// Usable slots out of 8 (and out of 3, to see the rounding up) for a node whose θ has been
+    /// steady at each value, per policy.
+    #[test]
+    fn the_throttle_table_per_policy() {
+        use ThrottlePolicy::{Adaptive, Aggressive, Conservative, Off};
+        // θ (mode):     0.95 (OPTIMIZE), 0.75 (WRAP), 0.55 (BALANCE), 0.35 (TRANSITION),
+        //                0.15 (UNWRAP), 0.05 (paused)
+        let thetas = [0.95, 0.75, 0.55, 0.35, 0.15, 0.05];
+        let table: [(ThrottlePolicy, [u32; 6], [u32; 6]); 4] = [
+            (Off, [8, 8, 8, 8, 8, 8], [3, 3, 3, 3, 3, 3]),
+            (Adaptive, [8, 8, 6, 4, 2, 0], [3, 3, 3, 2, 1, 0]),
+            // Thresholds shifted up by 0.1, so each θ falls one mode lower, and 0.15 (as 0.05)
+            // is already paused.
+            (Conservative, [8, 6, 4, 2, 0, 0], [3, 3, 2, 1, 0, 0]),
+            // Never below half, never paused.
+            (Aggressive, [8, 8, 6, 4, 4, 4], [3, 3, 3, 2, 2, 2]),
+        ];
+        for (policy, of_8, of_3) in table {
+            for (i, &theta) in thetas.iter().enumerate() {
+                let mut throttle = Throttle::with_policy(theta, policy);
+                for _ in 0..20 {
+                    throttle.observe(theta, policy);
+                }
+                assert_eq!(
+                    throttle.usable_slots(8, policy),
+                    of_8[i],
+                    "{policy} θ {theta} of 8"
+                );
+                assert_eq!(
+                    throttle.usable_slots(3, policy),
+                    of_3[i],
+                    "{policy} θ {theta} of 3"
+                );
+                assert_eq!(
+                    throttle.usable_slots(0, policy),
+                    0,
+                    "{policy} θ {theta} of 0"
+                );
+            }
+        }
+        // A throttle made with `new` for a conservative node comes down to the shifted mode
+        // (0.7 − 0.1 = 0.6: BALANCE, clearly past WRAP's band).
+        let mut throttle = Throttle::new(1.0);
+        for _ in 0..30 {
+            throttle.observe(0.7, Conservative);
+        }
+        assert_eq!(throttle.mode, Mode::Balance);
+        assert_eq!(throttle.usable_slots(8, Conservative), 6);
+    }
+
+    #[test]
+    fn one_slot_is_left_while_not_paused() {
+        let throttle = Throttle::new(0.15);
+        assert_eq!(throttle.mode, Mode::Unwrap);
+        assert!(!throttle.paused);
+        assert_eq!(throttle.usable_slots(1, ThrottlePolicy::Adaptive), 1);
+        assert_eq!(throttle.usable_slots(2, ThrottlePolicy::Adaptive), 1);
+        assert_eq!(throttle.usable_slots(5, ThrottlePolicy::Adaptive), 2);
+    }
+
+    #[test]
+    fn a_steady_oscillation_around_a_threshold_never_changes_mode() {
+        for start in [0.5, 0.47, 0.53] {
+            let mut throttle = Throttle::new(start);
+            let initial = throttle.mode;
+            for step in 0..1_000 {
+                let theta = if step % 2 == 0 { 0.47 } else { 0.53 };
+                throttle.observe(theta, ThrottlePolicy::Adaptive);
+                assert_eq!(throttle.mode, initial, "start {start}, sample {step}");
+                assert!(!throttle.paused);
+            }
+        }
+        // Without hysteresis the same samples would flap: the smoothed θ does cross 0.5.
+        let mut ewma: f64 = 0.5;
+        let mut crossings = 0;
+        for step in 0..100 {
+            let theta = if step % 2 == 0 { 0.47 } else { 0.53 };
+            let before = Mode::from_theta(ewma);
+            ewma = EWMA_ALPHA * theta + (1.0 - EWMA_ALPHA) * ewma;
+            crossings += usize::from(Mode::from_theta(ewma) != before);
+        }
+        assert!(crossings > 10, "{crossings}");
+    }
+
+    #[test]
+    fn a_step_from_0_8_to_0_2_reaches_unwrap_within_a_few_samples() {
+        let mut throttle = Throttle::new(0.8);
+        assert_eq!(throttle.mode, Mode::Wrap);
+        let mut modes = Vec::new();
+        for _ in 0..8 {
+            throttle.observe(0.2, ThrottlePolicy::Adaptive);
+            modes.push(throttle.mode);
+        }
+        assert_eq!(modes.last(), Some(&Mode::Unwrap), "{modes:?}");
+        // The smoothed θ is 0.2 + 0.6 · 0.7^k: below UNWRAP's band (0.25) from the 7th sample.
+        let first_unwrap = modes.iter().position(|&m| m == Mode::Unwrap);
+        assert_eq!(first_unwrap, Some(6), "{modes:?}");
+        assert!(
+            modes.windows(2).all(|w| w[0] >= w[1]),
+            "monotone: {modes:?}"
+        );
+        assert_eq!(throttle.usable_slots(8, ThrottlePolicy::Adaptive), 2);
+        // And back up once the load is gone.
+        for _ in 0..20 {
+            throttle.observe(1.0, ThrottlePolicy::Adaptive);
+        }
+        assert_eq!(throttle.mode, Mode::Optimize);
+        assert_eq!(throttle.usable_slots(8, ThrottlePolicy::Adaptive), 8);
+    }
+
+    #[test]
+    fn a_node_pauses_below_0_1_and_resumes_past_the_band() {
+        let mut throttle = Throttle::new(0.5);
+        for _ in 0..30 {
+            throttle.observe(0.05, ThrottlePolicy::Adaptive);
+        }
+        assert!(throttle.paused);
+        assert_eq!(throttle.usable_slots(8, ThrottlePolicy::Adaptive), 0);
+        assert_eq!(throttle.usable_slots(8, ThrottlePolicy::Off), 8);
+        // Hovering just above 0.1 is not enough to resume …
+        for _ in 0..30 {
+            throttle.observe(0.13, ThrottlePolicy::Adaptive);
+        }
+        assert!(throttle.paused, "ewma {}", throttle.ewma);
+        // … clearly above 0.15 is.
+        for _ in 0..30 {
+            throttle.observe(0.2, ThrottlePolicy::Adaptive);
+        }
+        assert!(!throttle.paused, "ewma {}", throttle.ewma);
+        assert_eq!(throttle.usable_slots(8, ThrottlePolicy::Adaptive), 2);
+
+        assert!(Throttle::new(0.05).paused);
+        assert!(!Throttle::new(0.1).paused);
+        let mut aggressive = Throttle::with_policy(0.0, ThrottlePolicy::Aggressive);
+        assert!(!aggressive.paused);
+        aggressive.observe(0.0, ThrottlePolicy::Aggressive);
+        assert!(!aggressive.paused, "aggressive never pauses");
+        assert_eq!(aggressive.usable_slots(8, ThrottlePolicy::Aggressive), 4);
+    }
+
+    #[test]
+    fn nan_samples_are_ignored() {
+        let mut throttle = Throttle::new(0.8);
+        let before = throttle;
+        throttle.observe(f64::NAN, ThrottlePolicy::Adaptive);
+        assert_eq!(throttle, before);
+        assert_eq!(Throttle::new(f64::NAN).mode, Mode::Unwrap);
+    }
 }
