@@ -441,8 +441,8 @@ impl<T: Transport> Replica<T> {
             };
             let config = SchedulerConfig {
                 heartbeat_ttl_ms: self.config.heartbeat_ttl_ms,
-                // A new leader gives every node a full TTL before judging it.
-                grace_until_ms: self.leader_since_ms + self.config.heartbeat_ttl_ms,
+                // A new leader gives every node a full TTL (from its election) before judging it.
+                grace_until_ms: self.leader_since_ms,
                 max_placements: 4_096,
                 unreachable: state
                     .nodes

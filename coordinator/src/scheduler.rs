@@ -198,3 +198,7 @@ pub fn schedule(state: &State, now_ms: u64, config: &SchedulerConfig) -> Plan {
     }
     plan
 }
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -229,8 +229,13 @@ impl WaveHeader {
         }
     }
 
+    /// First start to last end (worker time); 0 while no attempt has started.
     pub fn makespan_ms(&self) -> u64 {
-        self.finished_ms.saturating_sub(self.started_ms)
+        if self.started_ms == 0 {
+            0
+        } else {
+            self.finished_ms.saturating_sub(self.started_ms)
+        }
     }
 
     /// DAG bound from the measured run times: total work / critical-path work.
@@ -491,14 +496,8 @@ pub struct State {
 }
 
 /// Limits the state machine enforces on apply (set from configuration, same on every replica).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct WaveLimitsState(pub WaveLimits);
-
-impl Default for WaveLimitsState {
-    fn default() -> Self {
-        Self(WaveLimits::default())
-    }
-}
 
 impl State {
     pub fn new(limits: WaveLimits) -> Self {
@@ -1113,3 +1112,7 @@ fn release(node: &mut Node, spec: &WaveSpec, tasks: &[MicroTask], key: MicroKey)
         }
     }
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

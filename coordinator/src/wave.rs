@@ -1101,11 +1101,8 @@ impl WaveSpec {
     /// is the heaviest dependency path by that weight; `work / span` bounds the speed-up any
     /// number of nodes could reach. Missing entries count as 0; sums saturate.
     pub fn work_and_span(&self, group_work_ms: &[u64], group_longest_ms: &[u64]) -> (u64, u64) {
-        let work_ms = self
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(index, _)| group_work_ms.get(index).copied().unwrap_or(0))
+        let work_ms = (0..self.tasks.len())
+            .map(|index| group_work_ms.get(index).copied().unwrap_or(0))
             .fold(0u64, u64::saturating_add);
         let mut finish_ms = vec![0u64; self.tasks.len()];
         let mut span_ms = 0;
