@@ -270,7 +270,9 @@ pub fn parse_task_ref(text: &str) -> Result<TaskRef, String> {
         return Err(format!("`{text}`: expected TASK[INDEX], ending with `]`"));
     };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("`{text}`: the index must be a non-negative integer"));
+        return Err(format!(
+            "`{text}`: the index must be a non-negative integer"
+        ));
     }
     let index = digits
         .parse::<u32>()
@@ -296,7 +298,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => 0.001,
         "m" | "min" | "mins" => 60.0,
         "h" | "hr" | "hrs" => 3_600.0,
-        other => return Err(format!("`{text}`: unknown unit `{other}` (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}` (use ms, s, m or h)"
+            ))
+        }
     };
     let seconds = value * seconds_per_unit;
     // A week is far beyond any sensible monitoring run and keeps the value finite.
@@ -352,12 +358,23 @@ mod tests {
             })
         );
         for bad in [
-            "", "[3]", "shard[", "shard[]", "shard[x]", "shard[-1]", "shard[1]x", "shard]",
-            "shard[1][2]", "shard[99999999999]",
+            "",
+            "[3]",
+            "shard[",
+            "shard[]",
+            "shard[x]",
+            "shard[-1]",
+            "shard[1]x",
+            "shard]",
+            "shard[1][2]",
+            "shard[99999999999]",
         ] {
             assert!(parse_task_ref(bad).is_err(), "`{bad}` should be rejected");
         }
-        assert_eq!(parse_task_ref("shard[7]").map(|r| r.to_string()), Ok("shard[7]".into()));
+        assert_eq!(
+            parse_task_ref("shard[7]").map(|r| r.to_string()),
+            Ok("shard[7]".into())
+        );
     }
 
     #[test]

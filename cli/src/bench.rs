@@ -53,7 +53,9 @@ pub fn spawn_floor(program: &str, n: u32, slots: u32) -> io::Result<FloorRun> {
                             .status()?;
                         n_spawned.fetch_add(1, Ordering::Relaxed);
                         if !status.success() {
-                            return Err(io::Error::other(format!("`{program}` ended with {status}")));
+                            return Err(io::Error::other(format!(
+                                "`{program}` ended with {status}"
+                            )));
                         }
                     }
                     Ok(())
@@ -87,7 +89,9 @@ pub fn chain_wave(n: u32) -> String {
         "name = \"bench-chain-{n}\"\non_failure = \"fail-wave\"\n\n[defaults]\nretries = 0\n"
     );
     for i in 0..n {
-        text.push_str(&format!("\n[[task]]\nid = \"t{i}\"\ncmd = [\"{NOOP_PROGRAM}\"]\n"));
+        text.push_str(&format!(
+            "\n[[task]]\nid = \"t{i}\"\ncmd = [\"{NOOP_PROGRAM}\"]\n"
+        ));
         if i > 0 {
             text.push_str(&format!("deps = [\"t{}\"]\n", i - 1));
         }
@@ -120,9 +124,12 @@ struct BenchReport {
 }
 
 /// Submits `spec` and waits for it; returns the summary and the submit-to-done time.
-async fn time_wave(client: &mut Client, spec: String) -> anyhow::Result<(pb::WaveSummary, Duration)> {
+async fn time_wave(
+    client: &mut Client,
+    spec: String,
+) -> anyhow::Result<(pb::WaveSummary, Duration)> {
     let request = pb::SubmitWaveRequest {
-        spec,
+        spec: spec.into_bytes(),
         format: "toml".to_owned(),
         traceparent: String::new(),
     };
@@ -149,7 +156,9 @@ pub async fn run(ctx: &Context, args: &BenchArgs) -> anyhow::Result<u8> {
     let mut dev = None;
     let mut client = if args.dev {
         let cluster = DevCluster::start(DevOptions {
-            listen: "127.0.0.1:0".parse().expect("a valid socket address literal"),
+            listen: "127.0.0.1:0"
+                .parse()
+                .expect("a valid socket address literal"),
             data_dir: None,
             slots: Some(args.slots),
             keep: false,
@@ -189,7 +198,11 @@ pub async fn run(ctx: &Context, args: &BenchArgs) -> anyhow::Result<u8> {
     Ok(if all_succeeded { 0 } else { 1 })
 }
 
-async fn measure(ctx: &Context, client: &mut Client, args: &BenchArgs) -> anyhow::Result<Vec<BenchRow>> {
+async fn measure(
+    ctx: &Context,
+    client: &mut Client,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     let mut plan = vec![(
         format!("{} × {NOOP_PROGRAM}, {} at a time", args.n, args.slots),
@@ -235,7 +248,14 @@ async fn measure(ctx: &Context, client: &mut Client, args: &BenchArgs) -> anyhow
 }
 
 fn render(report: &BenchReport) -> String {
-    let mut table = Table::new(&["WORK", ">VENOM (s)", ">FLOOR (s)", ">RATIO", ">MAKESPAN (s)", "WAVE"]);
+    let mut table = Table::new(&[
+        "WORK",
+        ">VENOM (s)",
+        ">FLOOR (s)",
+        ">RATIO",
+        ">MAKESPAN (s)",
+        "WAVE",
+    ]);
     for row in &report.rows {
         table.row(vec![
             row.work.clone(),
@@ -251,7 +271,11 @@ fn render(report: &BenchReport) -> String {
         "VENOM is submit → done as seen by this client ({}{}); FLOOR is spawning the same \
          processes directly with the same parallelism; RATIO = VENOM / FLOOR.\n",
         report.coordinator,
-        if report.dev { ", embedded dev cluster" } else { "" }
+        if report.dev {
+            ", embedded dev cluster"
+        } else {
+            ""
+        }
     ));
     out
 }
@@ -282,7 +306,8 @@ mod tests {
     #[test]
     fn benchmark_waves_are_valid() {
         let limits = WaveLimits::default();
-        let array = parse_wave(array_wave(10_000).as_bytes(), Format::Toml, &limits).expect("valid");
+        let array =
+            parse_wave(array_wave(10_000).as_bytes(), Format::Toml, &limits).expect("valid");
         assert_eq!(array.n_micro_tasks(), 10_000);
         let chain = parse_wave(chain_wave(1_000).as_bytes(), Format::Toml, &limits).expect("valid");
         assert_eq!(chain.tasks.len(), 1_000);

@@ -85,7 +85,9 @@ impl Client {
             Some(token) => Some(
                 format!("Bearer {token}")
                     .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| anyhow!("the token contains characters not allowed in a header"))?,
+                    .map_err(|_| {
+                        anyhow!("the token contains characters not allowed in a header")
+                    })?,
             ),
             None => None,
         };
@@ -170,10 +172,7 @@ impl Client {
                 Err(err) => failures.push(format!("{url} ({err:#})")),
             }
         }
-        bail!(
-            "cannot reach a coordinator; tried {}",
-            failures.join(", ")
-        )
+        bail!("cannot reach a coordinator; tried {}", failures.join(", "))
     }
 
     /// Connects to `url` (a leader named in a refusal) and makes it current.
@@ -210,7 +209,10 @@ async fn connect(url: &str, auth: &Auth) -> anyhow::Result<Rpc> {
         let mut message = err.to_string();
         let mut source = std::error::Error::source(&err);
         while let Some(cause) = source {
-            message = format!("{message}: {cause}");
+            let cause_text = cause.to_string();
+            if !message.ends_with(&cause_text) {
+                message = format!("{message}: {cause_text}");
+            }
             source = cause.source();
         }
         anyhow!(message)
@@ -263,15 +265,18 @@ pub fn status_error(url: &str, status: &Status) -> anyhow::Error {
     match status.code() {
         // The coordinator's own words are the clearest: validation errors name the task
         // and field, lookups name the wave.
-        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::FailedPrecondition
+        | Code::AlreadyExists
         | Code::OutOfRange
             if !message.is_empty() =>
         {
             anyhow!("{message}")
         }
-        Code::Unauthenticated => anyhow!(
-            "{url}: unauthenticated: {message} (set --token or VENOM_TOKEN)"
-        ),
+        Code::Unauthenticated => {
+            anyhow!("{url}: unauthenticated: {message} (set --token or VENOM_TOKEN)")
+        }
         Code::PermissionDenied => anyhow!("{url}: permission denied: {message}"),
         Code::Unavailable => anyhow!("{url}: unavailable: {message}"),
         code if message.is_empty() => anyhow!("{url}: {code}"),
@@ -286,9 +291,15 @@ mod tests {
     #[test]
     fn leader_hints_are_extracted() {
         let status = Status::unavailable("not leader; leader=http://10.0.0.2:7070");
-        assert_eq!(leader_hint(&status).as_deref(), Some("http://10.0.0.2:7070"));
+        assert_eq!(
+            leader_hint(&status).as_deref(),
+            Some("http://10.0.0.2:7070")
+        );
         let status = Status::failed_precondition("not leader (leader=10.0.0.3:7070)");
-        assert_eq!(leader_hint(&status).as_deref(), Some("http://10.0.0.3:7070"));
+        assert_eq!(
+            leader_hint(&status).as_deref(),
+            Some("http://10.0.0.3:7070")
+        );
         let status = Status::unavailable("not leader: leader=unknown");
         assert_eq!(leader_hint(&status), None);
         let status = Status::unavailable("not leader");
@@ -302,7 +313,10 @@ mod tests {
     #[test]
     fn urls_are_normalised() {
         assert_eq!(normalize_url("127.0.0.1:7070"), "http://127.0.0.1:7070");
-        assert_eq!(normalize_url(" https://c.example:443/ "), "https://c.example:443");
+        assert_eq!(
+            normalize_url(" https://c.example:443/ "),
+            "https://c.example:443"
+        );
         assert!(Client::new(&[" ".into()], None).is_err());
         assert!(Client::new(&["a:1".into()], Some("bad\ntoken")).is_err());
     }
@@ -313,7 +327,10 @@ mod tests {
         let mut urls = Vec::new();
         for _ in 0..2 {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            urls.push(format!("127.0.0.1:{}", listener.local_addr().expect("addr").port()));
+            urls.push(format!(
+                "127.0.0.1:{}",
+                listener.local_addr().expect("addr").port()
+            ));
         }
         let mut client = Client::new(&urls, Some("secret")).expect("valid client");
         let err = client

@@ -73,7 +73,9 @@ pub fn reachable(addr: SocketAddr) -> SocketAddr {
         ip if ip.is_unspecified() && ip.is_ipv4() => {
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
         }
-        ip if ip.is_unspecified() => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), addr.port()),
+        ip if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), addr.port())
+        }
         _ => addr,
     }
 }
@@ -103,10 +105,16 @@ impl DevCluster {
                     options.listen
                 )
             })?;
-        let addr = listener.local_addr().context("the listener has no local address")?;
+        let addr = listener
+            .local_addr()
+            .context("the listener has no local address")?;
         let (stop, stop_rx) = watch::channel(false);
         let config = CoordinatorConfig::single_node(addr, data_dir.join("coordinator"));
-        let coordinator = tokio::spawn(venom_coordinator::run(config, listener, stop_signal(stop_rx.clone())));
+        let coordinator = tokio::spawn(venom_coordinator::run(
+            config,
+            listener,
+            stop_signal(stop_rx.clone()),
+        ));
         let url = format!("http://{}", reachable(addr));
         let worker_config = embedded_worker::config(url, options.slots, data_dir.join("worker"));
         let worker = tokio::spawn(embedded_worker::run(worker_config, stop_signal(stop_rx)));
@@ -317,9 +325,8 @@ mod embedded_worker {
 
     /// A worker named `dev` connecting to `coordinator_url`.
     pub fn config(coordinator_url: String, slots: Option<u32>, data_dir: PathBuf) -> WorkerConfig {
-        let mut config = WorkerConfig::embedded(vec![coordinator_url], data_dir);
-        config.name = Some(DEV_WORKER_NAME.to_owned());
-        config.slots = slots;
+        let mut config = WorkerConfig::for_dev(coordinator_url, slots, DEV_WORKER_NAME.to_owned());
+        config.data_dir = Some(data_dir);
         config
     }
 

@@ -45,7 +45,10 @@ impl Table {
                 .iter()
                 .map(|header| header.trim_start_matches('>').to_owned())
                 .collect(),
-            right_aligned: headers.iter().map(|header| header.starts_with('>')).collect(),
+            right_aligned: headers
+                .iter()
+                .map(|header| header.starts_with('>'))
+                .collect(),
             rows: Vec::new(),
         }
     }
@@ -92,7 +95,11 @@ impl Table {
 
 /// `key  value` lines with the values aligned.
 fn render_fields(fields: &[(&str, String)]) -> String {
-    let width = fields.iter().map(|(key, _)| key.chars().count()).max().unwrap_or(0);
+    let width = fields
+        .iter()
+        .map(|(key, _)| key.chars().count())
+        .max()
+        .unwrap_or(0);
     let mut out = String::new();
     for (key, value) in fields {
         let pad = width - key.chars().count();
@@ -157,11 +164,16 @@ pub fn fmt_time(unix_ms: u64) -> String {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}Z",
@@ -324,6 +336,15 @@ pub const LABEL_MEASURED: &str = "measured speed-up (Σ run time / makespan)";
 pub const LABEL_DAG_BOUND: &str = "DAG bound (work / span)";
 pub const LABEL_MODEL: &str = "model S_Total (Möbius)";
 
+/// The makespan, or `-` for a wave where nothing started (it has none).
+fn fmt_makespan(wave: &WaveView) -> String {
+    if wave.started_ms == 0 {
+        "-".to_owned()
+    } else {
+        fmt_ms(wave.makespan_ms)
+    }
+}
+
 /// The full summary of one wave: header, fields, and a per-task table.
 pub fn render_wave(wave: &WaveView) -> String {
     let c = &wave.counts;
@@ -351,7 +372,7 @@ pub fn render_wave(wave: &WaveView) -> String {
         ("submitted", fmt_time(wave.submitted_ms)),
         ("started", fmt_time(wave.started_ms)),
         ("finished", fmt_time(wave.finished_ms)),
-        ("makespan", fmt_ms(wave.makespan_ms)),
+        ("makespan", fmt_makespan(wave)),
         ("work (Σ run time)", fmt_ms(wave.work_ms)),
         (LABEL_MEASURED, fmt_factor(wave.measured_speedup)),
         (LABEL_DAG_BOUND, fmt_factor(wave.dag_bound)),
@@ -425,7 +446,7 @@ pub fn render_waves(waves: &[WaveView]) -> String {
             wave.counts.failed.to_string(),
             wave.counts.active().to_string(),
             fmt_time(wave.submitted_ms),
-            fmt_ms(wave.makespan_ms),
+            fmt_makespan(wave),
             fmt_factor(wave.measured_speedup),
         ]);
     }
@@ -500,13 +521,25 @@ pub fn render_tasks(tasks: &[TaskView]) -> String {
     if tasks.is_empty() {
         return "no micro-tasks\n".to_owned();
     }
-    let mut table = Table::new(&["TASK", "STATE", ">ATTEMPT", "NODE", "RESULT", ">RUN TIME", "ERROR"]);
+    let mut table = Table::new(&[
+        "TASK",
+        "STATE",
+        ">ATTEMPT",
+        "NODE",
+        "RESULT",
+        ">RUN TIME",
+        "ERROR",
+    ]);
     for task in tasks {
         table.row(vec![
             task.name.clone(),
             task.state.clone(),
             task.attempt.to_string(),
-            if task.node.is_empty() { "-".to_owned() } else { task.node.clone() },
+            if task.node.is_empty() {
+                "-".to_owned()
+            } else {
+                task.node.clone()
+            },
             fmt_ending(task),
             task.run_ms.map(fmt_ms).unwrap_or_else(|| "-".to_owned()),
             task.error.clone(),
@@ -572,7 +605,11 @@ impl From<&pb::NodeInfo> for NodeView {
             h_term: n.h_term,
             mode: n.mode.clone(),
             policy: n.policy.clone(),
-            labels: n.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: n
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             memory_total_bytes: n.memory_total_bytes,
             memory_available_bytes: n.memory_available_bytes,
             gpus: n.gpus,
@@ -627,7 +664,11 @@ pub fn render_nodes(nodes: &[NodeView]) -> String {
         "LABELS",
     ]);
     for node in nodes {
-        let labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let labels: Vec<String> = node
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         table.row(vec![
             node.name.clone(),
             node.state.clone(),
@@ -738,7 +779,9 @@ pub fn render_cluster(cluster: &ClusterView) -> String {
         (LABEL_MODEL, fmt_factor(a.s_total_cluster)),
     ]));
     out.push('\n');
-    let mut table = Table::new(&["ID", "ADDRESS", "ROLE", ">TERM", ">COMMIT", ">APPLIED", ">LAG"]);
+    let mut table = Table::new(&[
+        "ID", "ADDRESS", "ROLE", ">TERM", ">COMMIT", ">APPLIED", ">LAG",
+    ]);
     for m in &cluster.members {
         table.row(vec![
             m.id.to_string(),
@@ -812,7 +855,10 @@ mod tests {
         let text = render_wave(&sample_wave());
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "wave 3 \"nightly-etl\": failed");
-        assert!(text.contains("102 (100 succeeded, 1 failed, 1 skipped, 0 cancelled)"), "{text}");
+        assert!(
+            text.contains("102 (100 succeeded, 1 failed, 1 skipped, 0 cancelled)"),
+            "{text}"
+        );
         // Every figure carries its label, and the model's figure sits beside the measured ones.
         let value_of = |label: &str| {
             lines
@@ -831,7 +877,10 @@ mod tests {
         assert!(!text.contains("in progress"));
         // The per-task table is aligned: every data row has the header's width or less,
         // and the numeric columns end in the same place.
-        let header = lines.iter().position(|l| l.starts_with("TASK")).expect("table header");
+        let header = lines
+            .iter()
+            .position(|l| l.starts_with("TASK"))
+            .expect("table header");
         let table = &lines[header..];
         assert_eq!(table.len(), 4);
         assert!(table[2].starts_with("shard"));
@@ -839,7 +888,11 @@ mod tests {
         for row in table {
             assert_eq!(row.len(), end, "misaligned row `{row}`");
         }
-        assert!(table[2].contains(" 100 ") && table[2].contains("  99  "), "{}", table[2]);
+        assert!(
+            table[2].contains(" 100 ") && table[2].contains("  99  "),
+            "{}",
+            table[2]
+        );
     }
 
     #[test]
@@ -867,7 +920,10 @@ mod tests {
         wave.traceparent = String::new();
         wave.trace_id = None;
         let text = render_wave(&wave);
-        assert!(text.contains("2 running, 0 assigned, 0 ready, 90 pending"), "{text}");
+        assert!(
+            text.contains("2 running, 0 assigned, 0 ready, 90 pending"),
+            "{text}"
+        );
         assert!(!text.contains("trace id"));
         let measured = text
             .lines()
@@ -891,7 +947,10 @@ mod tests {
         assert_eq!(fmt_time(951_782_400_000), "2000-02-29 00:00:00.000Z");
         assert_eq!(fmt_bytes(512), "512 B");
         assert_eq!(fmt_bytes(1536), "1.5 KiB");
-        assert_eq!(trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+        assert_eq!(
+            trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
         assert_eq!(trace_id("garbage"), None);
     }
 

@@ -188,7 +188,8 @@ impl Bars {
             let wave = WaveView::from(wave);
             if !self.started {
                 self.started = true;
-                self.overall.set_prefix(fit(&format!("wave {}", wave.wave_id)));
+                self.overall
+                    .set_prefix(fit(&format!("wave {}", wave.wave_id)));
                 for _ in 0..wave.groups.len().min(MAX_GROUP_BARS) {
                     let bar = self.multi.add(ProgressBar::new(0));
                     bar.set_style(bar_style());
@@ -213,7 +214,9 @@ impl Bars {
                 bar.set_message(counts_message(&group.counts));
             }
             if let Some(more) = &self.more {
-                let hidden: Vec<usize> = (0..wave.groups.len()).filter(|i| !shown.contains(i)).collect();
+                let hidden: Vec<usize> = (0..wave.groups.len())
+                    .filter(|i| !shown.contains(i))
+                    .collect();
                 let n_done = hidden
                     .iter()
                     .filter(|&&i| {
@@ -244,28 +247,38 @@ impl Bars {
 
     pub fn finish(self) {
         self.overall.abandon();
-        for bar in self.group_bars.iter().chain(self.more.iter()).chain(self.nodes.values()) {
+        for bar in self
+            .group_bars
+            .iter()
+            .chain(self.more.iter())
+            .chain(self.nodes.values())
+        {
             bar.abandon();
+        }
+        // indicatif leaves the cursor at the end of the last bar; what follows (the
+        // summary on stdout) must start on a line of its own.
+        if !self.multi.is_hidden() {
+            eprintln!();
         }
     }
 }
 
 /// Which spec tasks get the `n_bars` bars: all in file order when they fit, otherwise
-/// the busiest (placed or ready) first, then those still waiting, then finished ones,
-/// each in file order.
+/// the busiest (placed or ready) first, then those still waiting (both in file order),
+/// then finished ones, latest first.
 pub fn groups_to_show(wave: &WaveView, n_bars: usize) -> Vec<usize> {
     let mut indexes: Vec<usize> = (0..wave.groups.len()).collect();
     if indexes.len() > n_bars {
         indexes.sort_by_key(|&i| {
             let g = &wave.groups[i];
-            let rank = if g.counts.active() + g.counts.ready > 0 {
-                0
+            if g.counts.active() + g.counts.ready > 0 {
+                (0, i)
             } else if g.counts.done() < u64::from(g.n_micro_tasks) {
-                1
+                (1, i)
             } else {
-                2
-            };
-            (rank, i)
+                // Finished: the most recently reached (latest in the file) first.
+                (2, usize::MAX - i)
+            }
         });
         indexes.truncate(n_bars);
         indexes.sort_unstable();

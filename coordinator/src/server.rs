@@ -86,7 +86,7 @@ impl ClientService for ClientApi {
                 )))
             }
         };
-        let spec = wave::parse_wave(req.spec.as_bytes(), format, &self.limits)
+        let spec = wave::parse_wave(&req.spec, format, &self.limits)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let warnings = {
             let state = read_state(&self.handle);

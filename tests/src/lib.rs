@@ -201,7 +201,7 @@ pub async fn wait_ready(url: &str, n_nodes: usize) -> anyhow::Result<ClientServi
 pub async fn submit(c: &mut ClientServiceClient<Channel>, spec: &str) -> anyhow::Result<u64> {
     let response = c
         .submit_wave(pb::SubmitWaveRequest {
-            spec: spec.to_string(),
+            spec: spec.as_bytes().to_vec(),
             format: "toml".into(),
             traceparent: String::new(),
         })

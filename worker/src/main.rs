@@ -1,1 +1,105 @@
-fn main() {}
+//! `venom-worker`: parses flags, sets up logging, and runs the worker until Ctrl-C or SIGTERM.
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+use venom_worker::WorkerConfig;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Venom worker: runs the micro-tasks a Venom coordinator assigns to this machine.
+#[derive(Debug, Parser)]
+#[command(name = "venom-worker", version, about)]
+struct Cli {
+    #[command(flatten)]
+    worker: WorkerConfig,
+
+    /// Log format.
+    #[arg(long, env = "VENOM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    venom_worker::run(cli.worker, shutdown_signal())
+        .await
+        .context("venom-worker failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_documents_every_environment_variable() {
+        let help = Cli::command().render_long_help().to_string();
+        for variable in [
+            "VENOM_COORDINATOR",
+            "VENOM_SLOTS",
+            "VENOM_LABELS",
+            "VENOM_NAME",
+            "VENOM_THROTTLE",
+            "VENOM_DATA_DIR",
+            "VENOM_METRICS_LISTEN",
+            "VENOM_QUEUE_DEPTH",
+            "VENOM_MAX_OUTPUT_BYTES",
+            "VENOM_HEARTBEAT_MS",
+            "VENOM_LOG_FORMAT",
+        ] {
+            assert!(
+                help.contains(variable),
+                "--help does not mention {variable}"
+            );
+        }
+    }
+}

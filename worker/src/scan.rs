@@ -210,16 +210,27 @@ pub fn scan() -> HardwareProfile {
     system.refresh_cpu_all();
     system.refresh_memory();
 
-    let cpu_logical_cores = u32::try_from(system.cpus().len()).unwrap_or(u32::MAX).max(1);
+    let cpu_logical_cores = u32::try_from(system.cpus().len())
+        .unwrap_or(u32::MAX)
+        .max(1);
     let cpu_physical_cores = system
         .physical_core_count()
         .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(cpu_logical_cores)
         .max(1);
     let first_cpu = system.cpus().first();
-    let cpu_vendor = first_cpu.map(|cpu| cpu.vendor_id().trim().to_owned()).unwrap_or_default();
-    let cpu_brand = first_cpu.map(|cpu| cpu.brand().trim().to_owned()).unwrap_or_default();
-    let cpu_frequency_mhz = system.cpus().iter().map(|cpu| cpu.frequency()).max().unwrap_or(0);
+    let cpu_vendor = first_cpu
+        .map(|cpu| cpu.vendor_id().trim().to_owned())
+        .unwrap_or_default();
+    let cpu_brand = first_cpu
+        .map(|cpu| cpu.brand().trim().to_owned())
+        .unwrap_or_default();
+    let cpu_frequency_mhz = system
+        .cpus()
+        .iter()
+        .map(|cpu| cpu.frequency())
+        .max()
+        .unwrap_or(0);
 
     let thermal_sensors = read_thermal_sensors(&Components::new_with_refreshed_list());
     let cgroup = CgroupLimits::detect();
@@ -244,8 +255,8 @@ pub fn scan() -> HardwareProfile {
         has_thermal_sensor: !thermal_sensors.is_empty(),
         thermal_sensors,
         os_name: System::name().unwrap_or_else(|| std::env::consts::OS.to_owned()),
-        os_version: System::long_os_version()
-            .or_else(System::os_version)
+        os_version: System::os_version()
+            .or_else(System::long_os_version)
             .unwrap_or_default(),
         kernel_version: System::kernel_version().unwrap_or_default(),
         hostname: local_hostname(),
@@ -293,14 +304,20 @@ pub(crate) fn read_thermal_sensors(components: &Components) -> Vec<ThermalSensor
                 .critical()
                 .map(f64::from)
                 .filter(|critical| critical.is_finite() && *critical > 0.0);
-            Some(ThermalSensor { label: component.label().to_owned(), celsius, critical_celsius })
+            Some(ThermalSensor {
+                label: component.label().to_owned(),
+                celsius,
+                critical_celsius,
+            })
         })
         .collect()
 }
 
 /// A file's text with surrounding whitespace removed, or "" when it cannot be read.
 fn read_trimmed(path: impl AsRef<Path>) -> String {
-    std::fs::read_to_string(path).map(|text| text.trim().to_owned()).unwrap_or_default()
+    std::fs::read_to_string(path)
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------
@@ -309,7 +326,11 @@ fn read_trimmed(path: impl AsRef<Path>) -> String {
 
 /// Names the hypervisor from the DMI product name and system vendor, falling back to the
 /// `hypervisor` CPU flag; "none" on bare metal.
-pub fn detect_virtualization(product_name: &str, sys_vendor: &str, hypervisor_flag: bool) -> String {
+pub fn detect_virtualization(
+    product_name: &str,
+    sys_vendor: &str,
+    hypervisor_flag: bool,
+) -> String {
     let haystack = format!("{product_name} {sys_vendor}").to_ascii_lowercase();
     let known = [
         ("kvm", "kvm"),
@@ -425,7 +446,9 @@ impl CgroupLimits {
         let memory_limit_bytes = min_over(&memory_dirs, |dir| {
             parse_cgroup_memory_limit(&read_trimmed(dir.join("memory.limit_in_bytes")))
         });
-        let own = memory_dirs.iter().find(|dir| dir.join("memory.usage_in_bytes").exists());
+        let own = memory_dirs
+            .iter()
+            .find(|dir| dir.join("memory.usage_in_bytes").exists());
         Self {
             cpu_quota_cores,
             memory_limit_bytes,
@@ -438,7 +461,9 @@ impl CgroupLimits {
     /// `None` when there is no limit or the usage cannot be read.
     pub fn memory_available_bytes(&self) -> Option<u64> {
         let limit = self.memory_limit_bytes?;
-        let usage: u64 = read_trimmed(self.memory_usage_file.as_ref()?).parse().ok()?;
+        let usage: u64 = read_trimmed(self.memory_usage_file.as_ref()?)
+            .parse()
+            .ok()?;
         let inactive_file = self
             .memory_stat_file
             .as_ref()
@@ -495,11 +520,16 @@ fn group_dirs(mount: &Path, path: &str) -> Vec<PathBuf> {
 }
 
 /// The smallest value `read` finds in any of `dirs`.
-fn min_over<T: PartialOrd + Copy>(dirs: &[PathBuf], read: impl Fn(&Path) -> Option<T>) -> Option<T> {
-    dirs.iter().filter_map(|dir| read(dir)).fold(None, |best, value| match best {
-        Some(best) if best <= value => Some(best),
-        _ => Some(value),
-    })
+fn min_over<T: PartialOrd + Copy>(
+    dirs: &[PathBuf],
+    read: impl Fn(&Path) -> Option<T>,
+) -> Option<T> {
+    dirs.iter()
+        .filter_map(|dir| read(dir))
+        .fold(None, |best, value| match best {
+            Some(best) if best <= value => Some(best),
+            _ => Some(value),
+        })
 }
 
 /// Parses cgroup v2 `cpu.max` (`"200000 100000"` → 2.0 cores; `"max 100000"` → unlimited).
@@ -538,10 +568,14 @@ pub fn parse_memory_stat_inactive_file(text: &str) -> u64 {
     let value_of = |wanted: &str| {
         text.lines().find_map(|line| {
             let mut parts = line.split_whitespace();
-            (parts.next()? == wanted).then(|| parts.next()?.parse::<u64>().ok()).flatten()
+            (parts.next()? == wanted)
+                .then(|| parts.next()?.parse::<u64>().ok())
+                .flatten()
         })
     };
-    value_of("total_inactive_file").or_else(|| value_of("inactive_file")).unwrap_or(0)
+    value_of("total_inactive_file")
+        .or_else(|| value_of("inactive_file"))
+        .unwrap_or(0)
 }
 
 /// Logical CPUs usable under a quota: `min(logical, ceil(quota))`, at least 1.
@@ -657,22 +691,27 @@ mod nvml {
     type GetNameFn = unsafe extern "C" fn(NvmlDevice, *mut c_char, c_uint) -> c_int;
     type GetMemoryFn = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemory) -> c_int;
 
+    /// NVML's library name on Linux.
+    const LIBRARY: &str = "libnvidia-ml.so.1";
+
     /// The NVIDIA GPUs NVML reports; empty when the library is absent or fails.
     pub(super) fn gpus() -> Vec<GpuInfo> {
         if !cfg!(unix) {
             return Vec::new();
         }
-        query().unwrap_or_default()
+        query(LIBRARY).unwrap_or_default()
     }
 
-    // SAFETY: every call below goes to NVML with the C signatures from `nvml.h` (the `_v2`
+    // SAFETY: loading the library runs its initialisers, which belong to the NVIDIA driver
+    // installed on this machine (or whatever the caller names in tests). Every call below goes
+    // to NVML with the C signatures from `nvml.h` (the `_v2`
     // entry points named explicitly), with pointers to live, correctly sized locals; the name
     // buffer's length is passed so NVML writes within it, and it is NUL-terminated by NVML on
     // success (and by us, defensively). `nvmlShutdown` pairs the successful `nvmlInit_v2`, and
     // the library stays loaded until after it.
     #[allow(unsafe_code)]
-    fn query() -> Option<Vec<GpuInfo>> {
-        let library = unsafe { Library::new("libnvidia-ml.so.1") }.ok()?;
+    pub(super) fn query(library: &str) -> Option<Vec<GpuInfo>> {
+        let library = unsafe { Library::new(library) }.ok()?;
         let init: Symbol<InitFn> = unsafe { library.get(b"nvmlInit_v2\0") }.ok()?;
         let shutdown: Symbol<ShutdownFn> = unsafe { library.get(b"nvmlShutdown\0") }.ok()?;
         let get_count: Symbol<GetCountFn> =
@@ -696,7 +735,11 @@ mod nvml {
                 }
                 let mut name_buffer = [0 as c_char; NAME_BUFFER_BYTES];
                 let name = if unsafe {
-                    get_name(device, name_buffer.as_mut_ptr(), NAME_BUFFER_BYTES as c_uint)
+                    get_name(
+                        device,
+                        name_buffer.as_mut_ptr(),
+                        NAME_BUFFER_BYTES as c_uint,
+                    )
                 } == NVML_SUCCESS
                 {
                     name_buffer[NAME_BUFFER_BYTES - 1] = 0;
@@ -713,7 +756,12 @@ mod nvml {
                     } else {
                         0
                     };
-                gpus.push(GpuInfo { backend: "cuda".to_owned(), name, memory_total_bytes, index });
+                gpus.push(GpuInfo {
+                    backend: "cuda".to_owned(),
+                    name,
+                    memory_total_bytes,
+                    index,
+                });
             }
         }
         unsafe { shutdown() };
@@ -784,7 +832,10 @@ mod tests {
         assert_eq!(memberships.len(), 3);
         assert_eq!(memberships[0].controllers, vec!["memory".to_owned()]);
         assert_eq!(memberships[0].path, "/docker/abc");
-        assert_eq!(memberships[1].controllers, vec!["cpu".to_owned(), "cpuacct".to_owned()]);
+        assert_eq!(
+            memberships[1].controllers,
+            vec!["cpu".to_owned(), "cpuacct".to_owned()]
+        );
         assert!(memberships[2].controllers.is_empty());
         assert_eq!(memberships[2].path, "/user.slice/x.scope");
     }
@@ -816,8 +867,11 @@ mod tests {
         let mount = tempfile::tempdir().expect("temp dir");
         std::fs::write(mount.path().join("memory.max"), "1000000\n").expect("write");
         std::fs::write(mount.path().join("memory.current"), "600000\n").expect("write");
-        std::fs::write(mount.path().join("memory.stat"), "anon 1\ninactive_file 100000\n")
-            .expect("write");
+        std::fs::write(
+            mount.path().join("memory.stat"),
+            "anon 1\ninactive_file 100000\n",
+        )
+        .expect("write");
         let limits = CgroupLimits::detect_v2(mount.path(), "/");
         assert_eq!(limits.memory_available_bytes(), Some(500_000));
     }
@@ -825,17 +879,30 @@ mod tests {
     #[test]
     fn virtualization_is_named_from_dmi_or_the_cpu_flag() {
         assert_eq!(detect_virtualization("KVM", "Red Hat", false), "kvm");
-        assert_eq!(detect_virtualization("Standard PC (Q35)", "QEMU", true), "qemu");
-        assert_eq!(detect_virtualization("VMware Virtual Platform", "VMware, Inc.", true), "vmware");
-        assert_eq!(detect_virtualization("Virtual Machine", "Microsoft Corporation", true), "hyperv");
+        assert_eq!(
+            detect_virtualization("Standard PC (Q35)", "QEMU", true),
+            "qemu"
+        );
+        assert_eq!(
+            detect_virtualization("VMware Virtual Platform", "VMware, Inc.", true),
+            "vmware"
+        );
+        assert_eq!(
+            detect_virtualization("Virtual Machine", "Microsoft Corporation", true),
+            "hyperv"
+        );
         assert_eq!(detect_virtualization("", "", true), "hypervisor");
-        assert_eq!(detect_virtualization("ThinkPad X1", "LENOVO", false), "none");
+        assert_eq!(
+            detect_virtualization("ThinkPad X1", "LENOVO", false),
+            "none"
+        );
     }
 
     #[test]
     fn cpuinfo_hypervisor_flag_is_found_only_in_flags() {
         let virtual_cpu = "processor\t: 0\nflags\t\t: fpu vme hypervisor lahf_lm\n";
-        let metal_cpu = "processor\t: 0\nflags\t\t: fpu vme lahf_lm\nmodel name\t: hypervisor-ish\n";
+        let metal_cpu =
+            "processor\t: 0\nflags\t\t: fpu vme lahf_lm\nmodel name\t: hypervisor-ish\n";
         assert!(cpuinfo_has_hypervisor_flag(virtual_cpu));
         assert!(!cpuinfo_has_hypervisor_flag(metal_cpu));
     }
@@ -870,12 +937,79 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_nvml_library_means_no_nvidia_gpus() {
+        assert_eq!(nvml::query("/nonexistent/libnvidia-ml.so.1"), None);
+    }
+
+    /// A stand-in for NVML with two devices, to exercise the FFI without a GPU.
+    const FAKE_NVML_C: &str = r#"
+        #include <string.h>
+        typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
+        static int initialised = 0;
+        int nvmlInit_v2(void) { initialised = 1; return 0; }
+        int nvmlShutdown(void) { initialised = 0; return 0; }
+        int nvmlDeviceGetCount_v2(unsigned int *count) { *count = 2; return initialised ? 0 : 1; }
+        int nvmlDeviceGetHandleByIndex_v2(unsigned int index, void **device) {
+            *device = (void *)(unsigned long)(index + 1); return 0;
+        }
+        int nvmlDeviceGetName(void *device, char *name, unsigned int length) {
+            const char *names[] = { "Fake H100", "Fake A100" };
+            strncpy(name, names[(unsigned long)device - 1], length); return 0;
+        }
+        int nvmlDeviceGetMemoryInfo(void *device, nvmlMemory_t *memory) {
+            if ((unsigned long)device == 2) return 999; /* an error for the second device */
+            memory->total = 80ULL << 30; memory->free = 1; memory->used = 2; return 0;
+        }
+    "#;
+
+    #[test]
+    fn nvml_devices_are_read_through_the_c_interface() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let source = dir.path().join("fake_nvml.c");
+        let library = dir.path().join("libfake-nvml.so");
+        std::fs::write(&source, FAKE_NVML_C).expect("write the fake NVML");
+        let compiled = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&library)
+            .arg(&source)
+            .status();
+        match compiled {
+            Ok(status) if status.success() => {}
+            // Without a C compiler there is nothing to load; the missing-library test above
+            // still covers the fallback.
+            _ => return eprintln!("no C compiler; skipping the fake NVML check"),
+        }
+        let gpus = nvml::query(library.to_str().expect("UTF-8 temp path")).expect("NVML loads");
+        assert_eq!(
+            gpus,
+            vec![
+                GpuInfo {
+                    backend: "cuda".to_owned(),
+                    name: "Fake H100".to_owned(),
+                    memory_total_bytes: 80 << 30,
+                    index: 0
+                },
+                GpuInfo {
+                    backend: "cuda".to_owned(),
+                    name: "Fake A100".to_owned(),
+                    memory_total_bytes: 0,
+                    index: 1
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn opencl_icds_lists_only_icd_files() {
         let vendors = tempfile::tempdir().expect("temp dir");
-        std::fs::write(vendors.path().join("nvidia.icd"), "libnvidia-opencl.so.1\n").expect("write");
+        std::fs::write(vendors.path().join("nvidia.icd"), "libnvidia-opencl.so.1\n")
+            .expect("write");
         std::fs::write(vendors.path().join("amdocl64.icd"), "libamdocl64.so\n").expect("write");
         std::fs::write(vendors.path().join("README"), "not an icd\n").expect("write");
-        assert_eq!(opencl_icds(vendors.path()), vec!["amdocl64.icd", "nvidia.icd"]);
+        assert_eq!(
+            opencl_icds(vendors.path()),
+            vec!["amdocl64.icd", "nvidia.icd"]
+        );
         assert!(opencl_icds(&vendors.path().join("missing")).is_empty());
     }
 
@@ -884,12 +1018,18 @@ mod tests {
         let profile = scan();
         assert!(profile.cpu_logical_cores >= 1);
         assert!(profile.cpu_physical_cores >= 1);
-        assert_eq!(profile.hyperthreading, profile.cpu_logical_cores > profile.cpu_physical_cores);
+        assert_eq!(
+            profile.hyperthreading,
+            profile.cpu_logical_cores > profile.cpu_physical_cores
+        );
         assert!(profile.effective_cpus >= 1 && profile.effective_cpus <= profile.cpu_logical_cores);
         assert!(profile.memory_total_bytes > 0);
         assert!(profile.effective_memory_bytes <= profile.memory_total_bytes);
         assert!((0.0..=100.0).contains(&profile.cpu_usage_percent));
-        assert_eq!(profile.has_thermal_sensor, !profile.thermal_sensors.is_empty());
+        assert_eq!(
+            profile.has_thermal_sensor,
+            !profile.thermal_sensors.is_empty()
+        );
         assert!(!profile.hostname.is_empty());
         assert!(!profile.virtualization.is_empty());
         assert_eq!(profile.metal, cfg!(target_os = "macos"));
@@ -903,7 +1043,11 @@ mod tests {
         // Decimal text may move a float by one ulp; compare floats by value, the rest exactly.
         assert!((back.cpu_usage_percent - profile.cpu_usage_percent).abs() < 1e-9);
         back.cpu_usage_percent = profile.cpu_usage_percent;
-        for (got, want) in back.thermal_sensors.iter_mut().zip(&profile.thermal_sensors) {
+        for (got, want) in back
+            .thermal_sensors
+            .iter_mut()
+            .zip(&profile.thermal_sensors)
+        {
             assert!((got.celsius - want.celsius).abs() < 1e-9);
             got.celsius = want.celsius;
             got.critical_celsius = want.critical_celsius;

@@ -141,7 +141,8 @@ impl ThetaSampler {
         }
         self.system.refresh_cpu_usage();
         self.last_cpu_refresh = Instant::now();
-        self.system.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+        self.system
+            .refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
         for component in self.components.list_mut() {
             component.refresh();
         }
@@ -162,11 +163,15 @@ impl ThetaSampler {
             .iter()
             .filter_map(|component| {
                 let celsius = f64::from(component.temperature()?);
-                celsius.is_finite().then(|| (celsius, component.critical().map(f64::from)))
+                celsius
+                    .is_finite()
+                    .then(|| (celsius, component.critical().map(f64::from)))
             })
             .max_by(|a, b| a.0.total_cmp(&b.0));
         let hottest_celsius = hottest.map(|(celsius, _)| celsius);
-        let t_crit = hottest.and_then(|(_, critical)| critical).unwrap_or(DEFAULT_T_CRIT_CELSIUS);
+        let t_crit = hottest
+            .and_then(|(_, critical)| critical)
+            .unwrap_or(DEFAULT_T_CRIT_CELSIUS);
 
         let h_cpu = h_cpu(cpu_usage_percent);
         let h_mem = h_mem(memory_available_bytes, memory_total_bytes);
@@ -209,17 +214,22 @@ impl ThetaMonitor {
         let history = Arc::new(Mutex::new(VecDeque::with_capacity(HISTORY_CAPACITY)));
         let (stop, stopped) = mpsc::channel::<()>();
         let shared = Arc::clone(&history);
-        let spawned = std::thread::Builder::new().name("venom-theta".to_owned()).spawn(move || {
-            let mut sampler = ThetaSampler::new();
-            loop {
-                let snapshot = sampler.sample();
-                push_bounded(&mut shared.lock().unwrap_or_else(PoisonError::into_inner), snapshot);
-                match stopped.recv_timeout(interval) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        let spawned = std::thread::Builder::new()
+            .name("venom-theta".to_owned())
+            .spawn(move || {
+                let mut sampler = ThetaSampler::new();
+                loop {
+                    let snapshot = sampler.sample();
+                    push_bounded(
+                        &mut shared.lock().unwrap_or_else(PoisonError::into_inner),
+                        snapshot,
+                    );
+                    match stopped.recv_timeout(interval) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
                 }
-            }
-        });
+            });
         let thread = match spawned {
             Ok(thread) => Some(thread),
             Err(error) => {
@@ -227,17 +237,30 @@ impl ThetaMonitor {
                 None
             }
         };
-        ThetaMonitor { history, stop: Some(stop), thread }
+        ThetaMonitor {
+            history,
+            stop: Some(stop),
+            thread,
+        }
     }
 
     /// The most recent snapshot, if one has been taken yet.
     pub fn latest(&self) -> Option<ThetaSnapshot> {
-        self.history.lock().unwrap_or_else(PoisonError::into_inner).back().cloned()
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .back()
+            .cloned()
     }
 
     /// Every kept snapshot, oldest first (at most [`HISTORY_CAPACITY`]).
     pub fn history(&self) -> Vec<ThetaSnapshot> {
-        self.history.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
@@ -341,9 +364,14 @@ mod tests {
         let latest = monitor.latest().expect("a sample exists");
         assert!((0.0..=1.0).contains(&latest.theta));
         let history = monitor.history();
-        assert!(history.windows(2).all(|pair| pair[0].at_ms <= pair[1].at_ms));
+        assert!(history
+            .windows(2)
+            .all(|pair| pair[0].at_ms <= pair[1].at_ms));
         let started = Instant::now();
         drop(monitor);
-        assert!(started.elapsed() < Duration::from_secs(2), "drop must stop the thread promptly");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "drop must stop the thread promptly"
+        );
     }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde::Serialize;
 use venom_coordinator::mobius::{
-    compress_hours, node_model, throttle_factor, Mode, ModelFigures, NodeModelInput, ThrottlePolicy,
-    EWMA_ALPHA, HYSTERESIS, PAUSE_THETA,
+    compress_hours, node_model, throttle_factor, Mode, ModelFigures, NodeModelInput,
+    ThrottlePolicy, EWMA_ALPHA, HYSTERESIS, PAUSE_THETA,
 };
 use venom_coordinator::wave::WaveLimits;
 use venom_coordinator::CoordinatorConfig;
@@ -148,19 +148,41 @@ pub async fn scan(ctx: &Context) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn render_scan(profile: &HardwareProfile, snapshot: &ThetaSnapshot, figures: &ModelFigures) -> String {
+fn render_scan(
+    profile: &HardwareProfile,
+    snapshot: &ThetaSnapshot,
+    figures: &ModelFigures,
+) -> String {
     let p = profile;
     let mut fields: Vec<(&str, String)> = vec![
         ("host", p.hostname.clone()),
-        ("os", format!("{} {} (kernel {})", p.os_name, p.os_version, p.kernel_version)),
-        ("cpu", format!("{} {} ({})", p.cpu_vendor, p.cpu_brand, p.cpu_arch)),
+        (
+            "os",
+            format!(
+                "{} (kernel {})",
+                if p.os_version.contains(&p.os_name) {
+                    p.os_version.clone()
+                } else {
+                    format!("{} {}", p.os_name, p.os_version)
+                },
+                p.kernel_version
+            ),
+        ),
+        (
+            "cpu",
+            format!("{} {} ({})", p.cpu_vendor, p.cpu_brand, p.cpu_arch),
+        ),
         (
             "cores",
             format!(
                 "{} physical, {} logical{}, {} usable{}",
                 p.cpu_physical_cores,
                 p.cpu_logical_cores,
-                if p.hyperthreading { " (hyperthreading)" } else { "" },
+                if p.hyperthreading {
+                    " (hyperthreading)"
+                } else {
+                    ""
+                },
                 p.effective_cpus,
                 if p.cgroup_cpu_quota > 0.0 {
                     format!(" (cgroup quota {:.2} cores)", p.cgroup_cpu_quota)
@@ -189,7 +211,14 @@ fn render_scan(profile: &HardwareProfile, snapshot: &ThetaSnapshot, figures: &Mo
     } else {
         p.gpus
             .iter()
-            .map(|g| format!("{} {} ({})", g.backend, g.name, fmt_bytes(g.memory_total_bytes)))
+            .map(|g| {
+                format!(
+                    "{} {} ({})",
+                    g.backend,
+                    g.name,
+                    fmt_bytes(g.memory_total_bytes)
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ")
     };
@@ -246,7 +275,11 @@ fn model_fields(f: &ModelFigures) -> Vec<(&'static str, String)> {
 }
 
 fn aligned(fields: &[(&str, String)]) -> String {
-    let width = fields.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    let width = fields
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
     fields
         .iter()
         .map(|(k, v)| format!("  {k}{}  {v}\n", " ".repeat(width - k.chars().count())))
@@ -473,13 +506,25 @@ pub async fn config(ctx: &Context) -> anyhow::Result<u8> {
         .context("the hardware scan failed")?;
     let limits = WaveLimits::default();
     let coordinator = CoordinatorConfig::single_node(
-        "127.0.0.1:7070".parse().expect("a valid socket address literal"),
+        "127.0.0.1:7070"
+            .parse()
+            .expect("a valid socket address literal"),
         "venom-data/coordinator-1".into(),
     );
-    let modes = [Mode::Optimize, Mode::Wrap, Mode::Balance, Mode::Transition, Mode::Unwrap];
+    let modes = [
+        Mode::Optimize,
+        Mode::Wrap,
+        Mode::Balance,
+        Mode::Transition,
+        Mode::Unwrap,
+    ];
     let view = ConfigView {
         coordinators: ctx.global.coordinator.clone(),
-        token_set: ctx.global.token.as_deref().is_some_and(|t| !t.trim().is_empty()),
+        token_set: ctx
+            .global
+            .token
+            .as_deref()
+            .is_some_and(|t| !t.trim().is_empty()),
         output: ctx.global.output.as_str(),
         machine: MachineView {
             default_slots: profile.effective_cpus.max(1),
@@ -489,7 +534,10 @@ pub async fn config(ctx: &Context) -> anyhow::Result<u8> {
         },
         throttle: ThrottleView {
             default_policy: ThrottlePolicy::default().as_str().to_owned(),
-            policies: ThrottlePolicy::ALL.iter().map(|p| p.as_str().to_owned()).collect(),
+            policies: ThrottlePolicy::ALL
+                .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect(),
             factors: modes
                 .iter()
                 .map(|&mode| (mode.as_str().to_owned(), throttle_factor(mode)))
@@ -520,7 +568,7 @@ pub async fn config(ctx: &Context) -> anyhow::Result<u8> {
         .throttle
         .factors
         .iter()
-        .map(|(mode, factor)| format!("{mode} {factor}"))
+        .map(|(mode, factor)| format!("{mode} {factor:.2}"))
         .collect();
     let fields: Vec<(&str, String)> = vec![
         ("coordinators", view.coordinators.join(", ")),
@@ -547,7 +595,10 @@ pub async fn config(ctx: &Context) -> anyhow::Result<u8> {
                 view.throttle.policies.join(", ")
             ),
         ),
-        ("usable slots", format!("ceil(slots × f(mode)): {}", factors.join(", "))),
+        (
+            "usable slots",
+            format!("ceil(slots × f(mode)): {}", factors.join(", ")),
+        ),
         (
             "pausing",
             format!(
@@ -586,16 +637,33 @@ mod tests {
     #[test]
     fn reference_rows_reproduce_the_prototype() {
         let rows = reference_rows(840.0);
-        let expect = [(50.0, 0.65, 151.0, 5.6), (400.0, 0.80, 2_900.0, 0.29), (832.0, 0.95, 31_322.0, 0.03)];
-        for (row, (lambda, p, s_total, hours)) in rows.iter().zip(expect) {
+        // The prototype's rows: Λ, P, S_Total (and 840 h → 5.6 h, 0.29 h, 0.03 h).
+        let expect = [
+            (50.0, 0.65, 151.0),
+            (400.0, 0.80, 2_900.0),
+            (832.0, 0.95, 31_322.0),
+        ];
+        assert_eq!(rows.len(), expect.len());
+        for (row, (lambda, p, s_total)) in rows.iter().zip(expect) {
             assert!((row.figures.lambda - lambda).abs() < 1e-9, "{row:?}");
             assert!((row.figures.p - p).abs() < 1e-9, "{row:?}");
-            assert!((row.figures.s_total / s_total - 1.0).abs() < 0.01, "{row:?}");
-            assert!((row.compressed_hours - hours).abs() / hours < 0.02, "{row:?}");
+            assert!(
+                (row.figures.s_total / s_total - 1.0).abs() < 0.01,
+                "{row:?}"
+            );
+            assert!(
+                (row.compressed_hours * s_total / 840.0 - 1.0).abs() < 0.01,
+                "{row:?}"
+            );
         }
+        assert!((rows[0].compressed_hours - 5.6).abs() < 0.05);
+        assert!((rows[1].compressed_hours - 0.29).abs() < 0.005);
         let text = render_compression(&rows);
         assert!(text.contains("Raspberry Pi 4 (reference)"), "{text}");
-        assert!(text.contains("31,322×") || text.contains("31,321×"), "{text}");
+        assert!(
+            text.contains("31,322×") || text.contains("31,321×"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -58,7 +58,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Config => machine::config(&ctx).await,
         Command::Benchmark(args) => crate::bench::run(&ctx, &args).await,
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "venomctl", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "venomctl",
+                &mut std::io::stdout(),
+            );
             Ok(0)
         }
     }

@@ -16,8 +16,8 @@ use super::Context;
 use crate::args::{SubmitArgs, TaskRef};
 use crate::client::{Client, Retry};
 use crate::output::{
-    print_json, render_cluster, render_nodes, render_tasks, render_wave, render_waves,
-    ClusterView, NodeView, TaskView, WaveView,
+    print_json, render_cluster, render_nodes, render_tasks, render_wave, render_waves, ClusterView,
+    NodeView, TaskView, WaveView,
 };
 use crate::watch::{self, exit_code_for, Progress};
 
@@ -88,7 +88,7 @@ pub async fn submit_file(
         .parse(&submit_limits())
         .map_err(|err| anyhow::anyhow!("{}: {err}", file.path.display()))?;
     let request = pb::SubmitWaveRequest {
-        spec: file.text.clone(),
+        spec: file.text.clone().into_bytes(),
         format: file.wire_format().to_owned(),
         traceparent: traceparent_from_env(),
     };
@@ -271,7 +271,11 @@ pub fn write_logs(
     task: &TaskRef,
     logs: &pb::GetLogsResponse,
 ) -> std::io::Result<()> {
-    let node = if logs.node.is_empty() { "-" } else { logs.node.as_str() };
+    let node = if logs.node.is_empty() {
+        "-"
+    } else {
+        logs.node.as_str()
+    };
     writeln!(
         out,
         "==> {task}: attempt {}, node {node}, {} <==",
@@ -518,15 +522,24 @@ mod tests {
         };
         let dot = wave_dot(&wave);
         assert!(dot.starts_with("digraph \"n\\\"q\" {"), "{dot}");
-        assert!(dot.contains("\"a\" [label=\"a\\n1/1 done\", fillcolor=\"palegreen\"]"), "{dot}");
-        assert!(dot.contains("\"b\" [label=\"b\\n0/2 done\", fillcolor=\"lightblue\"]"), "{dot}");
+        assert!(
+            dot.contains("\"a\" [label=\"a\\n1/1 done\", fillcolor=\"palegreen\"]"),
+            "{dot}"
+        );
+        assert!(
+            dot.contains("\"b\" [label=\"b\\n0/2 done\", fillcolor=\"lightblue\"]"),
+            "{dot}"
+        );
         assert!(!dot.contains("->"));
     }
 
     #[test]
     fn traceparents_are_checked() {
         let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        assert_eq!(checked_traceparent(&format!(" {good}\n")).as_deref(), Some(good));
+        assert_eq!(
+            checked_traceparent(&format!(" {good}\n")).as_deref(),
+            Some(good)
+        );
         assert_eq!(checked_traceparent("00-abc-def-01"), None);
         assert_eq!(checked_traceparent(""), None);
     }

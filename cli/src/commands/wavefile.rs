@@ -204,8 +204,11 @@ mod tests {
         assert!(spec.to_dot().contains("\"a\" -> \"b\""));
 
         let bad = dir.path().join("bad.toml");
-        std::fs::write(&bad, "name = \"x\"\n[[task]]\nid = \"a\"\nrun = \"true\"\ndeps = [\"zz\"]\n")
-            .expect("write");
+        std::fs::write(
+            &bad,
+            "name = \"x\"\n[[task]]\nid = \"a\"\nrun = \"true\"\ndeps = [\"zz\"]\n",
+        )
+        .expect("write");
         let err = WaveFile::read(&bad)
             .expect("readable")
             .parse(&WaveLimits::default())
@@ -215,8 +218,11 @@ mod tests {
 
         // A wave above the default cap passes the submit check (the coordinator's cap decides).
         let big = dir.path().join("big.toml");
-        std::fs::write(&big, "name = \"big\"\n[[task]]\nid = \"a\"\narray = 200000\nrun = \"true\"\n")
-            .expect("write");
+        std::fs::write(
+            &big,
+            "name = \"big\"\n[[task]]\nid = \"a\"\narray = 200000\nrun = \"true\"\n",
+        )
+        .expect("write");
         let big = WaveFile::read(&big).expect("readable");
         assert!(big.parse(&WaveLimits::default()).is_err());
         assert!(big.parse(&submit_limits()).is_ok());

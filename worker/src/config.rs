@@ -1,0 +1,222 @@
+//! The worker's configuration: one clap `Args` struct, every flag also read from a `VENOM_…`
+//! environment variable, so the `venom-worker` binary parses it and `venomctl dev` can embed it
+//! (or build one with [`WorkerConfig::for_dev`] without clap).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// Default coordinator address.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+
+/// This node's throttling policy, applied by the coordinator from the node's θ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ThrottlePolicy {
+    /// Always offer every slot.
+    Off,
+    /// Throttle earlier: mode thresholds shifted up by 0.1.
+    Conservative,
+    /// The standard thresholds.
+    #[default]
+    Adaptive,
+    /// Never throttle below half the slots.
+    Aggressive,
+}
+
+impl ThrottlePolicy {
+    /// The name sent in `Register.throttle_policy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThrottlePolicy::Off => "off",
+            ThrottlePolicy::Conservative => "conservative",
+            ThrottlePolicy::Adaptive => "adaptive",
+            ThrottlePolicy::Aggressive => "aggressive",
+        }
+    }
+}
+
+impl std::fmt::Display for ThrottlePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything `venom-worker` can be told.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerConfig {
+    /// Coordinator URLs, comma-separated; any member works, the worker finds the leader.
+    #[arg(
+        long = "coordinator",
+        env = "VENOM_COORDINATOR",
+        value_delimiter = ',',
+        default_value = DEFAULT_COORDINATOR,
+        value_name = "URL[,URL…]"
+    )]
+    pub coordinators: Vec<String>,
+
+    /// Slots (CPUs) this node offers [default: logical CPUs, or the cgroup CPU quota].
+    #[arg(long, env = "VENOM_SLOTS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub slots: Option<u32>,
+
+    /// Labels for placement constraints, `k=v` pairs, comma-separated.
+    #[arg(long, env = "VENOM_LABELS", value_delimiter = ',', value_parser = parse_label, value_name = "K=V[,K=V…]")]
+    pub labels: Vec<(String, String)>,
+
+    /// This node's name [default: the host name].
+    #[arg(long, env = "VENOM_NAME")]
+    pub name: Option<String>,
+
+    /// Throttling policy the coordinator applies to this node.
+    #[arg(long, env = "VENOM_THROTTLE", value_enum, default_value_t = ThrottlePolicy::Adaptive)]
+    pub throttle: ThrottlePolicy,
+
+    /// Directory for the worker's identity and spool.
+    #[arg(long, env = "VENOM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Address for the Prometheus `/metrics` endpoint.
+    #[arg(long, env = "VENOM_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Micro-tasks to keep queued here beyond the running ones, so the next one starts without
+    /// a round trip to the coordinator.
+    #[arg(long, env = "VENOM_QUEUE_DEPTH", default_value_t = 4)]
+    pub queue_depth: u32,
+
+    /// Output kept per stream of each attempt (the tail).
+    #[arg(long, env = "VENOM_MAX_OUTPUT_BYTES", default_value_t = 65_536)]
+    pub max_output_bytes: usize,
+
+    /// Interval between heartbeats to the coordinator, milliseconds.
+    #[arg(long, env = "VENOM_HEARTBEAT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub heartbeat_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            coordinators: vec![DEFAULT_COORDINATOR.to_owned()],
+            slots: None,
+            labels: Vec::new(),
+            name: None,
+            throttle: ThrottlePolicy::Adaptive,
+            data_dir: None,
+            metrics_listen: None,
+            queue_depth: 4,
+            max_output_bytes: crate::executor::DEFAULT_MAX_OUTPUT_BYTES,
+            heartbeat_ms: 1000,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// A configuration for a local worker beside an in-process coordinator.
+    pub fn for_dev(coordinator: String, slots: Option<u32>, name: String) -> Self {
+        Self {
+            coordinators: vec![coordinator],
+            slots,
+            name: Some(name),
+            ..Self::default()
+        }
+    }
+
+    /// The heartbeat interval.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.max(10))
+    }
+}
+
+/// Parses one `key=value` label.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("label `{text}` is not of the form key=value"))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("label `{text}` has an empty key"));
+    }
+    Ok((key.to_owned(), value.trim().to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct TestCli {
+        #[command(flatten)]
+        worker: WorkerConfig,
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        TestCli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_parse_and_defaults_match_the_design() {
+        let cli = TestCli::try_parse_from(["venom-worker"]).expect("defaults parse");
+        assert_eq!(
+            cli.worker.coordinators,
+            vec![DEFAULT_COORDINATOR.to_owned()]
+        );
+        assert_eq!(cli.worker.queue_depth, 4);
+        assert_eq!(cli.worker.max_output_bytes, 65_536);
+        assert_eq!(cli.worker.heartbeat_ms, 1000);
+        assert_eq!(cli.worker.throttle, ThrottlePolicy::Adaptive);
+        assert_eq!(cli.worker.slots, None);
+
+        let cli = TestCli::try_parse_from([
+            "venom-worker",
+            "--coordinator",
+            "http://a:7070,http://b:7070",
+            "--slots",
+            "3",
+            "--labels",
+            "arch=x86_64,zone=eu",
+            "--throttle",
+            "aggressive",
+            "--name",
+            "n1",
+        ])
+        .expect("flags parse");
+        assert_eq!(
+            cli.worker.coordinators,
+            vec!["http://a:7070", "http://b:7070"]
+        );
+        assert_eq!(cli.worker.slots, Some(3));
+        assert_eq!(
+            cli.worker.labels,
+            vec![
+                ("arch".to_owned(), "x86_64".to_owned()),
+                ("zone".to_owned(), "eu".to_owned())
+            ]
+        );
+        assert_eq!(cli.worker.throttle.as_str(), "aggressive");
+        assert_eq!(cli.worker.name.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(TestCli::try_parse_from(["venom-worker", "--labels", "novalue"]).is_err());
+        assert!(TestCli::try_parse_from(["venom-worker", "--slots", "0"]).is_err());
+        assert!(TestCli::try_parse_from(["venom-worker", "--throttle", "max"]).is_err());
+    }
+
+    #[test]
+    fn for_dev_fills_the_defaults() {
+        let config = WorkerConfig::for_dev(
+            "http://127.0.0.1:9999".to_owned(),
+            Some(2),
+            "dev".to_owned(),
+        );
+        assert_eq!(config.coordinators, vec!["http://127.0.0.1:9999"]);
+        assert_eq!(config.slots, Some(2));
+        assert_eq!(config.name.as_deref(), Some("dev"));
+        assert_eq!(config.queue_depth, 4);
+    }
+}

@@ -1,0 +1,861 @@
+//! The task executor: runs one micro-task attempt as a real process and reports how it ended.
+//!
+//! Every attempt runs in its own process group (`Command::process_group(0)`, which keeps the
+//! fast `posix_spawn` path; a `pre_exec` hook would force fork+exec), so a timeout, a cancel or
+//! the end of the main process can kill everything the task started with one
+//! `kill(-pgid, SIGKILL)`. Output is read concurrently from both pipes into bounded in-memory
+//! buffers that keep the last `max_output_bytes` of each — no per-task threads or files, which
+//! matters when a node runs thousands of short tasks a second.
+//!
+//! [`spawn_attempt`] starts the process (the agent reports `TaskStarted` with its pid), and
+//! [`RunningAttempt::wait`] drives it to the end; [`run_attempt`] does both.
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::sync::watch;
+
+/// Output kept per stream by default: the last 64 KiB.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// After the main process ends and its group is killed, how long to wait for the pipes to
+/// close. Only a process that left the group (`setsid`) can hold them open longer; its output
+/// is abandoned rather than blocking the slot forever.
+const PIPE_CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// Bytes read from a pipe at a time.
+const READ_CHUNK_BYTES: usize = 8 * 1024;
+
+/// Identifies one attempt of one micro-task; the hashable twin of the wire `AttemptRef`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct AttemptKey {
+    pub wave_id: u64,
+    /// Flat index of the micro-task within its wave.
+    pub micro: u32,
+    pub attempt: u32,
+}
+
+impl AttemptKey {
+    /// The wire form.
+    pub fn to_proto(self) -> venom_proto::AttemptRef {
+        venom_proto::AttemptRef {
+            wave_id: self.wave_id,
+            micro: self.micro,
+            attempt: self.attempt,
+        }
+    }
+}
+
+impl From<venom_proto::AttemptRef> for AttemptKey {
+    fn from(attempt: venom_proto::AttemptRef) -> Self {
+        Self {
+            wave_id: attempt.wave_id,
+            micro: attempt.micro,
+            attempt: attempt.attempt,
+        }
+    }
+}
+
+impl From<Option<venom_proto::AttemptRef>> for AttemptKey {
+    /// A message without an attempt reference maps to the all-zero key.
+    fn from(attempt: Option<venom_proto::AttemptRef>) -> Self {
+        attempt.map(Self::from).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for AttemptKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wave {} micro {} attempt {}",
+            self.wave_id, self.micro, self.attempt
+        )
+    }
+}
+
+/// Why an attempt could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("the task has no command (neither a shell string nor an argv)")]
+    EmptyCommand,
+    #[error("cannot start `{program}`: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How an attempt ended; converts into the wire `TaskFinished`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AttemptOutcome {
+    pub attempt: AttemptKey,
+    /// The exit code, when the process exited by itself.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the process, if one did.
+    pub signal: Option<i32>,
+    /// Killed because it ran past its timeout.
+    pub timed_out: bool,
+    /// Killed (or never started) because it was cancelled.
+    pub cancelled: bool,
+    /// Unix milliseconds.
+    pub started_ms: u64,
+    /// Unix milliseconds.
+    pub finished_ms: u64,
+    /// The last `max_output_bytes` of standard output.
+    pub stdout: Vec<u8>,
+    /// The last `max_output_bytes` of standard error.
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    /// Why the process could not be started; `None` when it ran.
+    pub error: Option<String>,
+}
+
+impl AttemptOutcome {
+    /// The outcome of an attempt that could not be started.
+    pub fn failed_to_start(attempt: AttemptKey, started_ms: u64, error: &ExecError) -> Self {
+        Self {
+            attempt,
+            started_ms,
+            finished_ms: crate::unix_now_ms(),
+            error: Some(error.to_string()),
+            ..Self::default()
+        }
+    }
+
+    /// The outcome of an attempt cancelled before it started.
+    pub fn cancelled_before_start(attempt: AttemptKey) -> Self {
+        let now_ms = crate::unix_now_ms();
+        Self {
+            attempt,
+            cancelled: true,
+            started_ms: now_ms,
+            finished_ms: now_ms,
+            ..Self::default()
+        }
+    }
+
+    /// True when the process exited with code 0 by itself.
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == Some(0) && !self.timed_out && !self.cancelled && self.error.is_none()
+    }
+}
+
+impl From<AttemptOutcome> for venom_proto::TaskFinished {
+    fn from(outcome: AttemptOutcome) -> Self {
+        Self {
+            attempt: Some(outcome.attempt.to_proto()),
+            exit_code: outcome.exit_code,
+            signal: outcome.signal,
+            timed_out: outcome.timed_out,
+            cancelled: outcome.cancelled,
+            started_ms: outcome.started_ms,
+            finished_ms: outcome.finished_ms,
+            stdout: outcome.stdout,
+            stderr: outcome.stderr,
+            stdout_truncated: outcome.stdout_truncated,
+            stderr_truncated: outcome.stderr_truncated,
+            error: outcome.error.unwrap_or_default(),
+        }
+    }
+}
+
+/// Cancels one attempt. Dropping it without calling [`CancelHandle::cancel`] never cancels.
+#[derive(Debug)]
+pub struct CancelHandle {
+    sender: watch::Sender<bool>,
+}
+
+/// The attempt's side of a [`CancelHandle`].
+#[derive(Debug, Clone)]
+pub struct CancelToken {
+    receiver: watch::Receiver<bool>,
+}
+
+/// A connected handle and token.
+pub fn cancel_pair() -> (CancelHandle, CancelToken) {
+    let (sender, receiver) = watch::channel(false);
+    (CancelHandle { sender }, CancelToken { receiver })
+}
+
+impl CancelHandle {
+    /// Asks the attempt to stop; it kills its process group and reports `cancelled`.
+    pub fn cancel(&self) {
+        self.sender.send_replace(true);
+    }
+}
+
+impl CancelToken {
+    /// A token that is never cancelled.
+    pub fn never() -> Self {
+        cancel_pair().1
+    }
+
+    /// True once cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        *self.receiver.borrow()
+    }
+
+    /// Completes when cancelled; never completes when the handle is dropped uncancelled.
+    pub async fn cancelled(&mut self) {
+        loop {
+            if *self.receiver.borrow_and_update() {
+                return;
+            }
+            if self.receiver.changed().await.is_err() {
+                // The handle is gone without cancelling: nothing can cancel any more.
+                if *self.receiver.borrow() {
+                    return;
+                }
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// An attempt whose process is running.
+pub struct RunningAttempt {
+    attempt: AttemptKey,
+    child: Child,
+    /// Kills the whole group if this attempt is dropped before it ends.
+    group: ProcessGroup,
+    pid: u32,
+    started_ms: u64,
+    /// `None` = no timeout.
+    timeout: Option<Duration>,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    max_output_bytes: usize,
+}
+
+impl RunningAttempt {
+    pub fn attempt(&self) -> AttemptKey {
+        self.attempt
+    }
+
+    /// The main process's pid, which is also its process group id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// When the process was started, Unix milliseconds.
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
+    }
+
+    /// Waits for the attempt to end: by itself, by its timeout or by `cancel`. Whichever way,
+    /// the whole process group is killed before this returns, so nothing the task started in
+    /// the background outlives it.
+    pub async fn wait(self, mut cancel: CancelToken) -> AttemptOutcome {
+        let RunningAttempt {
+            attempt,
+            mut child,
+            mut group,
+            pid: _,
+            started_ms,
+            timeout,
+            stdout,
+            stderr,
+            max_output_bytes,
+        } = self;
+        let mut stdout_tail = TailBuffer::new(max_output_bytes);
+        let mut stderr_tail = TailBuffer::new(max_output_bytes);
+        let deadline = timeout.map(|timeout| tokio::time::Instant::now() + timeout);
+
+        let (ending, status) = {
+            let pipes = async {
+                tokio::join!(
+                    read_tail(stdout, &mut stdout_tail),
+                    read_tail(stderr, &mut stderr_tail)
+                )
+            };
+            tokio::pin!(pipes);
+            let mut pipes_closed = false;
+            let (ending, status) = loop {
+                tokio::select! {
+                    status = child.wait() => break (Ending::Exited, status),
+                    () = sleep_until_or_forever(deadline) => {
+                        group.kill();
+                        break (Ending::TimedOut, child.wait().await);
+                    }
+                    () = cancel.cancelled() => {
+                        group.kill();
+                        break (Ending::Cancelled, child.wait().await);
+                    }
+                    _ = &mut pipes, if !pipes_closed => pipes_closed = true,
+                }
+            };
+            // The main process is gone; take its background children with it so none holds
+            // the pipes open or outlives the task. The leader is reaped by now; the kernel does
+            // not reuse a pid as a process id while a group of that id still has members.
+            group.kill();
+            group.disarm();
+            if !pipes_closed
+                && tokio::time::timeout(PIPE_CLOSE_GRACE, &mut pipes)
+                    .await
+                    .is_err()
+            {
+                tracing::debug!(%attempt, "output pipes still open after the task ended; abandoned");
+            }
+            (ending, status)
+        };
+
+        let (stdout, stdout_truncated) = stdout_tail.into_parts();
+        let (stderr, stderr_truncated) = stderr_tail.into_parts();
+        let mut outcome = AttemptOutcome {
+            attempt,
+            timed_out: matches!(ending, Ending::TimedOut),
+            cancelled: matches!(ending, Ending::Cancelled),
+            started_ms,
+            finished_ms: crate::unix_now_ms(),
+            stdout,
+            stderr,
+            stdout_truncated,
+            stderr_truncated,
+            ..AttemptOutcome::default()
+        };
+        match status {
+            Ok(status) => {
+                outcome.exit_code = status.code();
+                outcome.signal = exit_signal(status);
+            }
+            Err(error) => outcome.error = Some(format!("waiting for the process failed: {error}")),
+        }
+        outcome
+    }
+}
+
+/// How the wait loop ended.
+enum Ending {
+    Exited,
+    TimedOut,
+    Cancelled,
+}
+
+fn exit_signal(status: ExitStatus) -> Option<i32> {
+    status.signal()
+}
+
+async fn sleep_until_or_forever(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts an attempt's process: `sh -c <shell>` or `argv`, in a new process group, with the
+/// assignment's environment plus the `VENOM_*` variables.
+pub fn spawn_attempt(
+    assignment: &venom_proto::Assignment,
+    node_name: &str,
+    max_output_bytes: usize,
+) -> Result<RunningAttempt, ExecError> {
+    let attempt = AttemptKey::from(assignment.attempt);
+    let (program, args): (&str, Vec<&str>) = if !assignment.shell.is_empty() {
+        ("/bin/sh", vec!["-c", assignment.shell.as_str()])
+    } else if let Some((program, args)) = assignment.argv.split_first() {
+        (program.as_str(), args.iter().map(String::as_str).collect())
+    } else {
+        return Err(ExecError::EmptyCommand);
+    };
+    if program.is_empty() {
+        return Err(ExecError::EmptyCommand);
+    }
+
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .envs(&assignment.env)
+        .envs(venom_env(assignment, attempt, node_name))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let started_ms = crate::unix_now_ms();
+    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
+        program: program.to_owned(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    Ok(RunningAttempt {
+        attempt,
+        stdout: child.stdout.take(),
+        stderr: child.stderr.take(),
+        child,
+        group: ProcessGroup::new(pid),
+        pid,
+        started_ms,
+        timeout: (assignment.timeout_ms > 0).then(|| Duration::from_millis(assignment.timeout_ms)),
+        max_output_bytes,
+    })
+}
+
+/// The variables every micro-task sees (DESIGN.md, "Waves").
+fn venom_env(
+    assignment: &venom_proto::Assignment,
+    attempt: AttemptKey,
+    node_name: &str,
+) -> HashMap<&'static str, String> {
+    HashMap::from([
+        ("VENOM_WAVE_ID", attempt.wave_id.to_string()),
+        ("VENOM_TASK_ID", assignment.task_id.clone()),
+        (
+            "VENOM_TASK_INDEX",
+            assignment.index.unwrap_or(0).to_string(),
+        ),
+        ("VENOM_ATTEMPT", attempt.attempt.to_string()),
+        ("VENOM_NODE", node_name.to_owned()),
+    ])
+}
+
+/// Runs one attempt to its end. A process that cannot be started is an outcome with `error`
+/// set, never a panic.
+pub async fn run_attempt(
+    assignment: &venom_proto::Assignment,
+    node_name: &str,
+    max_output_bytes: usize,
+    cancel: CancelToken,
+) -> venom_proto::TaskFinished {
+    let attempt = AttemptKey::from(assignment.attempt);
+    if cancel.is_cancelled() {
+        return AttemptOutcome::cancelled_before_start(attempt).into();
+    }
+    let started_ms = crate::unix_now_ms();
+    match spawn_attempt(assignment, node_name, max_output_bytes) {
+        Ok(running) => running.wait(cancel).await.into(),
+        Err(error) => AttemptOutcome::failed_to_start(attempt, started_ms, &error).into(),
+    }
+}
+
+/// Reads a pipe to its end into `tail`.
+async fn read_tail<R: AsyncRead + Unpin>(pipe: Option<R>, tail: &mut TailBuffer) {
+    let Some(mut pipe) = pipe else {
+        return;
+    };
+    let mut chunk = [0u8; READ_CHUNK_BYTES];
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) => return,
+            Ok(n) => tail.push(&chunk[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                tracing::debug!(%error, "reading task output failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Keeps the last `max_bytes` bytes written to it, and whether anything was dropped.
+#[derive(Debug)]
+pub struct TailBuffer {
+    bytes: Vec<u8>,
+    max_bytes: usize,
+    total_bytes: u64,
+}
+
+impl TailBuffer {
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            bytes: Vec::new(),
+            max_bytes,
+            total_bytes: 0,
+        }
+    }
+
+    /// Appends a chunk; amortised O(1) per byte (the front is cut only once the buffer holds
+    /// twice the limit).
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.total_bytes = self.total_bytes.saturating_add(chunk.len() as u64);
+        if chunk.len() >= self.max_bytes {
+            self.bytes.clear();
+            self.bytes
+                .extend_from_slice(&chunk[chunk.len() - self.max_bytes..]);
+            return;
+        }
+        self.bytes.extend_from_slice(chunk);
+        if self.bytes.len() >= self.max_bytes.saturating_mul(2) {
+            self.cut_front();
+        }
+    }
+
+    fn cut_front(&mut self) {
+        if self.bytes.len() > self.max_bytes {
+            let excess = self.bytes.len() - self.max_bytes;
+            self.bytes.drain(..excess);
+        }
+    }
+
+    /// The kept bytes and whether earlier bytes were dropped.
+    pub fn into_parts(mut self) -> (Vec<u8>, bool) {
+        self.cut_front();
+        self.bytes.shrink_to_fit();
+        let truncated = self.total_bytes > self.bytes.len() as u64;
+        (self.bytes, truncated)
+    }
+}
+
+/// A process group to kill with SIGKILL; kills it on drop unless disarmed, so an attempt
+/// abandoned mid-run (its future dropped at shutdown) leaves nothing behind.
+struct ProcessGroup {
+    /// The group id; 0 when unknown (then nothing is ever signalled).
+    pgid: u32,
+    armed: bool,
+}
+
+impl ProcessGroup {
+    fn new(pgid: u32) -> Self {
+        Self { pgid, armed: true }
+    }
+
+    fn kill(&self) {
+        if let Err(error) = kill_process_group(self.pgid) {
+            tracing::warn!(pgid = self.pgid, %error, "cannot kill a task's process group");
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if self.armed {
+            self.kill();
+        }
+    }
+}
+
+/// Sends SIGKILL to every process in group `pgid`; a group that no longer exists is fine.
+/// Group ids 0 and 1 are refused: `kill(0)` would hit the worker's own group and `kill(-1)`
+/// every process it may signal.
+pub(crate) fn kill_process_group(pgid: u32) -> std::io::Result<()> {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return Ok(());
+    };
+    if pgid <= 1 {
+        return Ok(());
+    }
+    if signal_group(pgid) == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ESRCH) {
+        Ok(())
+    } else {
+        Err(error)
+    }
+}
+
+/// `kill(-pgid, SIGKILL)`; returns kill(2)'s result.
+#[allow(unsafe_code)]
+fn signal_group(pgid: libc::pid_t) -> libc::c_int {
+    // SAFETY: kill(2) takes two integers and touches no memory of this process; `pgid` is
+    // above 1 (checked by the caller), so the negation names exactly one process group.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell_task(shell: &str) -> venom_proto::Assignment {
+        venom_proto::Assignment {
+            attempt: Some(venom_proto::AttemptRef {
+                wave_id: 7,
+                micro: 3,
+                attempt: 2,
+            }),
+            wave_name: "test".to_owned(),
+            task_id: "shard".to_owned(),
+            index: Some(3),
+            shell: shell.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// True when `pid` no longer runs: gone, or a zombie nobody has reaped yet (a container's
+    /// init may not reap orphans).
+    fn process_is_dead(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "Z" || state == "X"),
+        }
+    }
+
+    async fn wait_until_dead(pid: i32) -> bool {
+        for _ in 0..100 {
+            if process_is_dead(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[test]
+    fn tail_buffer_keeps_the_last_bytes_and_marks_truncation() {
+        let mut tail = TailBuffer::new(4);
+        tail.push(b"ab");
+        tail.push(b"cd");
+        let (bytes, truncated) = tail.into_parts();
+        assert_eq!(bytes, b"abcd");
+        assert!(!truncated);
+
+        let mut tail = TailBuffer::new(4);
+        for chunk in [&b"abc"[..], b"def", b"g", b"hij"] {
+            tail.push(chunk);
+        }
+        let (bytes, truncated) = tail.into_parts();
+        assert_eq!(bytes, b"ghij");
+        assert!(truncated);
+
+        let mut tail = TailBuffer::new(4);
+        tail.push(b"0123456789");
+        assert_eq!(tail.into_parts(), (b"6789".to_vec(), true));
+
+        let mut tail = TailBuffer::new(0);
+        tail.push(b"x");
+        assert_eq!(tail.into_parts(), (Vec::new(), true));
+    }
+
+    #[tokio::test]
+    async fn exit_codes_and_output_are_reported() {
+        let finished = run_attempt(
+            &shell_task("echo out; echo err >&2; exit 3"),
+            "node-a",
+            DEFAULT_MAX_OUTPUT_BYTES,
+            CancelToken::never(),
+        )
+        .await;
+        assert_eq!(finished.exit_code, Some(3));
+        assert_eq!(finished.signal, None);
+        assert_eq!(finished.stdout, b"out\n");
+        assert_eq!(finished.stderr, b"err\n");
+        assert!(!finished.timed_out && !finished.cancelled && !finished.stdout_truncated);
+        assert!(finished.error.is_empty());
+        assert!(finished.started_ms > 0 && finished.finished_ms >= finished.started_ms);
+        assert_eq!(
+            finished.attempt,
+            Some(venom_proto::AttemptRef {
+                wave_id: 7,
+                micro: 3,
+                attempt: 2
+            })
+        );
+
+        let ok = run_attempt(&shell_task("true"), "node-a", 1024, CancelToken::never()).await;
+        assert_eq!(ok.exit_code, Some(0));
+
+        let killed = run_attempt(
+            &shell_task("kill -TERM $$"),
+            "node-a",
+            1024,
+            CancelToken::never(),
+        )
+        .await;
+        assert_eq!(killed.exit_code, None);
+        assert_eq!(killed.signal, Some(libc::SIGTERM));
+    }
+
+    #[tokio::test]
+    async fn argv_tasks_run_without_a_shell() {
+        let mut task = shell_task("");
+        task.argv = vec![
+            "printf".to_owned(),
+            "%s-%s".to_owned(),
+            "a b".to_owned(),
+            "c".to_owned(),
+        ];
+        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        assert_eq!(finished.stdout, b"a b-c");
+    }
+
+    #[tokio::test]
+    async fn environment_carries_the_assignment_and_venom_variables() {
+        let mut task = shell_task(
+            "echo \"$VENOM_WAVE_ID|$VENOM_TASK_ID|$VENOM_TASK_INDEX|$VENOM_ATTEMPT|$VENOM_NODE|$GREETING\"",
+        );
+        task.env
+            .insert("GREETING".to_owned(), "hello there".to_owned());
+        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        assert_eq!(
+            String::from_utf8_lossy(&finished.stdout),
+            "7|shard|3|2|node-a|hello there\n"
+        );
+
+        task.index = None;
+        let finished = run_attempt(&task, "node-b", 1024, CancelToken::never()).await;
+        assert_eq!(
+            String::from_utf8_lossy(&finished.stdout),
+            "7|shard|0|2|node-b|hello there\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn long_output_keeps_the_tail_and_marks_truncation() {
+        // 20,000 numbered lines on stdout; a short stderr.
+        let task = shell_task(
+            "i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done; echo short >&2",
+        );
+        let finished = run_attempt(&task, "node-a", 1000, CancelToken::never()).await;
+        assert_eq!(finished.exit_code, Some(0));
+        assert_eq!(finished.stdout.len(), 1000);
+        assert!(finished.stdout_truncated);
+        assert!(finished.stdout.ends_with(b"line-19998\nline-19999\n"));
+        assert_eq!(finished.stderr, b"short\n");
+        assert!(!finished.stderr_truncated);
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pid_file = dir.path().join("child.pid");
+        let mut task = shell_task(&format!(
+            "sleep 30 & echo $! > {}; sleep 30",
+            pid_file.display()
+        ));
+        task.timeout_ms = 300;
+        let started = std::time::Instant::now();
+        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(finished.timed_out);
+        assert!(!finished.cancelled);
+        assert_eq!(finished.exit_code, None);
+        assert_eq!(finished.signal, Some(libc::SIGKILL));
+
+        let child_pid: i32 = std::fs::read_to_string(&pid_file)
+            .expect("the task wrote its background child's pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        assert!(
+            wait_until_dead(child_pid).await,
+            "background child {child_pid} survived the timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_group_and_reports_cancelled() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pid_file = dir.path().join("child.pid");
+        let task = shell_task(&format!(
+            "sleep 30 & echo $! > {}; wait",
+            pid_file.display()
+        ));
+        let (handle, token) = cancel_pair();
+        let running = spawn_attempt(&task, "node-a", 1024).expect("spawn");
+        let leader = i32::try_from(running.pid()).expect("pid fits");
+        let waiter = tokio::spawn(running.wait(token));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !pid_file.exists()
+            || std::fs::read_to_string(&pid_file).map_or(true, |s| !s.ends_with('\n'))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the task never wrote its child's pid"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        handle.cancel();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("cancel ends the attempt promptly")
+            .expect("the attempt task did not panic");
+        assert!(outcome.cancelled);
+        assert!(!outcome.timed_out);
+        assert_eq!(outcome.signal, Some(libc::SIGKILL));
+        let child_pid: i32 = std::fs::read_to_string(&pid_file)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("pid");
+        assert!(
+            wait_until_dead(child_pid).await,
+            "background child survived the cancel"
+        );
+        assert!(
+            wait_until_dead(leader).await,
+            "the main process survived the cancel"
+        );
+    }
+
+    #[tokio::test]
+    async fn background_children_do_not_outlive_a_finished_task() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pid_file = dir.path().join("child.pid");
+        // The background child inherits stdout; without the group kill the pipe would stay
+        // open for 30 s.
+        let task = shell_task(&format!(
+            "sleep 30 & echo $! > {}; echo done",
+            pid_file.display()
+        ));
+        let started = std::time::Instant::now();
+        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(finished.exit_code, Some(0));
+        assert_eq!(finished.stdout, b"done\n");
+        let child_pid: i32 = std::fs::read_to_string(&pid_file)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("pid");
+        assert!(
+            wait_until_dead(child_pid).await,
+            "background child outlived its task"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_binary_is_an_error_result() {
+        let mut task = shell_task("");
+        task.argv = vec!["/nonexistent/venom-no-such-binary".to_owned()];
+        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        assert!(
+            finished.error.contains("venom-no-such-binary"),
+            "{:?}",
+            finished.error
+        );
+        assert_eq!(finished.exit_code, None);
+        assert!(finished.finished_ms >= finished.started_ms);
+
+        let empty = run_attempt(&shell_task(""), "node-a", 1024, CancelToken::never()).await;
+        assert!(empty.error.contains("no command"), "{:?}", empty.error);
+    }
+
+    #[tokio::test]
+    async fn a_token_cancelled_before_start_never_spawns() {
+        let (handle, token) = cancel_pair();
+        handle.cancel();
+        let finished = run_attempt(&shell_task("exit 1"), "node-a", 1024, token).await;
+        assert!(finished.cancelled);
+        assert_eq!(finished.exit_code, None);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_handle_does_not_cancel() {
+        let (handle, token) = cancel_pair();
+        drop(handle);
+        let finished = run_attempt(&shell_task("sleep 0.1; exit 4"), "node-a", 1024, token).await;
+        assert_eq!(finished.exit_code, Some(4));
+        assert!(!finished.cancelled);
+    }
+}

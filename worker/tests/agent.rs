@@ -1,0 +1,466 @@
+//! The worker agent against a fake coordinator: a tonic `WorkerService` on 127.0.0.1:0 whose
+//! streams each test drives by hand, message by message.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::Server;
+use tonic::{Request, Response, Status, Streaming};
+use venom_proto::worker_service_server::{WorkerService, WorkerServiceServer};
+use venom_proto::{Assignment, AttemptRef, CoordinatorMessage, TaskFinished, WorkerMessage};
+use venom_worker::WorkerConfig;
+
+/// Upper bound on any single wait in these tests.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// One worker stream, as the fake coordinator sees it.
+struct Connection {
+    inbound: Streaming<WorkerMessage>,
+    outbound: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+}
+
+impl Connection {
+    async fn next(&mut self) -> WorkerMessage {
+        tokio::time::timeout(PATIENCE, self.inbound.message())
+            .await
+            .expect("the worker sends within the patience window")
+            .expect("the stream is healthy")
+            .expect("the worker keeps the stream open")
+    }
+
+    async fn send(&self, message: CoordinatorMessage) {
+        self.outbound
+            .send(Ok(message))
+            .await
+            .expect("the worker is listening");
+    }
+
+    /// Reads messages until `n` results arrived; returns them by micro index, with the most
+    /// tasks seen started-but-not-finished at once.
+    async fn collect_finished(&mut self, n: usize) -> BTreeMap<u32, TaskFinished> {
+        let mut results = BTreeMap::new();
+        while results.len() < n {
+            let message = self.next().await;
+            assert!(message.register.is_none(), "register only opens a stream");
+            for finished in message.finished {
+                let micro = finished.attempt.expect("results name their attempt").micro;
+                results.insert(micro, finished);
+            }
+        }
+        results
+    }
+}
+
+struct FakeCoordinator {
+    connections: mpsc::Sender<Connection>,
+}
+
+#[tonic::async_trait]
+impl WorkerService for FakeCoordinator {
+    type ConnectStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let (outbound, receiver) = mpsc::channel(64);
+        self.connections
+            .send(Connection {
+                inbound: request.into_inner(),
+                outbound,
+            })
+            .await
+            .map_err(|_| Status::unavailable("the test is over"))?;
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+/// Starts a fake coordinator; returns its URL and the streams workers open to it.
+async fn fake_coordinator() -> (String, mpsc::Receiver<Connection>) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a free port");
+    let address = listener.local_addr().expect("bound address");
+    let (connections, receiver) = mpsc::channel(8);
+    tokio::spawn(
+        Server::builder()
+            .add_service(WorkerServiceServer::new(FakeCoordinator { connections }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    (format!("http://{address}"), receiver)
+}
+
+async fn accept(connections: &mut mpsc::Receiver<Connection>) -> Connection {
+    tokio::time::timeout(PATIENCE, connections.recv())
+        .await
+        .expect("the worker connects within the patience window")
+        .expect("the server is running")
+}
+
+/// Starts a worker; returns the shutdown trigger and its task.
+fn start_worker(
+    coordinators: Vec<String>,
+    slots: u32,
+) -> (oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
+    let mut config = WorkerConfig::for_dev(String::new(), Some(slots), "test-node".to_owned());
+    config.coordinators = coordinators;
+    config.heartbeat_ms = 50;
+    config.labels = vec![("zone".to_owned(), "test".to_owned())];
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(venom_worker::run(config, async {
+        let _ = stopped.await;
+    }));
+    (stop, worker)
+}
+
+async fn stop_worker(stop: oneshot::Sender<()>, worker: JoinHandle<anyhow::Result<()>>) {
+    let _ = stop.send(());
+    tokio::time::timeout(PATIENCE, worker)
+        .await
+        .expect("the worker stops promptly")
+        .expect("the worker task did not panic")
+        .expect("the worker exits cleanly");
+}
+
+fn attempt(micro: u32) -> AttemptRef {
+    AttemptRef {
+        wave_id: 1,
+        micro,
+        attempt: 0,
+    }
+}
+
+fn shell_assignment(micro: u32, shell: String) -> Assignment {
+    Assignment {
+        attempt: Some(attempt(micro)),
+        wave_name: "test".to_owned(),
+        task_id: "task".to_owned(),
+        index: Some(micro),
+        shell,
+        cpus: 1,
+        ..Default::default()
+    }
+}
+
+/// True when `pid` no longer runs (gone, or a zombie nobody reaped yet).
+fn process_is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+async fn wait_for_file(path: &Path) -> String {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if text.ends_with('\n') {
+                return text;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_assignments_one_at_a_time_and_resends_only_unacknowledged_results() {
+    let (url, mut connections) = fake_coordinator().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("log");
+    let (stop, worker) = start_worker(vec![url], 4);
+
+    let mut first = accept(&mut connections).await;
+    let register = first
+        .next()
+        .await
+        .register
+        .expect("the first message registers");
+    assert_eq!(register.name, "test-node");
+    assert_eq!(register.slots, 4);
+    assert_eq!(register.queue_depth, 4);
+    assert_eq!(register.throttle_policy, "adaptive");
+    assert_eq!(
+        register.labels.get("zone").map(String::as_str),
+        Some("test")
+    );
+    let profile = register
+        .profile
+        .expect("the register carries the hardware profile");
+    assert!(profile.cpu_logical_cores >= 1 && profile.memory_total_bytes > 0);
+    assert!(register.running.is_empty() && register.unacknowledged.is_empty());
+
+    let exit_codes = [0, 3, 7];
+    let assign = exit_codes
+        .iter()
+        .zip(0u32..)
+        .map(|(code, micro)| {
+            shell_assignment(
+                micro,
+                format!(
+                    "echo start $VENOM_TASK_INDEX >> {log}; sleep 0.2; echo end $VENOM_TASK_INDEX >> {log}; exit {code}",
+                    log = log.display()
+                ),
+            )
+        })
+        .collect();
+    first
+        .send(CoordinatorMessage {
+            registered: true,
+            slots_limit: Some(1),
+            assign,
+            ..Default::default()
+        })
+        .await;
+
+    let results = first.collect_finished(3).await;
+    for (micro, code) in (0u32..).zip(exit_codes) {
+        let result = &results[&micro];
+        assert_eq!(result.exit_code, Some(code), "micro {micro}: {result:?}");
+        assert!(result.error.is_empty() && !result.cancelled && !result.timed_out);
+        assert!(result.finished_ms >= result.started_ms);
+    }
+
+    // One at a time: the log alternates start i / end i.
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .expect("the tasks wrote the log")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    for pair in lines.chunks(2) {
+        let started = pair[0].strip_prefix("start ").expect("a start line");
+        assert_eq!(
+            pair[1],
+            format!("end {started}"),
+            "two tasks overlapped: {lines:?}"
+        );
+    }
+
+    // Acknowledge the first two; let a few heartbeats pass so the acks are surely applied.
+    first
+        .send(CoordinatorMessage {
+            ack: vec![attempt(0), attempt(1)],
+            ..Default::default()
+        })
+        .await;
+    let mut heartbeats = 0;
+    while heartbeats < 3 {
+        let message = first.next().await;
+        assert!(
+            message.finished.is_empty(),
+            "nothing else finished: {message:?}"
+        );
+        if let Some(heartbeat) = message.heartbeat {
+            assert!((0.0..=1.0).contains(&heartbeat.theta));
+            assert_eq!(heartbeat.running, 0);
+            heartbeats += 1;
+        }
+    }
+
+    // The coordinator goes away; the worker re-registers with only the unacknowledged result.
+    drop(first);
+    let mut second = accept(&mut connections).await;
+    let register = second
+        .next()
+        .await
+        .register
+        .expect("a reconnect registers again");
+    assert!(register.running.is_empty());
+    assert_eq!(
+        register.unacknowledged.len(),
+        1,
+        "{:?}",
+        register.unacknowledged
+    );
+    assert_eq!(register.unacknowledged[0].attempt, Some(attempt(2)));
+    assert_eq!(register.unacknowledged[0].exit_code, Some(7));
+    second
+        .send(CoordinatorMessage {
+            registered: true,
+            ack: vec![attempt(2)],
+            ..Default::default()
+        })
+        .await;
+
+    stop_worker(stop, worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_attempts_survive_a_reconnect_and_report_afterwards() {
+    let (url, mut connections) = fake_coordinator().await;
+    let (stop, worker) = start_worker(vec![url], 2);
+
+    let mut first = accept(&mut connections).await;
+    assert!(first.next().await.register.is_some());
+    first
+        .send(CoordinatorMessage {
+            registered: true,
+            assign: vec![shell_assignment(0, "sleep 0.7; exit 5".to_owned())],
+            ..Default::default()
+        })
+        .await;
+    // Wait until it started, then drop the stream.
+    loop {
+        let message = first.next().await;
+        if let Some(started) = message.started.first() {
+            assert_eq!(started.attempt, Some(attempt(0)));
+            assert!(started.pid > 0);
+            break;
+        }
+    }
+    drop(first);
+
+    let mut second = accept(&mut connections).await;
+    let register = second.next().await.register.expect("registers again");
+    assert_eq!(
+        register.running,
+        vec![attempt(0)],
+        "the attempt kept running"
+    );
+    second
+        .send(CoordinatorMessage {
+            registered: true,
+            ..Default::default()
+        })
+        .await;
+    let results = second.collect_finished(1).await;
+    assert_eq!(results[&0].exit_code, Some(5));
+
+    stop_worker(stop, worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_the_running_attempt_and_drops_the_queued_one() {
+    let (url, mut connections) = fake_coordinator().await;
+    let (stop, worker) = start_worker(vec![url], 4);
+
+    let mut conn = accept(&mut connections).await;
+    assert!(conn.next().await.register.is_some());
+    conn.send(CoordinatorMessage {
+        registered: true,
+        slots_limit: Some(1),
+        assign: vec![
+            shell_assignment(0, "sleep 30".to_owned()),
+            shell_assignment(1, "sleep 30".to_owned()),
+            // A duplicate of a queued attempt is ignored.
+            shell_assignment(1, "sleep 30".to_owned()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    loop {
+        if !conn.next().await.started.is_empty() {
+            break;
+        }
+    }
+    let asked = std::time::Instant::now();
+    conn.send(CoordinatorMessage {
+        cancel: vec![attempt(0), attempt(1)],
+        ..Default::default()
+    })
+    .await;
+    let results = conn.collect_finished(2).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "cancel took {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        results[&0].cancelled && results[&1].cancelled,
+        "{results:?}"
+    );
+    assert_eq!(results[&0].signal, Some(9), "the running one was killed");
+    assert_eq!(results[&1].exit_code, None, "the queued one never ran");
+
+    stop_worker(stop, worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_naming_the_leader_sends_the_worker_there() {
+    let (leader_url, mut leader) = fake_coordinator().await;
+    let (follower_url, mut follower) = fake_coordinator().await;
+    let (stop, worker) = start_worker(vec![follower_url], 1);
+
+    let mut refused = accept(&mut follower).await;
+    assert!(refused.next().await.register.is_some());
+    let leader_address = leader_url.trim_start_matches("http://").to_owned();
+    refused
+        .send(CoordinatorMessage {
+            error: format!("not leader: {leader_address}"),
+            ..Default::default()
+        })
+        .await;
+
+    let mut accepted = accept(&mut leader).await;
+    let register = accepted
+        .next()
+        .await
+        .register
+        .expect("registers with the leader");
+    assert_eq!(register.name, "test-node");
+
+    stop_worker(stop, worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_coordinator_is_skipped_round_robin() {
+    // A port that was free a moment ago: nothing listens there.
+    let dead = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        format!("http://{}", listener.local_addr().expect("address"))
+    };
+    let (url, mut connections) = fake_coordinator().await;
+    let (stop, worker) = start_worker(vec![dead, url], 1);
+    let mut conn = accept(&mut connections).await;
+    assert!(conn.next().await.register.is_some());
+    stop_worker(stop, worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_kills_running_process_groups() {
+    let (url, mut connections) = fake_coordinator().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pid_file = dir.path().join("child.pid");
+    let (stop, worker) = start_worker(vec![url], 1);
+
+    let mut conn = accept(&mut connections).await;
+    assert!(conn.next().await.register.is_some());
+    conn.send(CoordinatorMessage {
+        registered: true,
+        assign: vec![shell_assignment(
+            0,
+            format!("sleep 30 & echo $! > {}; wait", pid_file.display()),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let child_pid: i32 = wait_for_file(&pid_file)
+        .await
+        .trim()
+        .parse()
+        .expect("a pid");
+    let stopping = std::time::Instant::now();
+    stop_worker(stop, worker).await;
+    assert!(stopping.elapsed() < Duration::from_secs(10));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !process_is_dead(child_pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task's child outlived the worker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
