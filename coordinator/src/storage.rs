@@ -4,8 +4,8 @@
 //! Layout (trees):
 //! - `raft_log`: entry index (big-endian u64) → protobuf-encoded `eraftpb::Entry`.
 //! - `raft_meta`: `hard_state`, `conf_state`, `snapshot_index`, `snapshot_term`.
-//! - `state`: `applied` and `next_wave_id` (u64), `w<id>` → wave header, `t<id><micro>` →
-//!   micro-task, `n<name>` → node (all bincode).
+//! - `state`: `m/applied`, `m/next_wave_id`, `m/stale_results` (u64), `w/<id>` → wave
+//!   header, `t/<id><micro>` → micro-task, `n/<name>` → node (all bincode).
 //!
 //! Writes are cheap (sled buffers them); durability comes from [`Store::flush`], which the
 //! raft driver calls once per `Ready` — one fsync covers every entry of a group commit. The
@@ -47,6 +47,15 @@ impl std::fmt::Debug for Store {
         f.debug_struct("Store").finish_non_exhaustive()
     }
 }
+
+// Keys of the `state` tree. Each kind has its own prefix ending in `/`, so a prefix
+// scan of one kind never meets another.
+const APPLIED: &[u8] = b"m/applied";
+const NEXT_WAVE_ID: &[u8] = b"m/next_wave_id";
+const STALE_RESULTS: &[u8] = b"m/stale_results";
+const WAVE: &[u8] = b"w/";
+const TASK: &[u8] = b"t/";
+const NODE: &[u8] = b"n/";
 
 fn u64_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
@@ -202,7 +211,7 @@ impl Store {
         let mut batch = sled::Batch::default();
         let dirty = std::mem::take(&mut state.dirty);
         for id in dirty.waves {
-            let key = [b"w".as_slice(), &u64_key(id)].concat();
+            let key = [WAVE, &u64_key(id)].concat();
             match state.waves.get(&id) {
                 Some(wave) => {
                     let bytes = bincode::serialize(&wave.header).map_err(|e| bincode_err(&key, e))?;
@@ -212,32 +221,32 @@ impl Store {
             }
         }
         for (id, micro) in dirty.tasks {
-            let key = [b"t".as_slice(), &u64_key(id), &micro.to_be_bytes()].concat();
+            let key = [TASK, &u64_key(id), &micro.to_be_bytes()].concat();
             if let Some(task) = state.task((id, micro)) {
                 let bytes = bincode::serialize(task).map_err(|e| bincode_err(&key, e))?;
                 batch.insert(key, bytes);
             }
         }
         for name in dirty.nodes {
-            let key = [b"n".as_slice(), name.as_bytes()].concat();
+            let key = [NODE, name.as_bytes()].concat();
             if let Some(node) = state.nodes.get(&name) {
                 let bytes = bincode::serialize(node).map_err(|e| bincode_err(&key, e))?;
                 batch.insert(key, bytes);
             }
         }
-        batch.insert("applied", &u64_key(applied));
-        batch.insert("next_wave_id", &u64_key(state.next_wave_id));
-        batch.insert("stale_results", &u64_key(state.stale_results));
+        batch.insert(APPLIED, &u64_key(applied));
+        batch.insert(NEXT_WAVE_ID, &u64_key(state.next_wave_id));
+        batch.insert(STALE_RESULTS, &u64_key(state.stale_results));
         self.state.apply_batch(batch)?;
         Ok(())
     }
 
     /// Loads the state machine and its applied index.
     pub fn load_state(&self, state: &mut State) -> Result<u64, StoreError> {
-        let applied = self.state.get("applied")?.map_or(0, |b| read_u64(&b));
-        state.next_wave_id = self.state.get("next_wave_id")?.map_or(1, |b| read_u64(&b)).max(1);
-        state.stale_results = self.state.get("stale_results")?.map_or(0, |b| read_u64(&b));
-        for item in self.state.scan_prefix(b"w") {
+        let applied = self.state.get(APPLIED)?.map_or(0, |b| read_u64(&b));
+        state.next_wave_id = self.state.get(NEXT_WAVE_ID)?.map_or(1, |b| read_u64(&b)).max(1);
+        state.stale_results = self.state.get(STALE_RESULTS)?.map_or(0, |b| read_u64(&b));
+        for item in self.state.scan_prefix(WAVE) {
             let (key, bytes) = item?;
             let header: WaveHeader = bincode::deserialize(&bytes).map_err(|e| bincode_err(&key, e))?;
             let n = usize::try_from(header.spec.n_micro_tasks()).unwrap_or(0);
@@ -249,19 +258,19 @@ impl Store {
                 },
             );
         }
-        for item in self.state.scan_prefix(b"t") {
+        for item in self.state.scan_prefix(TASK) {
             let (key, bytes) = item?;
-            if key.len() != 13 {
+            if key.len() != TASK.len() + 12 {
                 continue;
             }
-            let id = read_u64(&key[1..9]);
+            let id = read_u64(&key[TASK.len()..TASK.len() + 8]);
             let task: MicroTask = bincode::deserialize(&bytes).map_err(|e| bincode_err(&key, e))?;
             // Keys iterate in (wave, micro) order, so pushing rebuilds the flat vector.
             if let Some(wave) = state.waves.get_mut(&id) {
                 wave.tasks.push(task);
             }
         }
-        for item in self.state.scan_prefix(b"n") {
+        for item in self.state.scan_prefix(NODE) {
             let (key, bytes) = item?;
             let node: Node = bincode::deserialize(&bytes).map_err(|e| bincode_err(&key, e))?;
             state.nodes.insert(node.spec.name.clone(), node);
@@ -408,5 +417,54 @@ mod tests {
         assert_eq!(store.first_index().expect("first"), 1);
         assert_eq!(store.last_index().expect("last"), 0);
         assert_eq!(store.term(0).expect("term 0"), 0);
+    }
+
+    #[test]
+    fn state_round_trips_through_sled_with_its_applied_index() {
+        use crate::state::{Command, NodeSpec, State};
+        use crate::wave::{parse_wave, Format, WaveLimits};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = parse_wave(
+            b"name = \"w\"\n[[task]]\nid = \"a\"\narray = 3\nrun = \"true\"\n[[task]]\nid = \"b\"\ndeps = [\"a\"]\nrun = \"true\"\n",
+            Format::Toml,
+            &WaveLimits::default(),
+        )
+        .expect("wave");
+        let mut state = State::new(WaveLimits::default());
+        state.apply(Command::SubmitWave {
+            spec,
+            traceparent: String::new(),
+            now_ms: 5,
+        });
+        // A node whose name shares a first letter with the metadata keys.
+        state.apply(Command::RegisterNode {
+            spec: NodeSpec {
+                name: "next".into(),
+                slots: 2,
+                labels: Default::default(),
+                policy: crate::mobius::ThrottlePolicy::Adaptive,
+                physical_cores: 2,
+                logical_cores: 2,
+                memory_total_bytes: 1 << 30,
+                gpus: 0,
+                queue_depth: 4,
+                profile: Vec::new(),
+            },
+            running: Vec::new(),
+            now_ms: 6,
+        });
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.persist_state(&mut state, 42).expect("persist");
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let mut loaded = State::new(WaveLimits::default());
+        assert_eq!(store.load_state(&mut loaded).expect("load"), 42);
+        assert_eq!(loaded.waves, state.waves);
+        assert_eq!(loaded.ready, state.ready);
+        assert_eq!(loaded.next_wave_id, 2);
+        assert_eq!(loaded.nodes.keys().collect::<Vec<_>>(), vec!["next"]);
     }
 }

@@ -99,7 +99,10 @@ impl Coordinator {
     }
 
     fn start_on(data_dir: &Path, port: u16, extra: Vec<String>) -> anyhow::Result<Self> {
-        let log = std::fs::File::create(data_dir.with_extension(format!("{port}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.with_extension(format!("{port}.log")))?;
         let child = Command::new(bin_path("venom-coordinator"))
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))

@@ -55,6 +55,10 @@ const MAX_QUEUED_ASSIGNMENTS: usize = 10_000;
 const MESSAGE_BUDGET_BYTES: usize = 1024 * 1024;
 /// Largest `CoordinatorMessage` accepted.
 const MAX_INBOUND_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// How long a start report may wait for company. Nothing waits on `TaskStarted`, so it rides
+/// along with the next result or heartbeat when one comes soon, halving the messages for short
+/// tasks; results themselves are never held back.
+const STARTED_COALESCE: Duration = Duration::from_millis(5);
 /// Time allowed to open a connection and the stream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 keep-alive: how a silently dead coordinator is noticed.
@@ -266,6 +270,11 @@ impl AgentState {
     /// Sets the heartbeat to send with the next message (replacing an unsent one).
     pub fn set_heartbeat(&mut self, heartbeat: Heartbeat) {
         self.out_heartbeat = Some(heartbeat);
+    }
+
+    /// True when a result or a heartbeat waits: send at once.
+    pub fn has_urgent_outbound(&self) -> bool {
+        !self.out_finished.is_empty() || self.out_heartbeat.is_some()
     }
 
     /// True when something waits to be sent.
@@ -543,6 +552,14 @@ async fn reserve(
     }
 }
 
+/// Sleeps until `deadline`; never completes without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The agent loop's owner of everything.
 struct Agent {
     config: WorkerConfig,
@@ -562,6 +579,8 @@ struct Agent {
     /// Sender of the open stream.
     outbound: Option<mpsc::Sender<WorkerMessage>>,
     link: Link,
+    /// When waiting start reports go out even without a result to carry them.
+    started_deadline: Option<Instant>,
     events: mpsc::Sender<ExecEvent>,
     theta: ThetaMonitor,
     /// θ from the start-up profile, until the monitor's first sample.
@@ -685,20 +704,40 @@ impl Agent {
         });
     }
 
-    /// Sends what is waiting if the channel has room now; otherwise the loop waits for room.
+    /// True when what waits should be sent now: a result or heartbeat at once, start reports
+    /// alone once they have waited [`STARTED_COALESCE`].
+    fn outbound_due(&mut self) -> bool {
+        if self.state.has_urgent_outbound() {
+            return true;
+        }
+        if !self.state.has_outbound() {
+            self.started_deadline = None;
+            return false;
+        }
+        let deadline = *self
+            .started_deadline
+            .get_or_insert_with(|| Instant::now() + STARTED_COALESCE);
+        Instant::now() >= deadline
+    }
+
+    /// Sends the next message on a reserved slot.
+    fn send(&mut self, permit: mpsc::OwnedPermit<WorkerMessage>) {
+        if let Some(message) = self.state.take_message() {
+            permit.send(message);
+        }
+        self.started_deadline = None;
+    }
+
+    /// Sends what is due if the channel has room now; otherwise the loop waits for room.
     fn flush(&mut self) {
         let Some(outbound) = self.outbound.clone() else {
             return;
         };
-        while self.state.has_outbound() {
-            match outbound.try_reserve() {
-                Ok(permit) => {
-                    if let Some(message) = self.state.take_message() {
-                        permit.send(message);
-                    }
-                }
-                Err(mpsc::error::TrySendError::Full(())) => return,
-                Err(mpsc::error::TrySendError::Closed(())) => {
+        while self.outbound_due() {
+            match outbound.clone().try_reserve_owned() {
+                Ok(permit) => self.send(permit),
+                Err(mpsc::error::TrySendError::Full(_)) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.disconnect("the outbound stream closed");
                     return;
                 }
@@ -799,6 +838,7 @@ pub async fn run(
         pending_outbound: None,
         outbound: None,
         link: Link::idle_for(Duration::ZERO),
+        started_deadline: None,
         events,
         theta: ThetaMonitor::start(DEFAULT_SAMPLE_INTERVAL),
         fallback_theta: theta_from_profile(&profile),
@@ -807,7 +847,8 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     loop {
-        let has_outbound = agent.state.has_outbound();
+        let due = agent.outbound_due();
+        let coalescing_until = agent.started_deadline.filter(|_| !due);
         tokio::select! {
             () = &mut shutdown => break,
             Some(event) = event_receiver.recv() => {
@@ -819,14 +860,12 @@ pub async fn run(
             }
             event = agent.link.next() => agent.on_link_event(event),
             _ = heartbeat.tick() => agent.on_heartbeat_tick(),
-            permit = reserve(agent.outbound.clone()), if has_outbound => match permit {
-                Ok(permit) => {
-                    if let Some(message) = agent.state.take_message() {
-                        permit.send(message);
-                    }
-                }
+            permit = reserve(agent.outbound.clone()), if due => match permit {
+                Ok(permit) => agent.send(permit),
                 Err(_) => agent.disconnect("the outbound stream closed"),
             },
+            // Start reports waited long enough; the flush below sends them.
+            () = sleep_until_some(coalescing_until), if coalescing_until.is_some() => {}
         }
         agent.flush();
     }

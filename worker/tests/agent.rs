@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 use venom_proto::worker_service_server::{WorkerService, WorkerServiceServer};
@@ -87,10 +88,12 @@ async fn fake_coordinator() -> (String, mpsc::Receiver<Connection>) {
         .expect("bind a free port");
     let address = listener.local_addr().expect("bound address");
     let (connections, receiver) = mpsc::channel(8);
+    // TCP_NODELAY, as the real coordinator sets it: small messages must not wait on Nagle.
+    let incoming = TcpIncoming::from_listener(listener, true, None).expect("wrap the listener");
     tokio::spawn(
         Server::builder()
             .add_service(WorkerServiceServer::new(FakeCoordinator { connections }))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            .serve_with_incoming(incoming),
     );
     (format!("http://{address}"), receiver)
 }
@@ -463,4 +466,57 @@ async fn shutdown_kills_running_process_groups() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zz_throughput() {
+    let n: u32 = std::env::var("N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    let (url, mut connections) = fake_coordinator().await;
+    let (stop, worker) = start_worker(vec![url], 2);
+    let mut conn = accept(&mut connections).await;
+    assert!(conn.next().await.register.is_some());
+    let task = |micro| Assignment {
+        attempt: Some(attempt(micro)),
+        argv: vec!["true".to_owned()],
+        cpus: 1,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let mut sent = 0u32;
+    let first: Vec<_> = (0..6.min(n)).map(task).collect();
+    sent += first.len() as u32;
+    conn.send(CoordinatorMessage {
+        registered: true,
+        assign: first,
+        ..Default::default()
+    })
+    .await;
+    let mut done = 0u32;
+    let mut msgs = 0;
+    while done < n {
+        let m = conn.next().await;
+        msgs += 1;
+        let k = m.finished.len() as u32;
+        done += k;
+        let acks: Vec<_> = m.finished.iter().filter_map(|f| f.attempt).collect();
+        let more: Vec<_> = (sent..(sent + k).min(n)).map(task).collect();
+        sent += more.len() as u32;
+        if k > 0 {
+            conn.send(CoordinatorMessage {
+                assign: more,
+                ack: acks,
+                ..Default::default()
+            })
+            .await;
+        }
+    }
+    eprintln!(
+        "{n} tasks in {:.2} s, {msgs} messages",
+        started.elapsed().as_secs_f64()
+    );
+
+    stop_worker(stop, worker).await;
 }
