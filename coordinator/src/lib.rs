@@ -85,7 +85,11 @@ pub async fn run(
     let members: BTreeMap<u64, String> = members
         .into_iter()
         .map(|(id, a)| {
-            let url = if a.starts_with("http") { a } else { format!("http://{a}") };
+            let url = if a.starts_with("http") {
+                a
+            } else {
+                format!("http://{a}")
+            };
             (id, url)
         })
         .collect();
@@ -183,12 +187,9 @@ pub async fn run(
             let _ = s.set_nodelay(true);
         })
     });
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(
-        incoming,
-        async move {
-            let _ = server_shutdown.wait_for(|s| *s).await;
-        },
-    ));
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = server_shutdown.wait_for(|s| *s).await;
+    }));
     drop(handle);
     let replica_result = replica_task.await.context("replica task panicked")?;
     // Long-lived worker streams end with the replica; give connections a moment to close.

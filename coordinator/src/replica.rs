@@ -171,8 +171,6 @@ pub fn now_ms() -> u64 {
 
 struct Pending {
     replies: Vec<Option<Reply>>,
-    /// This proposal carries the scheduler's plan.
-    is_plan: bool,
 }
 
 struct Replica<T: Transport> {
@@ -188,12 +186,28 @@ struct Replica<T: Transport> {
     pending: HashMap<u64, Pending>,
     queued: Vec<(Command, Option<Reply>)>,
     queued_bytes: usize,
-    plan_in_flight: bool,
     workers: HashMap<String, (u64, mpsc::Sender<pb::CoordinatorMessage>)>,
     was_leader: bool,
     leader_since_ms: u64,
     applied: u64,
+    /// The applied index last written to sled with the state it covers.
+    persisted_applied: u64,
+    last_persist: std::time::Instant,
+    /// Loop turns and fsyncs so far (for the debug log of group-commit efficiency).
+    n_turns: u64,
+    n_flushes: u64,
+    last_flush: std::time::Instant,
 }
+
+/// Longest a group commit is held back to gather more results (see `should_pace`).
+const COMMIT_PACE: Duration = Duration::from_millis(2);
+
+/// How often applied state is checkpointed to sled. Between checkpoints the raft log
+/// (flushed on every `Ready`) is the durable record; a restart re-applies the entries
+/// after the checkpoint's applied index.
+const PERSIST_INTERVAL: Duration = Duration::from_millis(200);
+/// Checkpoint early when this many micro-tasks are waiting to be written.
+const PERSIST_MAX_DIRTY_TASKS: usize = 100_000;
 
 /// Opens the store, restores state, and spawns the replica task.
 pub fn start<T: Transport + 'static>(
@@ -247,11 +261,15 @@ pub fn start<T: Transport + 'static>(
         pending: HashMap::new(),
         queued: Vec::new(),
         queued_bytes: 0,
-        plan_in_flight: false,
         workers: HashMap::new(),
         was_leader: false,
         leader_since_ms: 0,
         applied,
+        persisted_applied: applied,
+        last_persist: std::time::Instant::now(),
+        n_turns: 0,
+        n_flushes: 0,
+        last_flush: std::time::Instant::now(),
         config,
     };
     let task = tokio::spawn(replica.run(rx, shutdown));
@@ -280,7 +298,6 @@ impl<T: Transport> Replica<T> {
         loop {
             let mut tick_due = false;
             tokio::select! {
-                biased;
                 () = &mut shutdown => break,
                 event = rx.recv() => {
                     let Some(event) = event else { break };
@@ -297,21 +314,68 @@ impl<T: Transport> Replica<T> {
                 }
                 _ = ticker.tick() => tick_due = true,
             }
+            if self.should_pace() {
+                // Every busy worker has queued work, so nobody waits on this commit:
+                // gather more events so one fsync covers them all.
+                let deadline = tokio::time::Instant::from_std(self.last_flush + COMMIT_PACE);
+                loop {
+                    tokio::select! {
+                        event = rx.recv() => match event {
+                            Some(event) => self.handle(event),
+                            None => break,
+                        },
+                        () = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+            }
             if tick_due {
                 self.raw.tick();
             }
+            self.checkpoint(false)?;
             self.propose_queued();
             self.on_ready()?;
             self.track_role();
-            if self.raw.raft.state == StateRole::Leader && !self.plan_in_flight {
-                self.schedule_round();
+            if tick_due && self.raw.raft.state == StateRole::Leader {
+                // Heartbeat expiry and anything else time alone changes.
+                self.schedule_if_needed();
                 self.on_ready()?;
             }
             self.publish_status();
+            self.n_turns += 1;
         }
+        tracing::debug!(
+            turns = self.n_turns,
+            flushes = self.n_flushes,
+            applied = self.applied,
+            "replica stopped"
+        );
         self.fail_pending(ProposeError::Stopped);
+        self.checkpoint(true)?;
         blocking(|| self.store.flush())?;
         Ok(())
+    }
+
+    /// Whether to hold the queued commands back a little for a bigger group commit:
+    /// only when no client waits for an answer, the last fsync was moments ago, and
+    /// every node with work has more assigned than it can run (its queue hides the wait).
+    fn should_pace(&self) -> bool {
+        if self.queued.is_empty()
+            || self.queued.iter().any(|(_, reply)| reply.is_some())
+            || self.last_flush.elapsed() >= COMMIT_PACE
+            || self.raw.raft.state != StateRole::Leader
+        {
+            return false;
+        }
+        let Ok(state) = self.shared.state.read() else {
+            return false;
+        };
+        let mut busy = state
+            .nodes
+            .values()
+            .filter(|n| !n.active.is_empty())
+            .peekable();
+        busy.peek().is_some()
+            && busy.all(|n| n.active.len() as u32 > n.usable_slots().saturating_add(2))
     }
 
     fn handle(&mut self, event: Event) {
@@ -365,11 +429,18 @@ impl<T: Transport> Replica<T> {
             }
             return;
         }
-        let (commands, replies): (Vec<Command>, Vec<Option<Reply>>) = queued.into_iter().unzip();
-        self.propose(Command::Batch(commands), replies, false);
+        let (mut commands, mut replies): (Vec<Command>, Vec<Option<Reply>>) =
+            queued.into_iter().unzip();
+        // Schedule in the same entry: what these commands free up is dispatched at once.
+        commands.push(Command::Schedule {
+            now_ms: now_ms(),
+            config: self.scheduler_config(),
+        });
+        replies.push(None);
+        self.propose(Command::Batch(commands), replies);
     }
 
-    fn propose(&mut self, command: Command, replies: Vec<Option<Reply>>, is_plan: bool) {
+    fn propose(&mut self, command: Command, replies: Vec<Option<Reply>>) {
         let data = match bincode::serialize(&command) {
             Ok(data) => data,
             Err(e) => {
@@ -383,10 +454,7 @@ impl<T: Transport> Replica<T> {
         let (id, ctx) = self.next_context();
         match self.raw.propose(ctx, data) {
             Ok(()) => {
-                self.pending.insert(id, Pending { replies, is_plan });
-                if is_plan {
-                    self.plan_in_flight = true;
-                }
+                self.pending.insert(id, Pending { replies });
             }
             Err(e) => {
                 let err = match e {
@@ -417,7 +485,6 @@ impl<T: Transport> Replica<T> {
                 let _ = reply.send(Err(err.clone()));
             }
         }
-        self.plan_in_flight = false;
     }
 
     fn track_role(&mut self) {
@@ -433,42 +500,48 @@ impl<T: Transport> Replica<T> {
         self.was_leader = is_leader;
     }
 
-    fn schedule_round(&mut self) {
+    /// The scheduler's inputs that only the leader knows.
+    fn scheduler_config(&self) -> SchedulerConfig {
+        let unreachable = match self.shared.state.read() {
+            Ok(state) => state
+                .nodes
+                .keys()
+                .filter(|n| !self.workers.contains_key(*n))
+                .cloned()
+                .collect::<BTreeSet<_>>(),
+            Err(_) => BTreeSet::new(),
+        };
+        SchedulerConfig {
+            heartbeat_ttl_ms: self.config.heartbeat_ttl_ms,
+            // A new leader gives every node a full TTL (from its election) before judging it.
+            grace_until_ms: self.leader_since_ms,
+            max_placements: 4_096,
+            unreachable,
+        }
+    }
+
+    /// On a tick: proposes a scheduling round if the plan would do anything (a node to
+    /// mark down, or ready work that now fits), so an idle cluster writes nothing.
+    fn schedule_if_needed(&mut self) {
         let now = now_ms();
-        let plan = {
-            let Ok(state) = self.shared.state.read() else {
-                return;
-            };
-            let config = SchedulerConfig {
-                heartbeat_ttl_ms: self.config.heartbeat_ttl_ms,
-                // A new leader gives every node a full TTL (from its election) before judging it.
-                grace_until_ms: self.leader_since_ms,
-                max_placements: 4_096,
-                unreachable: state
-                    .nodes
-                    .keys()
-                    .filter(|n| !self.workers.contains_key(*n))
-                    .cloned()
-                    .collect::<BTreeSet<_>>(),
-            };
-            scheduler::schedule(&state, now, &config)
+        let config = self.scheduler_config();
+        let plan = match self.shared.state.read() {
+            Ok(state) => scheduler::schedule(&state, now, &config),
+            Err(_) => return,
         };
         if plan.is_empty() {
             return;
         }
-        let mut commands = Vec::new();
-        for node in plan.mark_down {
-            tracing::warn!(node = %node, "node missed heartbeats, marking down");
-            commands.push(Command::MarkDown { node, now_ms: now });
+        for node in &plan.mark_down {
+            tracing::warn!(node = %node, "node missed heartbeats, marking it down");
         }
-        if !plan.placements.is_empty() {
-            commands.push(Command::Assign {
-                placements: plan.placements,
+        self.propose(
+            Command::Schedule {
                 now_ms: now,
-            });
-        }
-        let n = commands.len();
-        self.propose(Command::Batch(commands), (0..n).map(|_| None).collect(), true);
+                config,
+            },
+            vec![None],
+        );
     }
 
     fn send_messages(&self, messages: Vec<RaftMessage>) {
@@ -488,11 +561,16 @@ impl<T: Transport> Replica<T> {
         }
         let committed = ready.take_committed_entries();
         self.apply_entries(committed)?;
+        let must_persist = !ready.entries().is_empty() || ready.hs().is_some();
         self.store.append(ready.entries())?;
         if let Some(hs) = ready.hs() {
             self.store.set_hard_state(hs)?;
         }
-        blocking(|| self.store.flush())?;
+        if must_persist {
+            blocking(|| self.store.flush())?;
+            self.n_flushes += 1;
+            self.last_flush = std::time::Instant::now();
+        }
         self.send_messages(ready.take_persisted_messages());
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
@@ -539,9 +617,6 @@ impl<T: Transport> Replica<T> {
                         };
                         if let Some(id) = self.own_proposal(&entry.context) {
                             if let Some(pending) = self.pending.remove(&id) {
-                                if pending.is_plan {
-                                    self.plan_in_flight = false;
-                                }
                                 let outcomes = match outcome {
                                     Outcome::Batch(o) => o,
                                     other => vec![other],
@@ -558,7 +633,11 @@ impl<T: Transport> Replica<T> {
                 }
                 self.applied = index;
             }
-            self.store.persist_state(&mut state, self.applied)?;
+            if state.dirty.tasks.len() >= PERSIST_MAX_DIRTY_TASKS {
+                self.store.persist_state(&mut state, self.applied)?;
+                self.persisted_applied = self.applied;
+                self.last_persist = std::time::Instant::now();
+            }
             let drained = std::mem::take(&mut state.effects);
             effects = if is_leader {
                 self.build_messages(&state, drained)
@@ -573,6 +652,24 @@ impl<T: Transport> Replica<T> {
             let _ = reply.send(Ok(outcome));
         }
         self.shared.applied.send_replace(self.applied);
+        Ok(())
+    }
+
+    /// Writes the state changed since the last checkpoint, with its applied index, in one
+    /// atomic batch (made durable by the next flush).
+    fn checkpoint(&mut self, force: bool) -> Result<(), ReplicaError> {
+        if self.persisted_applied == self.applied
+            || (!force && self.last_persist.elapsed() < PERSIST_INTERVAL)
+        {
+            return Ok(());
+        }
+        let mut state = match self.shared.state.write() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        self.store.persist_state(&mut state, self.applied)?;
+        self.persisted_applied = self.applied;
+        self.last_persist = std::time::Instant::now();
         Ok(())
     }
 

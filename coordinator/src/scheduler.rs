@@ -4,6 +4,10 @@
 //! failure detection — and no plumbing: the plan goes through raft as commands and
 //! `State::apply` re-checks every placement, so a stale plan can never double-book.
 //!
+//! The leader appends `Command::Schedule` to every group commit; `State::apply` calls
+//! [`schedule`] at that point of the log and applies the plan (re-checking each
+//! placement), so every replica reaches the same assignments.
+//!
 //! Placement: ready micro-tasks are taken in submission order (wave id, then flat index).
 //! Each goes to a node that is ready, whose labels match, whose free memory and GPUs fit,
 //! and whose window — usable (throttled) slots plus the node's queue depth — still has
@@ -13,11 +17,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::{Deserialize, Serialize};
+
 use crate::state::{MicroKey, Node, NodeState, Placement, State};
 use crate::wave::TaskSpec;
 
-/// Knobs of one scheduling round (leader-local, not replicated).
-#[derive(Debug, Clone)]
+/// Inputs of one scheduling round besides the state: the leader's view of its worker
+/// connections and its timers. Carried inside `Command::Schedule` so every replica
+/// computes the same plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SchedulerConfig {
     /// A node with no heartbeat for this long is marked down.
     pub heartbeat_ttl_ms: u64,
@@ -120,7 +128,8 @@ pub fn schedule(state: &State, now_ms: u64, config: &SchedulerConfig) -> Plan {
     for node in state.nodes.values() {
         if node.state != NodeState::Down
             && now_ms >= judge_from
-            && now_ms.saturating_sub(node.last_heartbeat_ms.max(judge_from)) > config.heartbeat_ttl_ms
+            && now_ms.saturating_sub(node.last_heartbeat_ms.max(judge_from))
+                > config.heartbeat_ttl_ms
         {
             plan.mark_down.push(node.spec.name.clone());
         }
@@ -164,16 +173,13 @@ pub fn schedule(state: &State, now_ms: u64, config: &SchedulerConfig) -> Plan {
             continue;
         };
         let spec = &wave.header.spec.tasks[task.group as usize];
-        let best = rooms
-            .iter_mut()
-            .filter(|r| r.fits(spec))
-            .max_by(|a, b| {
-                a.free_usable()
-                    .cmp(&b.free_usable())
-                    .then(a.node.theta.total_cmp(&b.node.theta))
-                    // Deterministic tie-break: the lexicographically smallest name wins.
-                    .then(b.node.spec.name.cmp(&a.node.spec.name))
-            });
+        let best = rooms.iter_mut().filter(|r| r.fits(spec)).max_by(|a, b| {
+            a.free_usable()
+                .cmp(&b.free_usable())
+                .then(a.node.theta.total_cmp(&b.node.theta))
+                // Deterministic tie-break: the lexicographically smallest name wins.
+                .then(b.node.spec.name.cmp(&a.node.spec.name))
+        });
         match best {
             Some(room) => {
                 room.used_cpus += spec.cpus;

@@ -171,10 +171,9 @@ impl ClientService for ClientApi {
                         nodes: state.nodes.values().map(convert::node_info).collect(),
                     }
                 };
-                let done = event
-                    .wave
-                    .as_ref()
-                    .is_some_and(|w| matches!(w.state.as_str(), "succeeded" | "failed" | "cancelled"));
+                let done = event.wave.as_ref().is_some_and(|w| {
+                    matches!(w.state.as_str(), "succeeded" | "failed" | "cancelled")
+                });
                 if last.as_ref() != Some(&event) {
                     if tx.send(Ok(event.clone())).await.is_err() {
                         break;
@@ -391,7 +390,9 @@ fn node_spec(register: &pb::Register) -> Result<NodeSpec, Status> {
         register
             .throttle_policy
             .parse::<ThrottlePolicy>()
-            .map_err(|e| Status::invalid_argument(format!("field `register.throttle_policy`: {e}")))?
+            .map_err(|e| {
+                Status::invalid_argument(format!("field `register.throttle_policy`: {e}"))
+            })?
     };
     let profile = register.profile.clone().unwrap_or_default();
     let memory_total_bytes = if profile.effective_memory_bytes > 0 {
@@ -429,9 +430,9 @@ impl WorkerService for WorkerApi {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("stream closed before `register`"))?;
-        let register = first
-            .register
-            .ok_or_else(|| Status::invalid_argument("field `register`: the first message must register"))?;
+        let register = first.register.ok_or_else(|| {
+            Status::invalid_argument("field `register`: the first message must register")
+        })?;
         let spec = node_spec(&register)?;
         let name = spec.name.clone();
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
@@ -452,7 +453,11 @@ impl WorkerService for WorkerApi {
             .into_iter()
             .filter_map(|f| convert::result_from_pb(&name, f))
             .collect();
-        let running = register.running.iter().map(convert::attempt_from_pb).collect();
+        let running = register
+            .running
+            .iter()
+            .map(convert::attempt_from_pb)
+            .collect();
         let now = now_ms();
         let mut commands = Vec::new();
         if !results.is_empty() {
@@ -511,6 +516,21 @@ async fn on_worker_message(
 ) -> Result<(), ProposeError> {
     let now = now_ms();
     let mut commands = Vec::new();
+    // An attempt that started and finished since the last message needs no `Started`.
+    let finished: std::collections::HashSet<(u64, u32, u32)> = message
+        .finished
+        .iter()
+        .filter_map(|f| f.attempt.as_ref().map(|a| (a.wave_id, a.micro, a.attempt)))
+        .collect();
+    let started: Vec<_> = message
+        .started
+        .iter()
+        .filter_map(|s| {
+            let a = s.attempt.as_ref()?;
+            (!finished.contains(&(a.wave_id, a.micro, a.attempt)))
+                .then(|| (convert::attempt_from_pb(a), s.started_ms))
+        })
+        .collect();
     if !message.finished.is_empty() {
         let results = message
             .finished
@@ -522,15 +542,10 @@ async fn on_worker_message(
             now_ms: now,
         });
     }
-    if !message.started.is_empty() {
-        let attempts = message
-            .started
-            .iter()
-            .filter_map(|s| Some((convert::attempt_from_pb(s.attempt.as_ref()?), s.started_ms)))
-            .collect();
+    if !started.is_empty() {
         commands.push(Command::Started {
             node: node.to_string(),
-            attempts,
+            attempts: started,
         });
     }
     if let Some(h) = &message.heartbeat {
@@ -561,10 +576,7 @@ pub struct RaftApi {
 
 #[tonic::async_trait]
 impl RaftService for RaftApi {
-    async fn send(
-        &self,
-        request: Request<pb::RaftBatch>,
-    ) -> Result<Response<pb::RaftAck>, Status> {
+    async fn send(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
         let batch = request.into_inner();
         let members = self.handle.status().members;
         if !members.contains_key(&batch.from) {
@@ -579,10 +591,14 @@ impl RaftService for RaftApi {
             let mut m = raft::eraftpb::Message::default();
             if let Err(e) = m.merge_from_bytes(bytes) {
                 tracing::warn!(from = batch.from, error = %e, "garbage raft payload rejected");
-                return Err(Status::invalid_argument(format!("undecodable raft message: {e}")));
+                return Err(Status::invalid_argument(format!(
+                    "undecodable raft message: {e}"
+                )));
             }
             if m.from != batch.from {
-                return Err(Status::invalid_argument("raft message `from` does not match the batch"));
+                return Err(Status::invalid_argument(
+                    "raft message `from` does not match the batch",
+                ));
             }
             messages.push(m);
         }

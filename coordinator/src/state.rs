@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::mobius::{self, NodeModelInput, Throttle, ThrottlePolicy};
+use crate::scheduler::SchedulerConfig;
 use crate::wave::{OnFailure, WaveLimits, WaveSpec};
 
 /// Identifies a wave; assigned by the state machine, starting at 1.
@@ -79,7 +80,10 @@ pub enum WaveState {
 
 impl WaveState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, WaveState::Succeeded | WaveState::Failed | WaveState::Cancelled)
+        matches!(
+            self,
+            WaveState::Succeeded | WaveState::Failed | WaveState::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -335,7 +339,9 @@ impl Node {
     /// Slots the node may fill at once now: its slots throttled by θ and policy.
     pub fn usable_slots(&self) -> u32 {
         match self.state {
-            NodeState::Ready => self.throttle.usable_slots(self.spec.slots, self.spec.policy),
+            NodeState::Ready => self
+                .throttle
+                .usable_slots(self.spec.slots, self.spec.policy),
             NodeState::Draining | NodeState::Down => 0,
         }
     }
@@ -449,6 +455,14 @@ pub enum Command {
         node: String,
         drain: bool,
     },
+    /// Run the scheduler on the state as it is at this point of the log and apply its
+    /// plan. The leader appends this to every group commit, so a result and the
+    /// dispatch of the work it unblocked share one raft entry (and one fsync). Every
+    /// replica computes the same plan: the scheduler is pure and all its inputs are here.
+    Schedule {
+        now_ms: u64,
+        config: SchedulerConfig,
+    },
     /// Group commit: several commands in one raft entry, applied in order.
     Batch(Vec<Command>),
 }
@@ -466,10 +480,22 @@ pub enum Outcome {
 /// Something the leader must tell a worker.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    Dispatch { node: String, keys: Vec<(MicroKey, u32)> },
-    Cancel { node: String, attempts: Vec<AttemptRef> },
-    Ack { node: String, attempts: Vec<AttemptRef> },
-    SlotsLimit { node: String, slots: u32 },
+    Dispatch {
+        node: String,
+        keys: Vec<(MicroKey, u32)>,
+    },
+    Cancel {
+        node: String,
+        attempts: Vec<AttemptRef>,
+    },
+    Ack {
+        node: String,
+        attempts: Vec<AttemptRef>,
+    },
+    SlotsLimit {
+        node: String,
+        slots: u32,
+    },
 }
 
 /// Keys `apply` touched since the driver last persisted.
@@ -573,7 +599,9 @@ impl State {
             Command::Finished { results, now_ms } => {
                 let mut acks: BTreeMap<String, Vec<AttemptRef>> = BTreeMap::new();
                 for result in results {
-                    acks.entry(result.node.clone()).or_default().push(result.attempt);
+                    acks.entry(result.node.clone())
+                        .or_default()
+                        .push(result.attempt);
                     self.on_finished(result, now_ms);
                 }
                 for (node, attempts) in acks {
@@ -583,6 +611,16 @@ impl State {
             }
             Command::MarkDown { node, now_ms } => self.on_mark_down(&node, now_ms),
             Command::Drain { node, drain } => self.on_drain(&node, drain),
+            Command::Schedule { now_ms, config } => {
+                let plan = crate::scheduler::schedule(self, now_ms, &config);
+                for node in plan.mark_down {
+                    self.on_mark_down(&node, now_ms);
+                }
+                if !plan.placements.is_empty() {
+                    self.on_assign(plan.placements, now_ms);
+                }
+                Outcome::Done
+            }
             Command::Batch(commands) => {
                 Outcome::Batch(commands.into_iter().map(|c| self.apply(c)).collect())
             }
@@ -661,7 +699,9 @@ impl State {
             if task.state == TaskState::Pending {
                 task.state = TaskState::Ready;
                 task.ready_ms = now_ms;
-                wave.header.counts.move_one(TaskState::Pending, TaskState::Ready);
+                wave.header
+                    .counts
+                    .move_one(TaskState::Pending, TaskState::Ready);
                 self.ready.insert((wave_id, micro));
                 self.dirty.tasks.insert((wave_id, micro));
             }
@@ -774,11 +814,13 @@ impl State {
         }
         let mut stale = Vec::new();
         for attempt in running {
-            let current = self.task((attempt.wave_id, attempt.micro)).is_some_and(|t| {
-                t.attempt == attempt.attempt
-                    && t.node.as_deref() == Some(name.as_str())
-                    && matches!(t.state, TaskState::Assigned | TaskState::Running)
-            });
+            let current = self
+                .task((attempt.wave_id, attempt.micro))
+                .is_some_and(|t| {
+                    t.attempt == attempt.attempt
+                        && t.node.as_deref() == Some(name.as_str())
+                        && matches!(t.state, TaskState::Assigned | TaskState::Running)
+                });
             if !current {
                 stale.push(attempt);
             }
@@ -822,7 +864,11 @@ impl State {
 
     fn on_assign(&mut self, placements: Vec<Placement>, now_ms: u64) -> Outcome {
         let mut dispatch: BTreeMap<String, Vec<(MicroKey, u32)>> = BTreeMap::new();
-        for Placement { key, node: node_name } in placements {
+        for Placement {
+            key,
+            node: node_name,
+        } in placements
+        {
             let Some(node) = self.nodes.get_mut(&node_name) else {
                 continue;
             };
@@ -842,7 +888,9 @@ impl State {
             task.attempt += 1;
             task.node = Some(node_name.clone());
             let attempt = task.attempt;
-            wave.header.counts.move_one(TaskState::Ready, TaskState::Assigned);
+            wave.header
+                .counts
+                .move_one(TaskState::Ready, TaskState::Assigned);
             if wave.header.state == WaveState::Pending {
                 wave.header.state = WaveState::Running;
             }
@@ -879,7 +927,9 @@ impl State {
         }
         task.state = TaskState::Running;
         task.started_ms = started_ms;
-        wave.header.counts.move_one(TaskState::Assigned, TaskState::Running);
+        wave.header
+            .counts
+            .move_one(TaskState::Assigned, TaskState::Running);
         if wave.header.started_ms == 0 || started_ms < wave.header.started_ms {
             wave.header.started_ms = started_ms;
         }

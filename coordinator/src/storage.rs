@@ -171,10 +171,12 @@ impl Store {
             batch.remove(key);
         }
         for entry in entries {
-            let bytes = entry.write_to_bytes().map_err(|source| StoreError::Protobuf {
-                key: format!("entry {}", entry.index),
-                source,
-            })?;
+            let bytes = entry
+                .write_to_bytes()
+                .map_err(|source| StoreError::Protobuf {
+                    key: format!("entry {}", entry.index),
+                    source,
+                })?;
             batch.insert(&u64_key(entry.index), bytes);
         }
         self.log.apply_batch(batch)?;
@@ -214,7 +216,8 @@ impl Store {
             let key = [WAVE, &u64_key(id)].concat();
             match state.waves.get(&id) {
                 Some(wave) => {
-                    let bytes = bincode::serialize(&wave.header).map_err(|e| bincode_err(&key, e))?;
+                    let bytes =
+                        bincode::serialize(&wave.header).map_err(|e| bincode_err(&key, e))?;
                     batch.insert(key, bytes);
                 }
                 None => batch.remove(key),
@@ -244,11 +247,16 @@ impl Store {
     /// Loads the state machine and its applied index.
     pub fn load_state(&self, state: &mut State) -> Result<u64, StoreError> {
         let applied = self.state.get(APPLIED)?.map_or(0, |b| read_u64(&b));
-        state.next_wave_id = self.state.get(NEXT_WAVE_ID)?.map_or(1, |b| read_u64(&b)).max(1);
+        state.next_wave_id = self
+            .state
+            .get(NEXT_WAVE_ID)?
+            .map_or(1, |b| read_u64(&b))
+            .max(1);
         state.stale_results = self.state.get(STALE_RESULTS)?.map_or(0, |b| read_u64(&b));
         for item in self.state.scan_prefix(WAVE) {
             let (key, bytes) = item?;
-            let header: WaveHeader = bincode::deserialize(&bytes).map_err(|e| bincode_err(&key, e))?;
+            let header: WaveHeader =
+                bincode::deserialize(&bytes).map_err(|e| bincode_err(&key, e))?;
             let n = usize::try_from(header.spec.n_micro_tasks()).unwrap_or(0);
             state.waves.insert(
                 header.id,
@@ -356,7 +364,9 @@ impl raft::Storage for Store {
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         // State-machine snapshots for lagging followers arrive with cluster membership.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 
@@ -404,7 +414,10 @@ mod tests {
         let entries = store
             .entries(1, 3, None, GetEntriesContext::empty(false))
             .expect("entries");
-        assert_eq!(entries.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            entries.iter().map(|e| e.term).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         let state = store.initial_state().expect("state");
         assert_eq!(state.hard_state.commit, 2);
         assert_eq!(state.conf_state.voters, vec![1]);

@@ -13,7 +13,14 @@ fn help_documents_flags_and_their_env_vars() {
     let out = coordinator().arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for needle in ["--listen", "VENOM_LISTEN", "--data-dir", "VENOM_DATA_DIR", "--peers", "VENOM_PEERS"] {
+    for needle in [
+        "--listen",
+        "VENOM_LISTEN",
+        "--data-dir",
+        "VENOM_DATA_DIR",
+        "--peers",
+        "VENOM_PEERS",
+    ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
 }
@@ -34,7 +41,10 @@ fn malformed_peers_fail_with_one_clear_error() {
 
 #[test]
 fn unusable_listen_address_is_rejected() {
-    let out = coordinator().args(["--listen", "not-an-address"]).output().unwrap();
+    let out = coordinator()
+        .args(["--listen", "not-an-address"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
 }

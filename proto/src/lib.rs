@@ -11,6 +11,7 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of `venom.v1`, for `tonic-reflection`.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/venom_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/venom_descriptor.bin"));
 
 pub use v1::*;

@@ -95,7 +95,11 @@ impl Coordinator {
 
     /// Starts a single-node coordinator on a free port.
     pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_on(data_dir, free_port(), extra.iter().map(|s| s.to_string()).collect())
+        Self::start_on(
+            data_dir,
+            free_port(),
+            extra.iter().map(|s| s.to_string()).collect(),
+        )
     }
 
     fn start_on(data_dir: &Path, port: u16, extra: Vec<String>) -> anyhow::Result<Self> {
@@ -136,7 +140,12 @@ impl Coordinator {
 }
 
 /// Starts a worker process.
-pub fn start_worker(coordinator_url: &str, name: &str, slots: u32, extra: &[&str]) -> anyhow::Result<Proc> {
+pub fn start_worker(
+    coordinator_url: &str,
+    name: &str,
+    slots: u32,
+    extra: &[&str],
+) -> anyhow::Result<Proc> {
     let child = Command::new(bin_path("venom-worker"))
         .arg("--coordinator")
         .arg(coordinator_url)
@@ -214,7 +223,11 @@ pub async fn submit(c: &mut ClientServiceClient<Channel>, spec: &str) -> anyhow:
 }
 
 /// Polls the wave until it is terminal (reconnecting across coordinator restarts).
-pub async fn wait_wave(url: &str, wave_id: u64, timeout: Duration) -> anyhow::Result<pb::WaveSummary> {
+pub async fn wait_wave(
+    url: &str,
+    wave_id: u64,
+    timeout: Duration,
+) -> anyhow::Result<pb::WaveSummary> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(mut c) = client(url).await {
@@ -235,7 +248,10 @@ pub async fn wait_wave(url: &str, wave_id: u64, timeout: Duration) -> anyhow::Re
 /// Lists a wave's micro-tasks.
 pub async fn tasks(url: &str, wave_id: u64) -> anyhow::Result<Vec<pb::MicroTaskInfo>> {
     let mut c = client(url).await?;
-    Ok(c.list_tasks(pb::ListTasksRequest { wave_id }).await?.into_inner().tasks)
+    Ok(c.list_tasks(pb::ListTasksRequest { wave_id })
+        .await?
+        .into_inner()
+        .tasks)
 }
 
 /// Whether a process id is still alive (and not a zombie).
@@ -243,7 +259,10 @@ pub fn pid_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state letter follows the parenthesised command name.
-            let state = stat.rsplit(')').next().and_then(|s| s.trim().chars().next());
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.trim().chars().next());
             !matches!(state, Some('Z') | Some('X') | None)
         }
         Err(_) => false,

@@ -55,7 +55,8 @@ fn cases() -> Vec<Case> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_waves_are_rejected_naming_task_and_field_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(&dir.path().join("c"), &["--max-message-bytes", "33554432"]).unwrap();
+    let coordinator =
+        Coordinator::start(&dir.path().join("c"), &["--max-message-bytes", "33554432"]).unwrap();
     let mut c = wait_ready(&coordinator.url(), 0).await.unwrap();
     let cases = cases();
     assert!(cases.len() >= 15, "at least 15 malformed files");
@@ -64,7 +65,11 @@ async fn malformed_waves_are_rejected_naming_task_and_field_and_change_nothing()
         let bytes = std::fs::read(&case.file).unwrap();
 
         // The coordinator's own validation (authoritative), straight over gRPC.
-        let format = if name.ends_with(".json") { "json" } else { "toml" };
+        let format = if name.ends_with(".json") {
+            "json"
+        } else {
+            "toml"
+        };
         let status = c
             .submit_wave(pb::SubmitWaveRequest {
                 spec: bytes,
@@ -73,11 +78,21 @@ async fn malformed_waves_are_rejected_naming_task_and_field_and_change_nothing()
             })
             .await
             .expect_err(&format!("{name} was accepted"));
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{name}: {status:?}");
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{name}: {status:?}"
+        );
         let msg = status.message();
-        assert!(msg.contains(&format!("`{}`", case.field)) || case.field == "file", "{name}: {msg}");
+        assert!(
+            msg.contains(&format!("`{}`", case.field)) || case.field == "file",
+            "{name}: {msg}"
+        );
         if let Some(task) = &case.task {
-            assert!(msg.contains(task.as_str()), "{name}: message does not name task {task}: {msg}");
+            assert!(
+                msg.contains(task.as_str()),
+                "{name}: message does not name task {task}: {msg}"
+            );
         }
 
         // And through venomctl, which validates first and exits non-zero.
@@ -94,13 +109,29 @@ async fn malformed_waves_are_rejected_naming_task_and_field_and_change_nothing()
             case.field
         );
         if let Some(task) = &case.task {
-            assert!(stderr.contains(task.as_str()), "{name}: venomctl's error does not name task {task}: {stderr}");
+            assert!(
+                stderr.contains(task.as_str()),
+                "{name}: venomctl's error does not name task {task}: {stderr}"
+            );
         }
-        assert_eq!(stderr.trim().lines().count(), 1, "{name}: one clear line, got {stderr}");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{name}: one clear line, got {stderr}"
+        );
     }
-    let waves = c.list_waves(pb::ListWavesRequest {}).await.unwrap().into_inner().waves;
+    let waves = c
+        .list_waves(pb::ListWavesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .waves;
     assert!(waves.is_empty(), "nothing stored: {waves:?}");
-    let status = c.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    let status = c
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     // A single node's log holds only its election entry: no wave was ever proposed.
     assert!(status.commit_index <= 1, "{status:?}");
 }

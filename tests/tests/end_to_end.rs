@@ -20,13 +20,27 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(n_workers: usize, slots: u32, coordinator_args: &[&str], worker_args: &[&str]) -> Cluster {
+    async fn start(
+        n_workers: usize,
+        slots: u32,
+        coordinator_args: &[&str],
+        worker_args: &[&str],
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("work");
         std::fs::create_dir_all(&work).unwrap();
-        let coordinator = Coordinator::start(&dir.path().join("coordinator"), coordinator_args).unwrap();
+        let coordinator =
+            Coordinator::start(&dir.path().join("coordinator"), coordinator_args).unwrap();
         let workers = (0..n_workers)
-            .map(|i| start_worker(&coordinator.url(), &format!("w{}", i + 1), slots, worker_args).unwrap())
+            .map(|i| {
+                start_worker(
+                    &coordinator.url(),
+                    &format!("w{}", i + 1),
+                    slots,
+                    worker_args,
+                )
+                .unwrap()
+            })
             .collect();
         wait_ready(&coordinator.url(), n_workers).await.unwrap();
         Cluster {
@@ -81,21 +95,54 @@ run = {join}
     let summary = wait_wave(&cluster.url(), id, WAIT).await.unwrap();
     assert_eq!(summary.state, "succeeded", "{summary:?}");
     let records = read_records(w).unwrap();
-    assert_eq!(records.len(), 15, "every micro-task ran exactly once: {records:?}");
-    let end_of = |task: &str| records.iter().filter(|r| r.task == task).map(|r| r.end_ns).max().unwrap();
-    let start_of = |task: &str| records.iter().filter(|r| r.task == task).map(|r| r.start_ns).min().unwrap();
-    assert!(start_of("fan") >= end_of("a"), "fan started before a finished");
+    assert_eq!(
+        records.len(),
+        15,
+        "every micro-task ran exactly once: {records:?}"
+    );
+    let end_of = |task: &str| {
+        records
+            .iter()
+            .filter(|r| r.task == task)
+            .map(|r| r.end_ns)
+            .max()
+            .unwrap()
+    };
+    let start_of = |task: &str| {
+        records
+            .iter()
+            .filter(|r| r.task == task)
+            .map(|r| r.start_ns)
+            .min()
+            .unwrap()
+    };
+    assert!(
+        start_of("fan") >= end_of("a"),
+        "fan started before a finished"
+    );
     assert!(start_of("b") >= end_of("a"), "b started before a finished");
-    assert!(start_of("join") >= end_of("fan"), "join started before every fan[i] finished");
-    assert!(start_of("join") >= end_of("b"), "join started before b finished");
+    assert!(
+        start_of("join") >= end_of("fan"),
+        "join started before every fan[i] finished"
+    );
+    assert!(
+        start_of("join") >= end_of("b"),
+        "join started before b finished"
+    );
     for node in ["w1", "w2"] {
         let max = max_concurrency(&records, node);
-        assert!(max <= 2, "node {node} ran {max} micro-tasks at once with 2 slots");
+        assert!(
+            max <= 2,
+            "node {node} ran {max} micro-tasks at once with 2 slots"
+        );
     }
     // Both nodes took part: placement spreads load.
     assert!(records.iter().any(|r| r.node == "w1") && records.iter().any(|r| r.node == "w2"));
     assert!(summary.work_ms > 0 && summary.makespan_ms > 0);
-    assert!(summary.measured_speedup > 0.0 && summary.dag_bound >= 1.0, "{summary:?}");
+    assert!(
+        summary.measured_speedup > 0.0 && summary.dag_bound >= 1.0,
+        "{summary:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +193,10 @@ run = 'touch {w}/independent'
     assert_eq!(tasks["after-broken"].state, "skipped");
     assert_eq!(tasks["after-after"].state, "skipped");
     assert_eq!(tasks["independent"].state, "succeeded");
-    assert_eq!(std::fs::read_to_string(format!("{w}/broken")).unwrap(), "1\n2\n");
+    assert_eq!(
+        std::fs::read_to_string(format!("{w}/broken")).unwrap(),
+        "1\n2\n"
+    );
     assert!(!std::path::Path::new(&format!("{w}/after-broken")).exists());
     let logs = c
         .get_logs(pb::GetLogsRequest {
@@ -180,7 +230,11 @@ run = 'sleep 60 & echo $! > {w}/child.pid; echo $$ > {w}/shell.pid; wait'
     let t = &tasks(&cluster.url(), id).await.unwrap()[0];
     assert!(t.timed_out, "{t:?}");
     for f in ["child.pid", "shell.pid"] {
-        let pid: i32 = std::fs::read_to_string(format!("{w}/{f}")).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(format!("{w}/{f}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while pid_alive(pid) && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -211,7 +265,10 @@ run = 'sleep 120 & echo $! > {w}/pid.$VENOM_TASK_INDEX.$VENOM_NODE; wait'
         if n == 4 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "sleepers never all started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sleepers never all started"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut pids = Vec::new();
@@ -220,11 +277,22 @@ run = 'sleep 120 & echo $! > {w}/pid.$VENOM_TASK_INDEX.$VENOM_NODE; wait'
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_str().unwrap().to_string();
         nodes.insert(name.rsplit('.').next().unwrap().to_string());
-        pids.push(std::fs::read_to_string(&path).unwrap().trim().parse::<i32>().unwrap());
+        pids.push(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .trim()
+                .parse::<i32>()
+                .unwrap(),
+        );
     }
     assert_eq!(nodes.len(), 2, "both workers run sleepers: {nodes:?}");
     assert!(pids.iter().all(|&p| pid_alive(p)));
-    let n = c.cancel_wave(pb::CancelWaveRequest { wave_id: id }).await.unwrap().into_inner().n_cancelled;
+    let n = c
+        .cancel_wave(pb::CancelWaveRequest { wave_id: id })
+        .await
+        .unwrap()
+        .into_inner()
+        .n_cancelled;
     assert_eq!(n, 4);
     let summary = wait_wave(&cluster.url(), id, WAIT).await.unwrap();
     assert_eq!(summary.state, "cancelled");
@@ -238,7 +306,13 @@ run = 'sleep 120 & echo $! > {w}/pid.$VENOM_TASK_INDEX.$VENOM_NODE; wait'
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_wave_has_its_tasks_finished_elsewhere() {
-    let mut cluster = Cluster::start(2, 2, &["--heartbeat-ttl-ms", "1500"], &["--throttle", "off"]).await;
+    let mut cluster = Cluster::start(
+        2,
+        2,
+        &["--heartbeat-ttl-ms", "1500"],
+        &["--throttle", "off"],
+    )
+    .await;
     let w = cluster.work.clone();
     let spec = format!(
         r#"
@@ -272,7 +346,14 @@ run = {body}
     let moved: Vec<_> = ts.iter().filter(|t| t.attempt > 1).collect();
     assert!(!moved.is_empty(), "w1's tasks were re-dispatched");
     assert!(moved.iter().all(|t| t.node == "w2"), "{moved:?}");
-    let nodes = client(&cluster.url()).await.unwrap().list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let nodes = client(&cluster.url())
+        .await
+        .unwrap()
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
     let w1 = nodes.iter().find(|n| n.name == "w1").unwrap();
     assert_eq!(w1.state, "down");
 }
@@ -319,5 +400,8 @@ run = {second}
     }
     assert_eq!(runs.len(), 12, "every micro-task ran: {runs:?}");
     let twice: Vec<_> = runs.iter().filter(|(_, &n)| n > 1).collect();
-    assert!(twice.is_empty(), "re-run after the coordinator restart: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "re-run after the coordinator restart: {twice:?}"
+    );
 }

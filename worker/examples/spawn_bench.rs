@@ -1,7 +1,10 @@
 //! Compares the executor with the physical floor: N `true` processes, P at a time, spawned
-//! directly with `std::process::Command` versus run through `executor::run_attempt`.
+//! directly with `std::process::Command` + `wait` versus run through the executor the way the
+//! agent's runners do (one blocking loop per slot, output captured, process group killed).
 //!
-//! `cargo run --release -p venom-worker --example spawn_bench -- [N] [P]`
+//! `cargo run --release -p venom-worker --example spawn_bench -- [N] [P] [floor|executor]`
+//!
+//! On a shared machine the spread between runs is large; compare the best of several runs.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -9,9 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use venom_worker::executor::{run_attempt, CancelToken};
+use venom_worker::executor::{run_attempt_blocking, CancelToken};
 
-fn raw_floor(n_tasks: usize, parallelism: usize) -> f64 {
+/// Runs `task` `n_tasks` times on `parallelism` threads; returns the seconds taken.
+fn on_threads(n_tasks: usize, parallelism: usize, task: fn()) -> f64 {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let threads: Vec<_> = (0..parallelism)
@@ -19,105 +23,57 @@ fn raw_floor(n_tasks: usize, parallelism: usize) -> f64 {
             let next = Arc::clone(&next);
             std::thread::spawn(move || {
                 while next.fetch_add(1, Ordering::Relaxed) < n_tasks {
-                    let status = Command::new("true")
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .process_group(0)
-                        .status()
-                        .expect("spawn true");
-                    assert!(status.success());
+                    task();
                 }
             })
         })
         .collect();
     for thread in threads {
-        thread.join().expect("spawner thread");
+        thread.join().expect("bench thread");
     }
     started.elapsed().as_secs_f64()
 }
 
-async fn executor(n_tasks: usize, parallelism: usize) -> f64 {
-    let next = Arc::new(AtomicUsize::new(0));
+fn floor_task() {
+    let status = Command::new("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .status()
+        .expect("spawn true");
+    assert!(status.success());
+}
+
+fn executor_task() {
     let assignment = venom_proto::Assignment {
         argv: vec!["true".to_owned()],
         ..Default::default()
     };
-    let started = Instant::now();
-    let workers: Vec<_> = (0..parallelism)
-        .map(|_| {
-            let next = Arc::clone(&next);
-            let assignment = assignment.clone();
-            tokio::spawn(async move {
-                while next.fetch_add(1, Ordering::Relaxed) < n_tasks {
-                    let finished =
-                        run_attempt(&assignment, "bench", 65_536, CancelToken::never()).await;
-                    assert_eq!(finished.exit_code, Some(0), "{finished:?}");
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.await.expect("executor task");
-    }
-    started.elapsed().as_secs_f64()
+    let outcome = run_attempt_blocking(&assignment, "bench", 65_536, CancelToken::never());
+    assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let mut args = std::env::args().skip(1);
     let n_tasks: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let parallelism: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
-    let mode = args.next().unwrap_or_default();
-    if mode == "floor" {
-        println!("floor {:.3}", raw_floor(n_tasks, parallelism));
-        return;
-    }
-    if mode.starts_with("tokio") {
-        let piped = mode.contains("piped");
-        let with_env = mode.contains("env");
-        let next = Arc::new(AtomicUsize::new(0));
-        let started = Instant::now();
-        let workers: Vec<_> = (0..parallelism)
-            .map(|_| {
-                let next = Arc::clone(&next);
-                tokio::spawn(async move {
-                    while next.fetch_add(1, Ordering::Relaxed) < n_tasks {
-                        let mut command = tokio::process::Command::new("true");
-                        command.stdin(Stdio::null()).process_group(0);
-                        if with_env {
-                            command.env("VENOM_WAVE_ID", "1").env("VENOM_TASK_ID", "t").env("VENOM_TASK_INDEX", "0").env("VENOM_ATTEMPT", "0").env("VENOM_NODE", "n");
-                        }
-                        if piped {
-                            command.stdout(Stdio::piped()).stderr(Stdio::piped());
-                        } else {
-                            command.stdout(Stdio::null()).stderr(Stdio::null());
-                        }
-                        let output = command
-                            .spawn()
-                            .expect("spawn")
-                            .wait_with_output()
-                            .await
-                            .expect("wait");
-                        assert!(output.status.success());
-                    }
-                })
-            })
-            .collect();
-        for worker in workers {
-            worker.await.expect("task");
+    match args.next().as_deref() {
+        Some("floor") => println!("floor {:.3}", on_threads(n_tasks, parallelism, floor_task)),
+        Some("executor") => {
+            println!(
+                "executor {:.3}",
+                on_threads(n_tasks, parallelism, executor_task)
+            );
         }
-        println!("{mode} {:.3}", started.elapsed().as_secs_f64());
-        return;
+        _ => {
+            let floor_s = on_threads(n_tasks, parallelism, floor_task);
+            let executor_s = on_threads(n_tasks, parallelism, executor_task);
+            println!(
+                "{n_tasks} × true, {parallelism} at a time: floor {floor_s:.2} s, \
+                 executor {executor_s:.2} s, ratio {:.2}",
+                executor_s / floor_s
+            );
+        }
     }
-    if mode == "executor" {
-        println!("executor {:.3}", executor(n_tasks, parallelism).await);
-        return;
-    }
-    let floor_s = raw_floor(n_tasks, parallelism);
-    let executor_s = executor(n_tasks, parallelism).await;
-    println!(
-        "{n_tasks} × true, {parallelism} at a time: floor {floor_s:.2} s, executor {executor_s:.2} s, ratio {:.2}",
-        executor_s / floor_s
-    );
 }

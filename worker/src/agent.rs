@@ -12,24 +12,26 @@
 //! exponential backoff and jitter), and finished results stay in an unacknowledged set until the
 //! coordinator acknowledges them, so a leader change loses nothing.
 //!
-//! [`AgentState`] holds the bookkeeping and does no I/O, so it is tested directly; the loop in
-//! [`run`] owns the state and performs the effects (spawning attempts, talking gRPC).
+//! Attempts run on runners: pooled blocking threads (see the executor for why not async). When
+//! an attempt ends, its runner records the result and starts the next queued attempt itself, so
+//! back-to-back micro-tasks on a slot never wait for the agent loop or the network; the loop is
+//! only woken to report. [`AgentState`] holds all bookkeeping behind one mutex and does no I/O,
+//! so it is tested directly; the loop in [`run`] owns the connection.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
 use prost::Message as _;
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior, Sleep};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::Streaming;
-use tracing::Instrument;
 use venom_proto::worker_service_client::WorkerServiceClient;
 use venom_proto::{
     Assignment, CoordinatorMessage, Heartbeat, Register, TaskFinished, TaskStarted, WorkerMessage,
@@ -42,8 +44,6 @@ use crate::executor::{
 use crate::scan::HardwareProfile;
 use crate::theta::{ThetaMonitor, ThetaSnapshot, DEFAULT_SAMPLE_INTERVAL};
 
-/// Start/finish events in flight from attempts to the agent loop.
-const EVENT_CHANNEL_CAPACITY: usize = 1024;
 /// Messages buffered towards the coordinator; when full, events accumulate in [`AgentState`]
 /// and leave together in the next message.
 const OUTBOUND_CHANNEL_CAPACITY: usize = 8;
@@ -79,7 +79,7 @@ pub enum AgentError {
     InvalidCoordinatorUrl { url: String, reason: String },
 }
 
-/// What an attempt's task tells the agent loop.
+/// What an attempt's runner records in the [`AgentState`].
 #[derive(Debug)]
 pub enum ExecEvent {
     Started(TaskStarted),
@@ -501,35 +501,84 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Runs one attempt and reports its start and end to the agent loop.
-async fn execute(
-    assignment: Assignment,
+/// What the agent loop and the attempt runners share.
+struct Shared {
+    /// All bookkeeping; held only briefly, never across an await.
+    state: Mutex<AgentState>,
+    /// Wakes the agent loop when a runner changed the state (a start or a result to report).
+    wake: Notify,
     node_name: Arc<str>,
     max_output_bytes: usize,
-    cancel: CancelToken,
-    events: mpsc::Sender<ExecEvent>,
-) {
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, AgentState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Starts a runner for every attempt that may start now. Each runner is a pooled blocking
+/// thread that, when its attempt ends, records the result and starts the next queued attempt
+/// itself, so back-to-back tasks on a slot never wait for the agent loop.
+fn start_runners(shared: &Arc<Shared>) {
+    loop {
+        let Some(next) = shared.state().start_next() else {
+            return;
+        };
+        let shared = Arc::clone(shared);
+        tokio::task::spawn_blocking(move || run_slot(shared, next));
+    }
+}
+
+/// A runner: runs `first`, then whatever the queue offers, until nothing fits. When an
+/// attempt frees more room than one (a wide task ended), the extra attempts get runners of
+/// their own.
+fn run_slot(shared: Arc<Shared>, first: (Assignment, CancelToken)) {
+    let mut next = Some(first);
+    while let Some((assignment, cancel)) = next {
+        let span = tracing::info_span!(
+            "attempt",
+            wave_id = assignment.attempt.map(|a| a.wave_id).unwrap_or_default(),
+            task_id = %assignment.task_id,
+            index = ?assignment.index,
+            attempt = assignment.attempt.map(|a| a.attempt).unwrap_or_default(),
+        );
+        let outcome = span.in_scope(|| execute(&shared, &assignment, cancel));
+        let mut state = shared.state();
+        state.on_event(ExecEvent::Finished(outcome.into()));
+        next = state.start_next();
+        drop(state);
+        shared.wake.notify_one();
+        start_runners(&shared);
+    }
+}
+
+/// Runs one attempt on this (blocking) thread, reporting its start.
+fn execute(shared: &Shared, assignment: &Assignment, cancel: CancelToken) -> AttemptOutcome {
     let attempt = AttemptKey::from(assignment.attempt);
-    let outcome = if cancel.is_cancelled() {
-        AttemptOutcome::cancelled_before_start(attempt)
-    } else {
-        let started_ms = crate::unix_now_ms();
-        match spawn_attempt(&assignment, &node_name, max_output_bytes) {
-            Ok(running) => {
-                let started = TaskStarted {
-                    attempt: Some(attempt.to_proto()),
-                    started_ms: running.started_ms(),
-                    pid: running.pid(),
-                };
-                // A closed channel means the agent is shutting down; the attempt still runs to
-                // its (cancelled) end so its process group is killed.
-                let _ = events.send(ExecEvent::Started(started)).await;
-                running.wait(cancel).await
-            }
-            Err(error) => {
-                tracing::warn!(%error, "attempt failed to start");
-                AttemptOutcome::failed_to_start(attempt, started_ms, &error)
-            }
+    if cancel.is_cancelled() {
+        return AttemptOutcome::cancelled_before_start(attempt);
+    }
+    let started_ms = crate::unix_now_ms();
+    let outcome = match spawn_attempt(
+        assignment,
+        &shared.node_name,
+        shared.max_output_bytes,
+        cancel,
+    ) {
+        Ok(running) => {
+            let started = TaskStarted {
+                attempt: Some(attempt.to_proto()),
+                started_ms: running.started_ms(),
+                pid: running.pid(),
+            };
+            shared.state().on_event(ExecEvent::Started(started));
+            shared.wake.notify_one();
+            running.wait_blocking()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "attempt failed to start");
+            AttemptOutcome::failed_to_start(attempt, started_ms, &error)
         }
     };
     tracing::debug!(
@@ -539,7 +588,7 @@ async fn execute(
         cancelled = outcome.cancelled,
         "attempt finished"
     );
-    let _ = events.send(ExecEvent::Finished(outcome.into())).await;
+    outcome
 }
 
 /// Waits for room on the outbound channel; never completes without a channel.
@@ -562,9 +611,8 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 
 /// The agent loop's owner of everything.
 struct Agent {
-    config: WorkerConfig,
     identity: Identity,
-    state: AgentState,
+    shared: Arc<Shared>,
     /// Normalized coordinator URLs, tried round-robin.
     urls: Vec<String>,
     /// Index into `urls` of the next URL to try.
@@ -581,34 +629,14 @@ struct Agent {
     link: Link,
     /// When waiting start reports go out even without a result to carry them.
     started_deadline: Option<Instant>,
-    events: mpsc::Sender<ExecEvent>,
     theta: ThetaMonitor,
     /// θ from the start-up profile, until the monitor's first sample.
     fallback_theta: ThetaSnapshot,
 }
 
 impl Agent {
-    /// Starts every attempt that fits now.
-    fn start_ready(&mut self) {
-        while let Some((assignment, cancel)) = self.state.start_next() {
-            let span = tracing::info_span!(
-                "attempt",
-                wave_id = assignment.attempt.map(|a| a.wave_id).unwrap_or_default(),
-                task_id = %assignment.task_id,
-                index = ?assignment.index,
-                attempt = assignment.attempt.map(|a| a.attempt).unwrap_or_default(),
-            );
-            tokio::spawn(
-                execute(
-                    assignment,
-                    Arc::clone(&self.identity.name),
-                    self.config.max_output_bytes,
-                    cancel,
-                    self.events.clone(),
-                )
-                .instrument(span),
-            );
-        }
+    fn state(&self) -> MutexGuard<'_, AgentState> {
+        self.shared.state()
     }
 
     /// Begins connecting to the next coordinator.
@@ -622,7 +650,7 @@ impl Agent {
             }
         };
         tracing::debug!(%url, "connecting to coordinator");
-        let register = self.state.register(&self.identity);
+        let register = self.state().register(&self.identity);
         let (sender, connecting) = open_stream(url.clone(), register);
         self.current_url = url;
         self.pending_outbound = Some(sender);
@@ -632,12 +660,17 @@ impl Agent {
     /// Drops the connection and schedules the next attempt.
     fn disconnect(&mut self, reason: &str) {
         let delay = self.backoff.next_delay();
+        // Read under one lock, before logging: the guard must not live through the macro.
+        let (running, unacknowledged) = {
+            let state = self.state();
+            (state.n_running(), state.unacked.len())
+        };
         tracing::warn!(
             url = %self.current_url,
             reason,
             retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            running = self.state.n_running(),
-            unacknowledged = self.state.unacked.len(),
+            running,
+            unacknowledged,
             "coordinator unavailable; will retry (running processes keep running)"
         );
         self.outbound = None;
@@ -673,8 +706,8 @@ impl Agent {
                         "registered with coordinator"
                     );
                 }
-                self.state.on_coordinator_message(message);
-                self.start_ready();
+                self.state().on_coordinator_message(message);
+                start_runners(&self.shared);
             }
             LinkEvent::Inbound(Some(Err(status))) => {
                 self.leader_hint = leader_hint(status.message());
@@ -693,12 +726,13 @@ impl Agent {
             .theta
             .latest()
             .unwrap_or_else(|| self.fallback_theta.clone());
-        self.state.set_heartbeat(Heartbeat {
+        let running = u32::try_from(self.state().n_running()).unwrap_or(u32::MAX);
+        self.state().set_heartbeat(Heartbeat {
             theta: snapshot.theta,
             h_cpu: snapshot.h_cpu,
             h_mem: snapshot.h_mem,
             h_term: snapshot.h_term,
-            running: u32::try_from(self.state.n_running()).unwrap_or(u32::MAX),
+            running,
             memory_available_bytes: snapshot.memory_available_bytes,
             cpu_usage_percent: snapshot.cpu_usage_percent,
         });
@@ -707,10 +741,12 @@ impl Agent {
     /// True when what waits should be sent now: a result or heartbeat at once, start reports
     /// alone once they have waited [`STARTED_COALESCE`].
     fn outbound_due(&mut self) -> bool {
-        if self.state.has_urgent_outbound() {
+        let state = self.shared.state();
+        if state.has_urgent_outbound() {
             return true;
         }
-        if !self.state.has_outbound() {
+        if !state.has_outbound() {
+            drop(state);
             self.started_deadline = None;
             return false;
         }
@@ -722,7 +758,8 @@ impl Agent {
 
     /// Sends the next message on a reserved slot.
     fn send(&mut self, permit: mpsc::OwnedPermit<WorkerMessage>) {
-        if let Some(message) = self.state.take_message() {
+        let message = self.state().take_message();
+        if let Some(message) = message {
             permit.send(message);
         }
         self.started_deadline = None;
@@ -824,12 +861,17 @@ pub async fn run(
         "worker starting"
     );
 
-    let (events, mut event_receiver) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(AgentState::new(slots)),
+        wake: Notify::new(),
+        node_name: Arc::clone(&identity.name),
+        max_output_bytes: config.max_output_bytes,
+    });
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval());
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut agent = Agent {
         identity,
-        state: AgentState::new(slots),
+        shared,
         urls,
         next_url: 0,
         leader_hint: None,
@@ -839,10 +881,8 @@ pub async fn run(
         outbound: None,
         link: Link::idle_for(Duration::ZERO),
         started_deadline: None,
-        events,
         theta: ThetaMonitor::start(DEFAULT_SAMPLE_INTERVAL),
         fallback_theta: theta_from_profile(&profile),
-        config,
     };
 
     tokio::pin!(shutdown);
@@ -851,13 +891,8 @@ pub async fn run(
         let coalescing_until = agent.started_deadline.filter(|_| !due);
         tokio::select! {
             () = &mut shutdown => break,
-            Some(event) = event_receiver.recv() => {
-                agent.state.on_event(event);
-                while let Ok(event) = event_receiver.try_recv() {
-                    agent.state.on_event(event);
-                }
-                agent.start_ready();
-            }
+            // A runner started or finished an attempt; the flush below reports it.
+            () = agent.shared.wake.notified() => {}
             event = agent.link.next() => agent.on_link_event(event),
             _ = heartbeat.tick() => agent.on_heartbeat_tick(),
             permit = reserve(agent.outbound.clone()), if due => match permit {
@@ -872,17 +907,22 @@ pub async fn run(
 
     // Shutdown: close the stream first (the coordinator re-queues this node's work when it
     // notices), then kill every process group and wait, bounded, for the attempts to end.
-    tracing::info!(running = agent.state.n_running(), "worker shutting down");
+    let running = agent.state().n_running();
+    tracing::info!(running, "worker shutting down");
     agent.outbound = None;
     agent.pending_outbound = None;
     agent.link = Link::idle_for(Duration::MAX);
-    agent.state.cancel_all();
+    agent.state().cancel_all();
     let deadline = Instant::now() + SHUTDOWN_GRACE;
-    while agent.state.n_running() > 0 {
+    loop {
+        let running = agent.state().n_running();
+        if running == 0 {
+            break;
+        }
         tokio::select! {
-            Some(event) = event_receiver.recv() => agent.state.on_event(event),
+            () = agent.shared.wake.notified() => {}
             () = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(running = agent.state.n_running(), "attempts still ending at shutdown");
+                tracing::warn!(running, "attempts still ending at shutdown");
                 break;
             }
         }

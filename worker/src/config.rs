@@ -82,7 +82,7 @@ pub struct WorkerConfig {
 
     /// Micro-tasks to keep queued here beyond the running ones, so the next one starts without
     /// a round trip to the coordinator.
-    #[arg(long, env = "VENOM_QUEUE_DEPTH", default_value_t = 4)]
+    #[arg(long, env = "VENOM_QUEUE_DEPTH", default_value_t = 32)]
     pub queue_depth: u32,
 
     /// Output kept per stream of each attempt (the tail).
@@ -104,7 +104,7 @@ impl Default for WorkerConfig {
             throttle: ThrottlePolicy::Adaptive,
             data_dir: None,
             metrics_listen: None,
-            queue_depth: 4,
+            queue_depth: 32,
             max_output_bytes: crate::executor::DEFAULT_MAX_OUTPUT_BYTES,
             heartbeat_ms: 1000,
         }
@@ -164,7 +164,7 @@ mod tests {
             cli.worker.coordinators,
             vec![DEFAULT_COORDINATOR.to_owned()]
         );
-        assert_eq!(cli.worker.queue_depth, 4);
+        assert_eq!(cli.worker.queue_depth, 32);
         assert_eq!(cli.worker.max_output_bytes, 65_536);
         assert_eq!(cli.worker.heartbeat_ms, 1000);
         assert_eq!(cli.worker.throttle, ThrottlePolicy::Adaptive);
@@ -217,6 +217,6 @@ mod tests {
         assert_eq!(config.coordinators, vec!["http://127.0.0.1:9999"]);
         assert_eq!(config.slots, Some(2));
         assert_eq!(config.name.as_deref(), Some("dev"));
-        assert_eq!(config.queue_depth, 4);
+        assert_eq!(config.queue_depth, 32);
     }
 }

@@ -3,21 +3,25 @@
 //! Every attempt runs in its own process group (`Command::process_group(0)`, which keeps the
 //! fast `posix_spawn` path; a `pre_exec` hook would force fork+exec), so a timeout, a cancel or
 //! the end of the main process can kill everything the task started with one
-//! `kill(-pgid, SIGKILL)`. Output is read concurrently from both pipes into bounded in-memory
-//! buffers that keep the last `max_output_bytes` of each — no per-task threads or files, which
-//! matters when a node runs thousands of short tasks a second.
+//! `kill(-pgid, SIGKILL)`. Output is read from both pipes into bounded in-memory buffers that
+//! keep the last `max_output_bytes` of each — no files.
+//!
+//! An attempt is driven by one `poll(2)` loop on a pooled blocking thread, watching the two
+//! pipes and a pidfd for the exit. That is deliberately not async: registering every short-lived
+//! child and pipe with the tokio reactor costs a measurable share of the spawn rate (the raw
+//! `spawn` + `wait` floor is the benchmark), while a slot's thread is reused from task to task.
+//! Cancelling kills the group directly from the canceller's thread; the loop then sees the exit.
 //!
 //! [`spawn_attempt`] starts the process (the agent reports `TaskStarted` with its pid), and
-//! [`RunningAttempt::wait`] drives it to the end; [`run_attempt`] does both.
+//! [`RunningAttempt::wait_blocking`] drives it to the end; [`run_attempt`] does both from async
+//! code.
 
-use std::collections::HashMap;
-use std::os::unix::process::ExitStatusExt;
-use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
-
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, ChildStderr, ChildStdout, Command};
-use tokio::sync::watch;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Output kept per stream by default: the last 64 KiB.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 * 1024;
@@ -27,8 +31,11 @@ pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 * 1024;
 /// is abandoned rather than blocking the slot forever.
 const PIPE_CLOSE_GRACE: Duration = Duration::from_millis(500);
 
-/// Bytes read from a pipe at a time.
-const READ_CHUNK_BYTES: usize = 8 * 1024;
+/// Bytes read from a pipe at a time (the buffer is zeroed once per attempt, so not too big).
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Without a pidfd (kernels before 5.3), how often to check whether the process has exited.
+const REAP_POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Identifies one attempt of one micro-task; the hashable twin of the wire `AttemptRef`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -165,56 +172,101 @@ impl From<AttemptOutcome> for venom_proto::TaskFinished {
     }
 }
 
-/// Cancels one attempt. Dropping it without calling [`CancelHandle::cancel`] never cancels.
-#[derive(Debug)]
-pub struct CancelHandle {
-    sender: watch::Sender<bool>,
+/// What a [`CancelHandle`] and the attempt's runner share.
+#[derive(Debug, Default)]
+struct CancelShared {
+    state: Mutex<CancelState>,
 }
 
-/// The attempt's side of a [`CancelHandle`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Default)]
+struct CancelState {
+    cancelled: bool,
+    /// The attempt's process group while it may be signalled; 0 before the spawn and once the
+    /// runner has killed the group for the last time (just before reaping the leader).
+    pgid: u32,
+}
+
+impl CancelShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CancelState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records the spawned group; kills it at once if the cancel came first.
+    fn register_group(&self, pgid: u32) {
+        let mut state = self.lock();
+        state.pgid = pgid;
+        if state.cancelled {
+            kill_group_logged(pgid);
+        }
+    }
+
+    fn cancel(&self) {
+        let mut state = self.lock();
+        state.cancelled = true;
+        kill_group_logged(state.pgid);
+    }
+
+    /// Kills the group one last time and forgets it, so no later cancel can signal a group id
+    /// that the kernel may reuse once the leader is reaped.
+    fn kill_group_and_forget(&self) {
+        let mut state = self.lock();
+        kill_group_logged(state.pgid);
+        state.pgid = 0;
+    }
+
+    fn kill_group(&self) {
+        kill_group_logged(self.lock().pgid);
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.lock().cancelled
+    }
+}
+
+/// Cancels one attempt: kills its process group (at once, from the caller's thread) and makes
+/// the attempt report `cancelled`. Dropping it without calling [`CancelHandle::cancel`] never
+/// cancels.
+#[derive(Debug)]
+pub struct CancelHandle {
+    shared: Arc<CancelShared>,
+}
+
+/// The attempt's side of a [`CancelHandle`]; one token per attempt.
+#[derive(Debug)]
 pub struct CancelToken {
-    receiver: watch::Receiver<bool>,
+    shared: Arc<CancelShared>,
 }
 
 /// A connected handle and token.
 pub fn cancel_pair() -> (CancelHandle, CancelToken) {
-    let (sender, receiver) = watch::channel(false);
-    (CancelHandle { sender }, CancelToken { receiver })
+    let shared = Arc::new(CancelShared::default());
+    (
+        CancelHandle {
+            shared: Arc::clone(&shared),
+        },
+        CancelToken { shared },
+    )
 }
 
 impl CancelHandle {
-    /// Asks the attempt to stop; it kills its process group and reports `cancelled`.
+    /// Kills the attempt's process group (or, before it starts, makes sure it is killed as
+    /// soon as it does); the attempt then reports `cancelled`.
     pub fn cancel(&self) {
-        self.sender.send_replace(true);
+        self.shared.cancel();
     }
 }
 
 impl CancelToken {
     /// A token that is never cancelled.
     pub fn never() -> Self {
-        cancel_pair().1
+        CancelToken {
+            shared: Arc::new(CancelShared::default()),
+        }
     }
 
     /// True once cancelled.
     pub fn is_cancelled(&self) -> bool {
-        *self.receiver.borrow()
-    }
-
-    /// Completes when cancelled; never completes when the handle is dropped uncancelled.
-    pub async fn cancelled(&mut self) {
-        loop {
-            if *self.receiver.borrow_and_update() {
-                return;
-            }
-            if self.receiver.changed().await.is_err() {
-                // The handle is gone without cancelling: nothing can cancel any more.
-                if *self.receiver.borrow() {
-                    return;
-                }
-                std::future::pending::<()>().await;
-            }
-        }
+        self.shared.is_cancelled()
     }
 }
 
@@ -222,8 +274,10 @@ impl CancelToken {
 pub struct RunningAttempt {
     attempt: AttemptKey,
     child: Child,
-    /// Kills the whole group if this attempt is dropped before it ends.
-    group: ProcessGroup,
+    /// Cancellation state, which also owns the right to signal the process group.
+    cancel: CancelToken,
+    /// Kills the group if this attempt is dropped before it ends (a panic, a dropped future).
+    guard: GroupGuard,
     pid: u32,
     started_ms: u64,
     /// `None` = no timeout.
@@ -248,70 +302,136 @@ impl RunningAttempt {
         self.started_ms
     }
 
-    /// Waits for the attempt to end: by itself, by its timeout or by `cancel`. Whichever way,
-    /// the whole process group is killed before this returns, so nothing the task started in
-    /// the background outlives it.
-    pub async fn wait(self, mut cancel: CancelToken) -> AttemptOutcome {
-        let RunningAttempt {
-            attempt,
-            mut child,
-            mut group,
-            pid: _,
-            started_ms,
-            timeout,
-            stdout,
-            stderr,
-            max_output_bytes,
-        } = self;
-        let mut stdout_tail = TailBuffer::new(max_output_bytes);
-        let mut stderr_tail = TailBuffer::new(max_output_bytes);
-        let deadline = timeout.map(|timeout| tokio::time::Instant::now() + timeout);
+    /// Waits for the attempt to end on a blocking-pool thread; see [`RunningAttempt::wait_blocking`].
+    pub async fn wait(self) -> AttemptOutcome {
+        let attempt = self.attempt;
+        let started_ms = self.started_ms;
+        tokio::task::spawn_blocking(move || self.wait_blocking())
+            .await
+            .unwrap_or_else(|error| AttemptOutcome {
+                attempt,
+                started_ms,
+                finished_ms: crate::unix_now_ms(),
+                error: Some(format!("the attempt's runner failed: {error}")),
+                ..AttemptOutcome::default()
+            })
+    }
 
-        let (ending, status) = {
-            let pipes = async {
-                tokio::join!(
-                    read_tail(stdout, &mut stdout_tail),
-                    read_tail(stderr, &mut stderr_tail)
-                )
+    /// Drives the attempt to its end, blocking this thread: by itself, by its timeout or by a
+    /// cancel. Whichever way, the whole process group is killed before this returns (while
+    /// the leader is still an unreaped zombie, so its id cannot have been reused), so nothing
+    /// the task started in the background outlives it.
+    ///
+    /// One `poll(2)` loop watches both pipes and a pidfd for the exit, so a slot costs one
+    /// (pooled) thread and no async machinery: spawning and reaping stay as cheap as the raw
+    /// `spawn` + `wait` floor.
+    pub fn wait_blocking(mut self) -> AttemptOutcome {
+        let mut stdout_tail = TailBuffer::new(self.max_output_bytes);
+        let mut stderr_tail = TailBuffer::new(self.max_output_bytes);
+        let mut stdout = self.stdout.take();
+        let mut stderr = self.stderr.take();
+        let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
+        let pidfd = i32::try_from(self.pid).ok().and_then(pidfd_open);
+        let mut chunk = [0u8; READ_CHUNK_BYTES];
+
+        let mut timed_out = false;
+        let mut cancelled = false;
+        let mut reaped: Option<std::io::Result<ExitStatus>> = None;
+        // Set once the main process has exited: how long the pipes may stay open after it.
+        let mut pipes_deadline: Option<Instant> = None;
+
+        loop {
+            let now = Instant::now();
+            let exited = pipes_deadline.is_some();
+            if !exited && !timed_out && deadline.is_some_and(|deadline| now >= deadline) {
+                timed_out = true;
+                self.cancel.shared.kill_group();
+            }
+            if exited && stdout.is_none() && stderr.is_none() {
+                break;
+            }
+            if pipes_deadline.is_some_and(|pipes_deadline| now >= pipes_deadline) {
+                tracing::debug!(attempt = %self.attempt, "output pipes still open after the task ended; abandoned");
+                break;
+            }
+
+            let mut fds = [libc::pollfd {
+                fd: -1,
+                events: libc::POLLIN,
+                revents: 0,
+            }; 3];
+            if let Some(pipe) = &stdout {
+                fds[0].fd = pipe.as_raw_fd();
+            }
+            if let Some(pipe) = &stderr {
+                fds[1].fd = pipe.as_raw_fd();
+            }
+            if let (false, Some(pidfd)) = (exited, &pidfd) {
+                fds[2].fd = pidfd.as_raw_fd();
+            }
+            let wake_at = if exited {
+                pipes_deadline
+            } else {
+                let fallback_tick = pidfd.is_none().then(|| now + REAP_POLL_INTERVAL);
+                [deadline.filter(|_| !timed_out), fallback_tick]
+                    .into_iter()
+                    .flatten()
+                    .min()
             };
-            tokio::pin!(pipes);
-            let mut pipes_closed = false;
-            let (ending, status) = loop {
-                tokio::select! {
-                    status = child.wait() => break (Ending::Exited, status),
-                    () = sleep_until_or_forever(deadline) => {
-                        group.kill();
-                        break (Ending::TimedOut, child.wait().await);
+            if let Err(error) = poll_fds(
+                &mut fds,
+                wake_at.map(|at| at.saturating_duration_since(now)),
+            ) {
+                tracing::warn!(%error, "poll failed; waiting for the process without its output");
+                break;
+            }
+
+            if fds[0].revents != 0 && !read_once(&mut stdout, &mut chunk, &mut stdout_tail) {
+                stdout = None;
+            }
+            if fds[1].revents != 0 && !read_once(&mut stderr, &mut chunk, &mut stderr_tail) {
+                stderr = None;
+            }
+            let leader_exited = if exited {
+                false
+            } else if pidfd.is_some() {
+                fds[2].revents != 0
+            } else {
+                // No pidfd (old kernel): reap to learn about the exit.
+                match self.child.try_wait() {
+                    Ok(Some(status)) => {
+                        reaped = Some(Ok(status));
+                        true
                     }
-                    () = cancel.cancelled() => {
-                        group.kill();
-                        break (Ending::Cancelled, child.wait().await);
+                    Ok(None) => false,
+                    Err(error) => {
+                        reaped = Some(Err(error));
+                        true
                     }
-                    _ = &mut pipes, if !pipes_closed => pipes_closed = true,
                 }
             };
-            // The main process is gone; take its background children with it so none holds
-            // the pipes open or outlives the task. The leader is reaped by now; the kernel does
-            // not reuse a pid as a process id while a group of that id still has members.
-            group.kill();
-            group.disarm();
-            if !pipes_closed
-                && tokio::time::timeout(PIPE_CLOSE_GRACE, &mut pipes)
-                    .await
-                    .is_err()
-            {
-                tracing::debug!(%attempt, "output pipes still open after the task ended; abandoned");
+            if leader_exited {
+                cancelled = !timed_out && self.cancel.is_cancelled();
+                // Take the group's background children with it, so none holds the pipes open
+                // or outlives the task.
+                self.cancel.shared.kill_group_and_forget();
+                pipes_deadline = Some(Instant::now() + PIPE_CLOSE_GRACE);
             }
-            (ending, status)
-        };
+        }
 
+        if pipes_deadline.is_none() {
+            // Left the loop early (poll failed): end the attempt regardless.
+            self.cancel.shared.kill_group_and_forget();
+        }
+        self.guard.disarm();
+        let status = reaped.unwrap_or_else(|| self.child.wait());
         let (stdout, stdout_truncated) = stdout_tail.into_parts();
         let (stderr, stderr_truncated) = stderr_tail.into_parts();
         let mut outcome = AttemptOutcome {
-            attempt,
-            timed_out: matches!(ending, Ending::TimedOut),
-            cancelled: matches!(ending, Ending::Cancelled),
-            started_ms,
+            attempt: self.attempt,
+            timed_out,
+            cancelled,
+            started_ms: self.started_ms,
             finished_ms: crate::unix_now_ms(),
             stdout,
             stderr,
@@ -322,7 +442,7 @@ impl RunningAttempt {
         match status {
             Ok(status) => {
                 outcome.exit_code = status.code();
-                outcome.signal = exit_signal(status);
+                outcome.signal = status.signal();
             }
             Err(error) => outcome.error = Some(format!("waiting for the process failed: {error}")),
         }
@@ -330,30 +450,41 @@ impl RunningAttempt {
     }
 }
 
-/// How the wait loop ended.
-enum Ending {
-    Exited,
-    TimedOut,
-    Cancelled,
-}
-
-fn exit_signal(status: ExitStatus) -> Option<i32> {
-    status.signal()
-}
-
-async fn sleep_until_or_forever(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
+/// Reads what a ready pipe holds into `tail`; false once the pipe is finished (end of file or
+/// an error).
+fn read_once<R: Read>(pipe: &mut Option<R>, chunk: &mut [u8], tail: &mut TailBuffer) -> bool {
+    let Some(reader) = pipe else {
+        return false;
+    };
+    match reader.read(chunk) {
+        Ok(0) => false,
+        Ok(n) => {
+            tail.push(&chunk[..n]);
+            true
+        }
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+            ) =>
+        {
+            true
+        }
+        Err(error) => {
+            tracing::debug!(%error, "reading task output failed");
+            false
+        }
     }
 }
 
 /// Starts an attempt's process: `sh -c <shell>` or `argv`, in a new process group, with the
-/// assignment's environment plus the `VENOM_*` variables.
+/// assignment's environment plus the `VENOM_*` variables. `cancel` is bound to this attempt:
+/// cancelling it from now on kills the process group.
 pub fn spawn_attempt(
     assignment: &venom_proto::Assignment,
     node_name: &str,
     max_output_bytes: usize,
+    cancel: CancelToken,
 ) -> Result<RunningAttempt, ExecError> {
     let attempt = AttemptKey::from(assignment.attempt);
     let (program, args): (&str, Vec<&str>) = if !assignment.shell.is_empty() {
@@ -381,13 +512,18 @@ pub fn spawn_attempt(
         program: program.to_owned(),
         source,
     })?;
-    let pid = child.id().unwrap_or(0);
+    let pid = child.id();
+    cancel.shared.register_group(pid);
     Ok(RunningAttempt {
         attempt,
         stdout: child.stdout.take(),
         stderr: child.stderr.take(),
         child,
-        group: ProcessGroup::new(pid),
+        guard: GroupGuard {
+            shared: Arc::clone(&cancel.shared),
+            armed: true,
+        },
+        cancel,
         pid,
         started_ms,
         timeout: (assignment.timeout_ms > 0).then(|| Duration::from_millis(assignment.timeout_ms)),
@@ -400,8 +536,8 @@ fn venom_env(
     assignment: &venom_proto::Assignment,
     attempt: AttemptKey,
     node_name: &str,
-) -> HashMap<&'static str, String> {
-    HashMap::from([
+) -> [(&'static str, String); 5] {
+    [
         ("VENOM_WAVE_ID", attempt.wave_id.to_string()),
         ("VENOM_TASK_ID", assignment.task_id.clone()),
         (
@@ -410,11 +546,30 @@ fn venom_env(
         ),
         ("VENOM_ATTEMPT", attempt.attempt.to_string()),
         ("VENOM_NODE", node_name.to_owned()),
-    ])
+    ]
 }
 
-/// Runs one attempt to its end. A process that cannot be started is an outcome with `error`
-/// set, never a panic.
+/// Runs one attempt to its end on the calling thread (which it blocks). A process that cannot
+/// be started is an outcome with `error` set, never a panic.
+pub fn run_attempt_blocking(
+    assignment: &venom_proto::Assignment,
+    node_name: &str,
+    max_output_bytes: usize,
+    cancel: CancelToken,
+) -> AttemptOutcome {
+    let attempt = AttemptKey::from(assignment.attempt);
+    if cancel.is_cancelled() {
+        return AttemptOutcome::cancelled_before_start(attempt);
+    }
+    let started_ms = crate::unix_now_ms();
+    match spawn_attempt(assignment, node_name, max_output_bytes, cancel) {
+        Ok(running) => running.wait_blocking(),
+        Err(error) => AttemptOutcome::failed_to_start(attempt, started_ms, &error),
+    }
+}
+
+/// Runs one attempt to its end on tokio's blocking pool. A process that cannot be started is
+/// an outcome with `error` set, never a panic.
 pub async fn run_attempt(
     assignment: &venom_proto::Assignment,
     node_name: &str,
@@ -422,33 +577,21 @@ pub async fn run_attempt(
     cancel: CancelToken,
 ) -> venom_proto::TaskFinished {
     let attempt = AttemptKey::from(assignment.attempt);
-    if cancel.is_cancelled() {
-        return AttemptOutcome::cancelled_before_start(attempt).into();
-    }
+    let assignment = assignment.clone();
+    let node_name = node_name.to_owned();
     let started_ms = crate::unix_now_ms();
-    match spawn_attempt(assignment, node_name, max_output_bytes) {
-        Ok(running) => running.wait(cancel).await.into(),
-        Err(error) => AttemptOutcome::failed_to_start(attempt, started_ms, &error).into(),
-    }
-}
-
-/// Reads a pipe to its end into `tail`.
-async fn read_tail<R: AsyncRead + Unpin>(pipe: Option<R>, tail: &mut TailBuffer) {
-    let Some(mut pipe) = pipe else {
-        return;
-    };
-    let mut chunk = [0u8; READ_CHUNK_BYTES];
-    loop {
-        match pipe.read(&mut chunk).await {
-            Ok(0) => return,
-            Ok(n) => tail.push(&chunk[..n]),
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(error) => {
-                tracing::debug!(%error, "reading task output failed");
-                return;
-            }
-        }
-    }
+    tokio::task::spawn_blocking(move || {
+        run_attempt_blocking(&assignment, &node_name, max_output_bytes, cancel)
+    })
+    .await
+    .unwrap_or_else(|error| AttemptOutcome {
+        attempt,
+        started_ms,
+        finished_ms: crate::unix_now_ms(),
+        error: Some(format!("the attempt's runner failed: {error}")),
+        ..AttemptOutcome::default()
+    })
+    .into()
 }
 
 /// Keeps the last `max_bytes` bytes written to it, and whether anything was dropped.
@@ -500,35 +643,31 @@ impl TailBuffer {
     }
 }
 
-/// A process group to kill with SIGKILL; kills it on drop unless disarmed, so an attempt
-/// abandoned mid-run (its future dropped at shutdown) leaves nothing behind.
-struct ProcessGroup {
-    /// The group id; 0 when unknown (then nothing is ever signalled).
-    pgid: u32,
+/// Kills the attempt's process group when dropped while armed: an attempt abandoned mid-run
+/// (a panic, a dropped future) leaves nothing behind.
+struct GroupGuard {
+    shared: Arc<CancelShared>,
     armed: bool,
 }
 
-impl ProcessGroup {
-    fn new(pgid: u32) -> Self {
-        Self { pgid, armed: true }
-    }
-
-    fn kill(&self) {
-        if let Err(error) = kill_process_group(self.pgid) {
-            tracing::warn!(pgid = self.pgid, %error, "cannot kill a task's process group");
-        }
-    }
-
+impl GroupGuard {
     fn disarm(&mut self) {
         self.armed = false;
     }
 }
 
-impl Drop for ProcessGroup {
+impl Drop for GroupGuard {
     fn drop(&mut self) {
         if self.armed {
-            self.kill();
+            self.shared.kill_group_and_forget();
         }
+    }
+}
+
+/// Kills a process group, logging (not failing) when that is impossible.
+fn kill_group_logged(pgid: u32) {
+    if let Err(error) = kill_process_group(pgid) {
+        tracing::warn!(pgid, %error, "cannot kill a task's process group");
     }
 }
 
@@ -559,6 +698,55 @@ fn signal_group(pgid: libc::pid_t) -> libc::c_int {
     // SAFETY: kill(2) takes two integers and touches no memory of this process; `pgid` is
     // above 1 (checked by the caller), so the negation names exactly one process group.
     unsafe { libc::kill(-pgid, libc::SIGKILL) }
+}
+
+/// A pidfd for `pid` (Linux 5.3+): readable once the process exits, without reaping it.
+/// `None` where unsupported; the caller then polls with `try_wait`.
+#[allow(unsafe_code)]
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1; it
+        // reads and writes no memory of this process.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let fd = std::os::fd::RawFd::try_from(fd)
+            .ok()
+            .filter(|fd| *fd >= 0)?;
+        // SAFETY: `fd` was just returned by the kernel, is open, and nothing else owns it.
+        Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        None
+    }
+}
+
+/// poll(2) on `fds` (entries with `fd == -1` are ignored) until one is ready or `timeout`
+/// passes (`None` = no limit). Retries when interrupted by a signal.
+#[allow(unsafe_code)]
+fn poll_fds(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> std::io::Result<()> {
+    let timeout_ms = timeout.map_or(-1, |timeout| {
+        // Round up so that a wake-up never comes before the deadline.
+        let ms = timeout.as_micros().div_ceil(1000);
+        libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+    });
+    let n_fds = libc::nfds_t::try_from(fds.len()).unwrap_or(libc::nfds_t::MAX);
+    loop {
+        for entry in fds.iter_mut() {
+            entry.revents = 0;
+        }
+        // SAFETY: `fds` is a valid, exclusively borrowed slice of `pollfd` for the whole call,
+        // and `n_fds` is its length.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), n_fds, timeout_ms) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -758,9 +946,9 @@ mod tests {
             pid_file.display()
         ));
         let (handle, token) = cancel_pair();
-        let running = spawn_attempt(&task, "node-a", 1024).expect("spawn");
+        let running = spawn_attempt(&task, "node-a", 1024, token).expect("spawn");
         let leader = i32::try_from(running.pid()).expect("pid fits");
-        let waiter = tokio::spawn(running.wait(token));
+        let waiter = tokio::spawn(running.wait());
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !pid_file.exists()
             || std::fs::read_to_string(&pid_file).map_or(true, |s| !s.ends_with('\n'))
@@ -839,6 +1027,59 @@ mod tests {
 
         let empty = run_attempt(&shell_task(""), "node-a", 1024, CancelToken::never()).await;
         assert!(empty.error.contains("no command"), "{:?}", empty.error);
+    }
+
+    #[tokio::test]
+    async fn a_process_that_escapes_the_group_cannot_hold_the_result_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pid_file = dir.path().join("escaped.pid");
+        // `setsid` leaves the process group; the escaped sleep keeps stdout open.
+        let task = shell_task(&format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 30' & sleep 0.2; echo main done",
+            pid_file.display()
+        ));
+        let started = std::time::Instant::now();
+        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        let escaped: Option<i32> = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok());
+        if let Some(pid) = escaped {
+            let _ = kill_process_group(u32::try_from(pid).expect("positive pid"));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        assert_eq!(finished.stdout, b"main done\n");
+        assert!(escaped.is_some(), "the escaped process never started");
+    }
+
+    #[test]
+    fn a_cancel_before_the_spawn_kills_the_process_as_soon_as_it_starts() {
+        let (handle, token) = cancel_pair();
+        handle.cancel();
+        let started = std::time::Instant::now();
+        let running = spawn_attempt(&shell_task("sleep 30"), "node-a", 1024, token).expect("spawn");
+        let outcome = running.wait_blocking();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(outcome.cancelled);
+        assert_eq!(outcome.signal, Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn a_timeout_without_output_still_fires() {
+        let mut task = shell_task("exec sleep 30");
+        task.timeout_ms = 100;
+        let started = std::time::Instant::now();
+        let outcome = run_attempt_blocking(&task, "node-a", 1024, CancelToken::never());
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(100) && elapsed < Duration::from_secs(5),
+            "{elapsed:?}"
+        );
+        assert!(outcome.timed_out && !outcome.cancelled);
     }
 
     #[tokio::test]

@@ -110,6 +110,12 @@ fn start_worker(
     coordinators: Vec<String>,
     slots: u32,
 ) -> (oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
+    // Log everything the worker says (captured per test): every log statement's arguments are
+    // then evaluated, as they are in production.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("venom_worker=debug")
+        .try_init();
     let mut config = WorkerConfig::for_dev(String::new(), Some(slots), "test-node".to_owned());
     config.coordinators = coordinators;
     config.heartbeat_ms = 50;
@@ -193,7 +199,7 @@ async fn runs_assignments_one_at_a_time_and_resends_only_unacknowledged_results(
         .expect("the first message registers");
     assert_eq!(register.name, "test-node");
     assert_eq!(register.slots, 4);
-    assert_eq!(register.queue_depth, 4);
+    assert_eq!(register.queue_depth, 32);
     assert_eq!(register.throttle_policy, "adaptive");
     assert_eq!(
         register.labels.get("zone").map(String::as_str),
@@ -298,6 +304,54 @@ async fn runs_assignments_one_at_a_time_and_resends_only_unacknowledged_results(
         })
         .await;
 
+    stop_worker(stop, worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wide_task_runs_alone_and_the_narrow_ones_then_share_the_slots() {
+    let (url, mut connections) = fake_coordinator().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("log");
+    let (stop, worker) = start_worker(vec![url], 4);
+    let mut conn = accept(&mut connections).await;
+    assert!(conn.next().await.register.is_some());
+
+    let step = |name: &str| {
+        format!(
+            "echo start {name} >> {log}; sleep 0.3; echo end {name} >> {log}",
+            log = log.display()
+        )
+    };
+    let mut wide = shell_assignment(0, step("wide"));
+    wide.cpus = 4;
+    let narrow = (1..=3).map(|micro| shell_assignment(micro, step(&format!("n{micro}"))));
+    conn.send(CoordinatorMessage {
+        registered: true,
+        slots_limit: Some(3),
+        assign: std::iter::once(wide).chain(narrow).collect(),
+        ..Default::default()
+    })
+    .await;
+    let results = conn.collect_finished(4).await;
+    assert!(
+        results.values().all(|result| result.exit_code == Some(0)),
+        "{results:?}"
+    );
+
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .expect("log")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        &lines[..2],
+        ["start wide", "end wide"],
+        "the wide task runs alone: {lines:?}"
+    );
+    assert!(
+        lines[2..5].iter().all(|line| line.starts_with("start n")),
+        "the three narrow tasks run together once it ends: {lines:?}"
+    );
     stop_worker(stop, worker).await;
 }
 
@@ -468,16 +522,14 @@ async fn shutdown_kills_running_process_groups() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zz_throughput() {
-    let n: u32 = std::env::var("N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
+/// Drives `n` `true` tasks through a worker with 2 slots the way a coordinator would: a few
+/// assignments beyond the slots up front, then one more per result, acknowledging as results
+/// arrive. Returns the exit code reported for each micro index and the seconds taken.
+async fn drive_short_tasks(n: u32) -> (BTreeMap<u32, Vec<Option<i32>>>, f64) {
     let (url, mut connections) = fake_coordinator().await;
     let (stop, worker) = start_worker(vec![url], 2);
     let mut conn = accept(&mut connections).await;
-    assert!(conn.next().await.register.is_some());
+    let register = conn.next().await.register.expect("registers");
     let task = |micro| Assignment {
         attempt: Some(attempt(micro)),
         argv: vec!["true".to_owned()],
@@ -485,38 +537,60 @@ async fn zz_throughput() {
         ..Default::default()
     };
     let started = std::time::Instant::now();
-    let mut sent = 0u32;
-    let first: Vec<_> = (0..6.min(n)).map(task).collect();
-    sent += first.len() as u32;
+    let mut sent = (2 + register.queue_depth).min(n);
     conn.send(CoordinatorMessage {
         registered: true,
-        assign: first,
+        assign: (0..sent).map(task).collect(),
         ..Default::default()
     })
     .await;
-    let mut done = 0u32;
-    let mut msgs = 0;
-    while done < n {
-        let m = conn.next().await;
-        msgs += 1;
-        let k = m.finished.len() as u32;
-        done += k;
-        let acks: Vec<_> = m.finished.iter().filter_map(|f| f.attempt).collect();
-        let more: Vec<_> = (sent..(sent + k).min(n)).map(task).collect();
-        sent += more.len() as u32;
-        if k > 0 {
-            conn.send(CoordinatorMessage {
-                assign: more,
-                ack: acks,
-                ..Default::default()
-            })
-            .await;
+    let mut reported: BTreeMap<u32, Vec<Option<i32>>> = BTreeMap::new();
+    let mut n_reported = 0;
+    while n_reported < n {
+        let message = conn.next().await;
+        if message.finished.is_empty() {
+            continue;
         }
+        let mut ack = Vec::new();
+        for finished in message.finished {
+            let attempt = finished.attempt.expect("results name their attempt");
+            reported
+                .entry(attempt.micro)
+                .or_default()
+                .push(finished.exit_code);
+            ack.push(attempt);
+            n_reported += 1;
+        }
+        let more = (n - sent).min(u32::try_from(ack.len()).expect("small batch"));
+        let assign = (sent..sent + more).map(task).collect();
+        sent += more;
+        conn.send(CoordinatorMessage {
+            assign,
+            ack,
+            ..Default::default()
+        })
+        .await;
     }
-    eprintln!(
-        "{n} tasks in {:.2} s, {msgs} messages",
-        started.elapsed().as_secs_f64()
-    );
-
+    let elapsed_s = started.elapsed().as_secs_f64();
     stop_worker(stop, worker).await;
+    (reported, elapsed_s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_short_tasks_each_report_exactly_once() {
+    let n = 400;
+    let (reported, elapsed_s) = drive_short_tasks(n).await;
+    assert_eq!(
+        reported.len(),
+        usize::try_from(n).expect("small"),
+        "every task reported"
+    );
+    for (micro, exit_codes) in &reported {
+        assert_eq!(
+            exit_codes,
+            &vec![Some(0)],
+            "micro {micro} reported {exit_codes:?}"
+        );
+    }
+    eprintln!("{n} short tasks in {elapsed_s:.2} s");
 }
