@@ -80,7 +80,7 @@ impl Store {
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(64 << 20)
+            .cache_capacity(16 << 20)
             .flush_every_ms(None)
             .open()?;
         Ok(Self {

@@ -57,8 +57,12 @@ const MESSAGE_BUDGET_BYTES: usize = 1024 * 1024;
 const MAX_INBOUND_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// How long a start report may wait for company. Nothing waits on `TaskStarted`, so it rides
 /// along with the next result or heartbeat when one comes soon, halving the messages for short
-/// tasks; results themselves are never held back.
+/// tasks. Results wait the same way, but only while work is queued here (see
+/// `AgentState::has_urgent_outbound`).
 const STARTED_COALESCE: Duration = Duration::from_millis(5);
+
+/// Results held back while work is queued here are sent once this many wait.
+const MAX_COALESCED_RESULTS: usize = 64;
 /// Time allowed to open a connection and the stream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 keep-alive: how a silently dead coordinator is noticed.
@@ -273,8 +277,14 @@ impl AgentState {
     }
 
     /// True when a result or a heartbeat waits: send at once.
+    ///
+    /// A result is urgent unless this worker still has queued work: then nothing waits on
+    /// the coordinator's answer, and results coalesce like start reports (fewer messages,
+    /// bigger group commits), up to [`MAX_COALESCED_RESULTS`].
     pub fn has_urgent_outbound(&self) -> bool {
-        !self.out_finished.is_empty() || self.out_heartbeat.is_some()
+        self.out_heartbeat.is_some()
+            || (!self.out_finished.is_empty()
+                && (self.queue.is_empty() || self.out_finished.len() >= MAX_COALESCED_RESULTS))
     }
 
     /// True when something waits to be sent.
