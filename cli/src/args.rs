@@ -187,6 +187,10 @@ pub struct DevArgs {
     #[arg(long, env = "VENOM_DEV_SLOTS", value_parser = clap::value_parser!(u32).range(1..))]
     pub slots: Option<u32>,
 
+    /// Throttling policy of the local worker (`conservative` backs off earlier).
+    #[arg(long, env = "VENOM_DEV_THROTTLE", value_enum, default_value_t = venom_worker::config::ThrottlePolicy::Adaptive)]
+    pub throttle: venom_worker::config::ThrottlePolicy,
+
     /// Keep the temporary data directory on exit (its path is printed).
     #[arg(long)]
     pub keep: bool,

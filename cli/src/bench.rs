@@ -161,6 +161,7 @@ pub async fn run(ctx: &Context, args: &BenchArgs) -> anyhow::Result<u8> {
                 .expect("a valid socket address literal"),
             data_dir: None,
             slots: Some(args.slots),
+            throttle: venom_worker::config::ThrottlePolicy::Adaptive,
             keep: false,
         })
         .await?;

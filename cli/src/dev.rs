@@ -42,6 +42,8 @@ pub struct DevOptions {
     pub data_dir: Option<PathBuf>,
     /// `None`: the worker's default (this machine's CPUs).
     pub slots: Option<u32>,
+    /// Throttling policy of the local worker.
+    pub throttle: venom_worker::config::ThrottlePolicy,
     /// Keep a temporary data directory on exit.
     pub keep: bool,
 }
@@ -116,7 +118,12 @@ impl DevCluster {
             stop_signal(stop_rx.clone()),
         ));
         let url = format!("http://{}", reachable(addr));
-        let worker_config = embedded_worker::config(url, options.slots, data_dir.join("worker"));
+        let worker_config = embedded_worker::config(
+            url,
+            options.slots,
+            options.throttle,
+            data_dir.join("worker"),
+        );
         let worker = tokio::spawn(embedded_worker::run(worker_config, stop_signal(stop_rx)));
         Ok(Self {
             addr,
@@ -246,6 +253,7 @@ pub async fn run(ctx: &Context, args: DevArgs) -> anyhow::Result<u8> {
         listen: args.listen,
         data_dir: args.data_dir.clone(),
         slots: args.slots,
+        throttle: args.throttle,
         keep: args.keep,
     })
     .await?;
@@ -324,9 +332,15 @@ mod embedded_worker {
     use super::DEV_WORKER_NAME;
 
     /// A worker named `dev` connecting to `coordinator_url`.
-    pub fn config(coordinator_url: String, slots: Option<u32>, data_dir: PathBuf) -> WorkerConfig {
+    pub fn config(
+        coordinator_url: String,
+        slots: Option<u32>,
+        throttle: venom_worker::config::ThrottlePolicy,
+        data_dir: PathBuf,
+    ) -> WorkerConfig {
         let mut config = WorkerConfig::for_dev(coordinator_url, slots, DEV_WORKER_NAME.to_owned());
         config.data_dir = Some(data_dir);
+        config.throttle = throttle;
         config
     }
 

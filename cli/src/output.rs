@@ -573,6 +573,7 @@ pub struct NodeView {
     pub slots: u32,
     pub throttled_slots: u32,
     pub running: u32,
+    pub queued: u32,
     pub theta: f64,
     pub theta_smoothed: f64,
     pub h_cpu: f64,
@@ -598,6 +599,7 @@ impl From<&pb::NodeInfo> for NodeView {
             slots: n.slots,
             throttled_slots: n.throttled_slots,
             running: n.running,
+            queued: n.queued,
             theta: n.theta,
             theta_smoothed: n.theta_smoothed,
             h_cpu: n.h_cpu,
@@ -633,7 +635,7 @@ impl From<&pb::NodeInfo> for NodeView {
 /// One line describing a node's load, as `--watch` shows it.
 pub fn node_line(node: &NodeView) -> String {
     format!(
-        "θ {:.2} {:<10} running {}/{} slots{}  {}",
+        "θ {:.2} {:<10} running {}/{} slots{}, {} queued  {}",
         node.theta_smoothed,
         node.mode,
         node.running,
@@ -643,6 +645,7 @@ pub fn node_line(node: &NodeView) -> String {
         } else {
             String::new()
         },
+        node.queued,
         node.state
     )
 }
@@ -658,6 +661,7 @@ pub fn render_nodes(nodes: &[NodeView]) -> String {
         "MODE",
         ">SLOTS",
         ">RUNNING",
+        ">QUEUED",
         ">MEM FREE",
         "POLICY",
         ">S_TOTAL (model)",
@@ -676,6 +680,7 @@ pub fn render_nodes(nodes: &[NodeView]) -> String {
             node.mode.clone(),
             format!("{}/{}", node.throttled_slots, node.slots),
             node.running.to_string(),
+            node.queued.to_string(),
             fmt_bytes(node.memory_available_bytes),
             node.policy.clone(),
             fmt_factor(node.s_total),

@@ -147,7 +147,10 @@ fn fit(label: &str) -> String {
 }
 
 fn counts_message(counts: &CountsView) -> String {
-    let mut parts = vec![format!("{} running", counts.active())];
+    let mut parts = vec![format!("{} running", counts.running)];
+    if counts.assigned > 0 {
+        parts.push(format!("{} queued", counts.assigned));
+    }
     if counts.failed > 0 {
         parts.push(format!("{} failed", counts.failed));
     }

@@ -173,14 +173,24 @@ pub fn micro_task_info(wave: &Wave, micro: u32) -> Option<pb::MicroTaskInfo> {
     })
 }
 
-pub fn node_info(node: &Node) -> pb::NodeInfo {
+pub fn node_info(state: &State, node: &Node) -> pb::NodeInfo {
     let model = mobius::node_model(&node.model_input());
+    let running = node
+        .active
+        .iter()
+        .filter(|&&key| {
+            state
+                .task(key)
+                .is_some_and(|t| t.state == TaskState::Running)
+        })
+        .count() as u32;
     pb::NodeInfo {
         name: node.spec.name.clone(),
         state: node.state.as_str().to_string(),
         slots: node.spec.slots,
         throttled_slots: node.usable_slots(),
-        running: node.active.len() as u32,
+        running,
+        queued: (node.active.len() as u32).saturating_sub(running),
         theta: node.theta,
         theta_smoothed: node.throttle.ewma,
         h_cpu: node.h_cpu,

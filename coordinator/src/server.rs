@@ -168,7 +168,11 @@ impl ClientService for ClientApi {
                     };
                     pb::WatchWaveEvent {
                         wave: Some(convert::wave_summary(&state, wave)),
-                        nodes: state.nodes.values().map(convert::node_info).collect(),
+                        nodes: state
+                            .nodes
+                            .values()
+                            .map(|n| convert::node_info(&state, n))
+                            .collect(),
                     }
                 };
                 let done = event.wave.as_ref().is_some_and(|w| {
@@ -291,7 +295,11 @@ impl ClientService for ClientApi {
         _request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let state = read_state(&self.handle);
-        let nodes = state.nodes.values().map(convert::node_info).collect();
+        let nodes = state
+            .nodes
+            .values()
+            .map(|n| convert::node_info(&state, n))
+            .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
