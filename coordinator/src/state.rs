@@ -847,11 +847,8 @@ impl State {
         node.h_term = report.h_term;
         node.memory_available_bytes = report.memory_available_bytes;
         node.last_heartbeat_ms = now_ms;
+        // A node marked down stays down (no new work) until it registers again.
         node.throttle.observe(report.theta, node.spec.policy);
-        if node.state == NodeState::Down {
-            // A heartbeat from a node marked down: it is alive after all (it re-registers
-            // on reconnect; until then it gets no new work).
-        }
         let after = node.usable_slots();
         self.dirty.nodes.insert(report.node.clone());
         if after != before {
