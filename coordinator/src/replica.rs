@@ -633,11 +633,6 @@ impl<T: Transport> Replica<T> {
                 }
                 self.applied = index;
             }
-            if state.dirty.tasks.len() >= PERSIST_MAX_DIRTY_TASKS {
-                self.store.persist_state(&mut state, self.applied)?;
-                self.persisted_applied = self.applied;
-                self.last_persist = std::time::Instant::now();
-            }
             let drained = std::mem::take(&mut state.effects);
             effects = if is_leader {
                 self.build_messages(&state, drained)
@@ -657,16 +652,24 @@ impl<T: Transport> Replica<T> {
 
     /// Writes the state changed since the last checkpoint, with its applied index, in one
     /// atomic batch (made durable by the next flush).
+    ///
+    /// Runs between turns, never inside `on_ready`: by then the hard state with the commit
+    /// index covering `applied` has been written, so a checkpoint can never reach the disk
+    /// ahead of the commit index it depends on.
     fn checkpoint(&mut self, force: bool) -> Result<(), ReplicaError> {
-        if self.persisted_applied == self.applied
-            || (!force && self.last_persist.elapsed() < PERSIST_INTERVAL)
-        {
+        if self.persisted_applied == self.applied {
             return Ok(());
         }
         let mut state = match self.shared.state.write() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
+        if !force
+            && self.last_persist.elapsed() < PERSIST_INTERVAL
+            && state.dirty.tasks.len() < PERSIST_MAX_DIRTY_TASKS
+        {
+            return Ok(());
+        }
         self.store.persist_state(&mut state, self.applied)?;
         self.persisted_applied = self.applied;
         self.last_persist = std::time::Instant::now();

@@ -34,6 +34,11 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// The `RUST_LOG` filter given to spawned binaries: `VENOM_TEST_LOG`, or `warn`.
+fn test_log_filter() -> String {
+    std::env::var("VENOM_TEST_LOG").unwrap_or_else(|_| "warn".to_string())
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -102,6 +107,26 @@ impl Coordinator {
         )
     }
 
+    /// Starts member `id` of a raft group on `port`; `peers` is the `--peers` value
+    /// (`ID=HOST:PORT,…`, every member included). [`Coordinator::kill9_and_restart`]
+    /// brings it back with the same id, port, peers and data dir.
+    pub fn start_member(
+        id: u64,
+        port: u16,
+        peers: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "--id".to_string(),
+            id.to_string(),
+            "--peers".to_string(),
+            peers.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_on(data_dir, port, args)
+    }
+
     fn start_on(data_dir: &Path, port: u16, extra: Vec<String>) -> anyhow::Result<Self> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -113,7 +138,7 @@ impl Coordinator {
             .arg("--data-dir")
             .arg(data_dir)
             .args(&extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", test_log_filter())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -154,7 +179,7 @@ pub fn start_worker(
         .arg("--slots")
         .arg(slots.to_string())
         .args(extra)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", test_log_filter())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -220,6 +245,51 @@ pub async fn submit(c: &mut ClientServiceClient<Channel>, spec: &str) -> anyhow:
         .await
         .context("submit")?;
     Ok(response.into_inner().wave_id)
+}
+
+/// The leader's URL in a "not leader: leader=URL" refusal (`None` for `leader=unknown`).
+pub fn leader_from_refusal(message: &str) -> Option<String> {
+    let rest = &message[message.find("leader=")? + "leader=".len()..];
+    let url = rest.split_whitespace().next()?;
+    url.contains(':').then(|| url.to_string())
+}
+
+/// Submits a wave at `url`, following "not leader" refusals to the leader they name (and
+/// retrying while no leader is known). Returns the wave id and every URL tried, in order.
+pub async fn submit_following_leader(
+    url: &str,
+    spec: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u64, Vec<String>)> {
+    let deadline = Instant::now() + timeout;
+    let mut tried = vec![url.to_string()];
+    let mut target = url.to_string();
+    loop {
+        let mut c = client(&target).await?;
+        let attempt = c
+            .submit_wave(pb::SubmitWaveRequest {
+                spec: spec.as_bytes().to_vec(),
+                format: "toml".into(),
+                traceparent: String::new(),
+            })
+            .await;
+        match attempt {
+            Ok(response) => return Ok((response.into_inner().wave_id, tried)),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                if Instant::now() > deadline {
+                    bail!("no leader accepted the wave after {timeout:?}: {status}");
+                }
+                match leader_from_refusal(status.message()) {
+                    Some(leader) if leader != target => {
+                        target = leader;
+                        tried.push(target.clone());
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            Err(status) => bail!("submit at {target}: {status}"),
+        }
+    }
 }
 
 /// Polls the wave until it is terminal (reconnecting across coordinator restarts).

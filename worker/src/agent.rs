@@ -68,6 +68,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 keep-alive: how a silently dead coordinator is noticed.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How soon to ask again when a coordinator says it is not the leader and knows none yet
+/// (an election is under way).
+const NOT_LEADER_RETRY: Duration = Duration::from_millis(100);
+
 /// Reconnect backoff bounds.
 const BACKOFF_MIN_MS: u64 = 50;
 const BACKOFF_MAX_MS: u64 = 2_000;
@@ -406,16 +410,21 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
-/// The leader's address in a refusal like "not leader: 10.0.0.2:7070", if it names one.
+/// The leader's address in a refusal like "not leader: leader=http://10.0.0.2:7070" (the
+/// coordinator's form) or "not leader: 10.0.0.2:7070", if it names one.
 pub fn leader_hint(error: &str) -> Option<String> {
     let lower = error.to_ascii_lowercase();
     let at = lower.find("not leader")? + "not leader".len();
     let rest = error[at..].trim_start_matches([':', ' ', ';', ',', '\t']);
-    let candidate = rest
+    let word = rest
         .split_whitespace()
         .next()?
         .trim_end_matches([',', ';', ')', '.'])
         .trim_start_matches('(');
+    let candidate = match word.get(..7) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("leader=") => &word[7..],
+        _ => word,
+    };
     let looks_like_address = !candidate.is_empty()
         && (candidate.contains(':') || candidate.contains('.'))
         && !candidate.eq_ignore_ascii_case("unknown");
@@ -667,22 +676,40 @@ impl Agent {
         self.link = Link::Connecting(connecting);
     }
 
-    /// Drops the connection and schedules the next attempt.
+    /// Drops the connection and schedules the next attempt. A coordinator that answered
+    /// "not leader" is alive: with a leader named, go there at once; during an election,
+    /// ask again shortly rather than backing off (a long wait would outlive the new
+    /// leader's heartbeat grace and get this node marked down).
     fn disconnect(&mut self, reason: &str) {
-        let delay = self.backoff.next_delay();
+        let not_leader = reason.to_ascii_lowercase().contains("not leader");
+        let delay = if not_leader {
+            if self.leader_hint.is_some() {
+                // Not zero: two members with stale hints must not ping-pong in a busy loop.
+                Duration::from_millis(10)
+            } else {
+                NOT_LEADER_RETRY
+            }
+        } else {
+            self.backoff.next_delay()
+        };
         // Read under one lock, before logging: the guard must not live through the macro.
         let (running, unacknowledged) = {
             let state = self.state();
             (state.n_running(), state.unacked.len())
         };
-        tracing::warn!(
-            url = %self.current_url,
-            reason,
-            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            running,
-            unacknowledged,
-            "coordinator unavailable; will retry (running processes keep running)"
-        );
+        let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        if not_leader {
+            tracing::debug!(url = %self.current_url, reason, retry_in_ms, "not the leader; asking again");
+        } else {
+            tracing::warn!(
+                url = %self.current_url,
+                reason,
+                retry_in_ms,
+                running,
+                unacknowledged,
+                "coordinator unavailable; will retry (running processes keep running)"
+            );
+        }
         self.outbound = None;
         self.pending_outbound = None;
         self.link = Link::idle_for(delay);
@@ -1196,8 +1223,14 @@ mod tests {
             leader_hint("not leader: http://c2:7070"),
             Some("http://c2:7070".to_owned())
         );
+        assert_eq!(
+            leader_hint("not leader: leader=http://127.0.0.1:7071"),
+            Some("http://127.0.0.1:7071".to_owned()),
+            "the coordinator's own refusal"
+        );
         assert_eq!(leader_hint("not leader: "), None);
         assert_eq!(leader_hint("not leader: unknown"), None);
+        assert_eq!(leader_hint("not leader: leader=unknown"), None);
         assert_eq!(leader_hint("permission denied"), None);
     }
 

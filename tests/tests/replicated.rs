@@ -1,0 +1,425 @@
+//! A three-coordinator raft group with the real binaries on loopback: a wave submitted
+//! through a follower (the client follows the "not leader" refusal to the leader), the
+//! leader SIGKILLed twice while micro-tasks run, each killed member restarted on its own
+//! data dir. The wave must still succeed with every micro-task run at least once and few
+//! re-runs, and all three members must end up reporting the same wave.
+//!
+//! Set `VENOM_KEEP_TEST_DIR=1` to keep the coordinators' data dirs and logs.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use venom_proto::v1 as pb;
+use venom_proto::v1::client_service_client::ClientServiceClient;
+use venom_tests::*;
+
+const N_MICRO_TASKS: u32 = 300;
+const N_WORKERS: u32 = 2;
+const SLOTS: u32 = 2;
+const QUEUE_DEPTH: u32 = 4;
+const N_KILLS: usize = 2;
+
+/// One connection attempt with short timeouts (a killed member must not stall the test).
+async fn try_client(url: &str) -> Option<ClientServiceClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .ok()?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    Some(ClientServiceClient::new(channel))
+}
+
+async fn cluster_status(url: &str) -> Option<pb::ClusterStatusResponse> {
+    let mut c = try_client(url).await?;
+    c.cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+async fn get_wave(url: &str, wave_id: u64) -> Option<pb::WaveSummary> {
+    let mut c = try_client(url).await?;
+    c.get_wave(pb::GetWaveRequest { wave_id })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+async fn list_tasks(url: &str, wave_id: u64) -> Option<Vec<pb::MicroTaskInfo>> {
+    let mut c = try_client(url).await?;
+    c.list_tasks(pb::ListTasksRequest { wave_id })
+        .await
+        .ok()
+        .map(|r| r.into_inner().tasks)
+}
+
+/// The three members, indexed by raft id − 1; `None` while killed.
+struct Group {
+    members: Vec<Option<Coordinator>>,
+    urls: Vec<String>,
+}
+
+impl Group {
+    fn url(&self, id: u64) -> &str {
+        &self.urls[(id - 1) as usize]
+    }
+
+    fn live_ids(&self) -> Vec<u64> {
+        (1..=self.members.len() as u64)
+            .filter(|id| self.members[(id - 1) as usize].is_some())
+            .collect()
+    }
+
+    /// Waits until a live member other than `not` says it is the leader; returns its id.
+    async fn wait_leader(&self, not: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for id in self.live_ids() {
+                if id == not {
+                    continue;
+                }
+                if let Some(status) = cluster_status(self.url(id)).await {
+                    let own_role = status
+                        .members
+                        .iter()
+                        .find(|m| m.id == id)
+                        .map(|m| m.role.clone());
+                    if status.leader_id == id && own_role.as_deref() == Some("leader") {
+                        return id;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no member (other than {not}) became leader within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Asks the live members in turn; the first that knows the wave answers.
+    async fn wave(&self, wave_id: u64) -> Option<pb::WaveSummary> {
+        for id in self.live_ids() {
+            if let Some(w) = get_wave(self.url(id), wave_id).await {
+                return Some(w);
+            }
+        }
+        None
+    }
+
+    /// Waits until the leader has recorded at least `n` succeeded micro-tasks.
+    async fn wait_succeeded(&self, leader: u64, wave_id: u64, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(w) = get_wave(self.url(leader), wave_id).await {
+                let done = w.counts.as_ref().map_or(0, |c| c.succeeded);
+                if done >= n {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leader {leader} did not reach {n} succeeded micro-tasks within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until member `id` follows `leader` and has applied what the leader had
+    /// committed when this was called.
+    async fn wait_caught_up(&self, id: u64, leader: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let target = loop {
+            if let Some(s) = cluster_status(self.url(leader)).await {
+                break s.commit_index;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leader {leader} stopped answering"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        loop {
+            if let Some(s) = cluster_status(self.url(id)).await {
+                if s.leader_id == leader && s.applied_index >= target {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "restarted member {id} did not rejoin leader {leader} and apply index \
+                 {target} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    format!("'''{s}'''")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wave_survives_two_leader_kills_and_members_converge() {
+    let test_start = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let _dir = if std::env::var_os("VENOM_KEEP_TEST_DIR").is_some() {
+        eprintln!("keeping {}", root.display());
+        let _ = dir.keep();
+        None
+    } else {
+        Some(dir)
+    };
+    let work = root.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+
+    // 1. Three members on ports chosen up front, each listing all three as peers.
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let members: Vec<Option<Coordinator>> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &port)| {
+            Some(
+                Coordinator::start_member(
+                    i as u64 + 1,
+                    port,
+                    &peers,
+                    &root.join(format!("c{}", i + 1)),
+                    &[],
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    let urls: Vec<String> = members.iter().map(|m| m.as_ref().unwrap().url()).collect();
+    let mut group = Group { members, urls };
+    let all_urls = group.urls.join(",");
+    let _workers: Vec<Proc> = (1..=N_WORKERS)
+        .map(|i| {
+            start_worker(
+                &all_urls,
+                &format!("w{i}"),
+                SLOTS,
+                &[
+                    "--throttle",
+                    "off",
+                    "--queue-depth",
+                    &QUEUE_DEPTH.to_string(),
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+
+    // 2. Find the leader; wait for both workers to register with it.
+    let leader = group.wait_leader(0, Duration::from_secs(30)).await;
+    wait_ready(group.url(leader), N_WORKERS as usize)
+        .await
+        .unwrap();
+    let status = cluster_status(group.url(leader)).await.unwrap();
+    let addresses: BTreeMap<u64, String> = status
+        .members
+        .iter()
+        .map(|m| (m.id, m.address.clone()))
+        .collect();
+    assert_eq!(addresses.len(), 3, "{status:?}");
+    assert_eq!(addresses[&leader], group.url(leader));
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+
+    let body = "sleep 0.1";
+    let spec = format!(
+        r#"
+name = "failover"
+[[task]]
+id = "fan"
+array = {N_MICRO_TASKS}
+run = {fan}
+[[task]]
+id = "after"
+deps = ["fan"]
+run = {after}
+"#,
+        fan = toml_str(&recording(&work, body)),
+        after = toml_str(&recording(&work, "true")),
+    );
+    let (wave_id, tried) =
+        submit_following_leader(&addresses[&follower], &spec, Duration::from_secs(20))
+            .await
+            .unwrap();
+    assert_eq!(
+        tried,
+        vec![addresses[&follower].clone(), addresses[&leader].clone()],
+        "a follower refuses the submission and names the leader"
+    );
+
+    // 3. Kill the leader twice while the wave runs, restarting each killed member.
+    let mut leader = leader;
+    let mut killed = Vec::new();
+    let mut failover_ms = Vec::new();
+    let mut resume_ms = Vec::new();
+    let mut rejoin_ms = Vec::new();
+    let mut progress_at_kill = Vec::new();
+    for round in 0..N_KILLS {
+        let before = get_wave(group.url(leader), wave_id)
+            .await
+            .and_then(|w| w.counts)
+            .map_or(0, |c| c.succeeded);
+        group
+            .wait_succeeded(leader, wave_id, before + 20, Duration::from_secs(30))
+            .await;
+        // Whoever leads now (normally still `leader`) is the one to kill.
+        leader = group.wait_leader(0, Duration::from_secs(20)).await;
+        let summary = get_wave(group.url(leader), wave_id).await.unwrap();
+        assert_eq!(
+            summary.state, "running",
+            "kill {round}: the wave must still be running when its leader dies: {summary:?}"
+        );
+        let at_kill = summary.counts.as_ref().map_or(0, |c| c.succeeded);
+        progress_at_kill.push(at_kill);
+
+        let index = (leader - 1) as usize;
+        let mut victim = group.members[index].take().unwrap();
+        victim.proc.kill9();
+        let t_kill = Instant::now();
+        killed.push(leader);
+        let new_leader = group.wait_leader(leader, Duration::from_secs(20)).await;
+        failover_ms.push(t_kill.elapsed().as_millis());
+        assert_ne!(new_leader, leader);
+
+        victim.kill9_and_restart().unwrap();
+        group.members[index] = Some(victim);
+        let t_restart = Instant::now();
+        // The restarted member catches up while the workers find the new leader and the
+        // wave moves on (more than the few results that could have reached the old
+        // leader just before it died).
+        tokio::join!(
+            async {
+                group
+                    .wait_caught_up(leader, new_leader, Duration::from_secs(20))
+                    .await;
+                rejoin_ms.push(t_restart.elapsed().as_millis());
+            },
+            async {
+                let target = at_kill + u64::from(N_WORKERS * SLOTS) + 1;
+                group
+                    .wait_succeeded(new_leader, wave_id, target, Duration::from_secs(30))
+                    .await;
+                resume_ms.push(t_kill.elapsed().as_millis());
+            }
+        );
+        leader = new_leader;
+    }
+    assert_ne!(killed[0], killed[1], "two different leaders were killed");
+
+    // 4. The wave finishes; read it from any live member.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let summary = loop {
+        if let Some(w) = group.wave(wave_id).await {
+            if matches!(w.state.as_str(), "succeeded" | "failed" | "cancelled") {
+                break w;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wave {wave_id} did not finish: {:?}",
+            group.wave(wave_id).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    assert_eq!(summary.n_micro_tasks, u64::from(N_MICRO_TASKS) + 1);
+
+    let tasks = list_tasks(group.url(leader), wave_id).await.unwrap();
+    assert_eq!(tasks.len(), N_MICRO_TASKS as usize + 1);
+    let not_succeeded: Vec<_> = tasks.iter().filter(|t| t.state != "succeeded").collect();
+    assert!(not_succeeded.is_empty(), "{not_succeeded:?}");
+    let redispatched = tasks.iter().filter(|t| t.attempt > 1).count();
+
+    // Every micro-task ran at least once; re-runs are bounded by what can be in flight.
+    let records = read_records(&work).unwrap();
+    let mut runs: BTreeMap<(String, String), Vec<&Record>> = BTreeMap::new();
+    for r in &records {
+        runs.entry((r.task.clone(), r.index.clone()))
+            .or_default()
+            .push(r);
+    }
+    let missing: Vec<u32> = (0..N_MICRO_TASKS)
+        .filter(|i| !runs.contains_key(&("fan".to_string(), i.to_string())))
+        .collect();
+    assert!(missing.is_empty(), "fan[i] never ran for i in {missing:?}");
+    let after_runs: Vec<&Record> = records.iter().filter(|r| r.task == "after").collect();
+    assert!(!after_runs.is_empty(), "`after` never ran");
+    assert_eq!(runs.len(), N_MICRO_TASKS as usize + 1, "unexpected records");
+    let reruns: usize = runs.values().map(|v| v.len() - 1).sum();
+    let in_flight_bound = (N_WORKERS * (SLOTS + QUEUE_DEPTH)) as usize;
+    assert!(
+        reruns <= in_flight_bound,
+        "{reruns} re-runs after {N_KILLS} leader kills; at most {in_flight_bound} \
+         micro-tasks can be in flight at once"
+    );
+    // `after` started once every fan[i] had finished (at least one run of it).
+    let after_start = after_runs.iter().map(|r| r.start_ns).min().unwrap();
+    let late: Vec<_> = runs
+        .iter()
+        .filter(|((task, _), _)| task == "fan")
+        .filter(|(_, v)| v.iter().map(|r| r.end_ns).min().unwrap() > after_start)
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(late.is_empty(), "`after` started before {late:?} finished");
+
+    // 5. Every member, asked directly, reports the same applied wave once caught up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut views = Vec::new();
+        for id in 1..=3 {
+            views.push((
+                id,
+                get_wave(group.url(id), wave_id).await,
+                list_tasks(group.url(id), wave_id).await,
+            ));
+        }
+        let agree = views
+            .iter()
+            .all(|(_, w, t)| w.as_ref() == Some(&summary) && t.as_ref() == Some(&tasks));
+        if agree {
+            break;
+        }
+        if Instant::now() > deadline {
+            let differing: Vec<_> = views
+                .iter()
+                .filter(|(_, w, _)| w.as_ref() != Some(&summary))
+                .map(|(id, w, _)| (id, w.clone()))
+                .collect();
+            panic!(
+                "members disagree about wave {wave_id} after 10 s; reference {summary:?}, \
+                 differing summaries {differing:?}, task lists equal: {:?}",
+                views
+                    .iter()
+                    .map(|(id, _, t)| (id, t.as_ref() == Some(&tasks)))
+                    .collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    eprintln!(
+        "replicated: killed leaders {killed:?} at {progress_at_kill:?} succeeded; \
+         failover {failover_ms:?} ms; progress resumed {resume_ms:?} ms after the kill; \
+         rejoin {rejoin_ms:?} ms; {reruns} re-runs, \
+         {redispatched} micro-tasks re-dispatched; total {:?}",
+        test_start.elapsed()
+    );
+}
