@@ -51,6 +51,11 @@ pub struct CoordinatorConfig {
     /// Raft tick interval.
     #[arg(long, env = "VENOM_TICK_MS", default_value_t = 100)]
     pub tick_ms: u64,
+
+    /// Compact the raft log once it holds more than this many applied and checkpointed
+    /// entries; a follower that falls further behind is caught up by snapshot.
+    #[arg(long, env = "VENOM_COMPACT_AFTER_ENTRIES", default_value_t = 10_000)]
+    pub compact_after_entries: u64,
 }
 
 impl CoordinatorConfig {
@@ -68,6 +73,7 @@ impl CoordinatorConfig {
             max_spec_bytes: 1 << 20,
             max_message_bytes: 16 << 20,
             tick_ms: 100,
+            compact_after_entries: 10_000,
         }
     }
 

@@ -114,6 +114,7 @@ pub async fn run(
         tick: Duration::from_millis(config.tick_ms.max(1)),
         heartbeat_ttl_ms: config.heartbeat_ttl_ms,
         max_entry_bytes: 4 << 20,
+        compact_after_entries: config.compact_after_entries,
     };
     let mut replica_shutdown = shutdown_rx.clone();
     let (handle, replica_task) = replica::start(

@@ -9,6 +9,10 @@
 //! events — a result arriving dispatches its dependents in the same turn — plus the
 //! tick for heartbeat expiry.
 //!
+//! Between turns the applied state is checkpointed to sled, and the log is compacted up to
+//! (never past) the checkpoint; a follower that needs a compacted entry receives a snapshot
+//! of the checkpoint and installs it in `on_ready`.
+//!
 //! Proposals carry a reply channel; lost leadership or shutdown fails them at once, so
 //! callers never hang.
 
@@ -18,7 +22,7 @@ use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, Entry, EntryType, Message as RaftMessage};
-use raft::{RawNode, StateRole};
+use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 use venom_proto::v1 as pb;
@@ -151,6 +155,9 @@ pub struct ReplicaConfig {
     pub heartbeat_ttl_ms: u64,
     /// Largest raft entry a group commit builds, in bytes (approximate).
     pub max_entry_bytes: usize,
+    /// Compact the log once it holds more than this many entries at or below the
+    /// checkpoint's applied index.
+    pub compact_after_entries: u64,
 }
 
 /// Failures that stop the replica.
@@ -197,6 +204,9 @@ struct Replica<T: Transport> {
     n_turns: u64,
     n_flushes: u64,
     last_flush: std::time::Instant,
+    /// Followers the leader is sending a snapshot to, and since when (see
+    /// `retry_lost_snapshots`).
+    snapshot_since: HashMap<u64, std::time::Instant>,
 }
 
 /// Longest a group commit is held back to gather more results (see `should_pace`).
@@ -208,6 +218,12 @@ const COMMIT_PACE: Duration = Duration::from_millis(2);
 const PERSIST_INTERVAL: Duration = Duration::from_millis(200);
 /// Checkpoint early when this many micro-tasks are waiting to be written.
 const PERSIST_MAX_DIRTY_TASKS: usize = 100_000;
+/// Applied entries a compaction keeps (at most half the compaction threshold), so a
+/// follower that lags a little catches up from the log rather than by snapshot.
+const COMPACT_KEEP_ENTRIES: u64 = 1_000;
+/// A follower still waiting for its snapshot after this long is assumed to have lost it
+/// (the transport drops messages silently) and is sent a fresh one.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(10);
 
 /// Opens the store, restores state, and spawns the replica task.
 pub fn start<T: Transport + 'static>(
@@ -270,6 +286,7 @@ pub fn start<T: Transport + 'static>(
         n_turns: 0,
         n_flushes: 0,
         last_flush: std::time::Instant::now(),
+        snapshot_since: HashMap::new(),
         config,
     };
     let task = tokio::spawn(replica.run(rx, shutdown));
@@ -331,13 +348,15 @@ impl<T: Transport> Replica<T> {
             if tick_due {
                 self.raw.tick();
             }
-            self.checkpoint(false)?;
+            let snapshot_wanted = self.store.take_snapshot_wanted();
+            self.checkpoint(snapshot_wanted)?;
             self.propose_queued();
             self.on_ready()?;
             self.track_role();
             if tick_due && self.raw.raft.state == StateRole::Leader {
                 // Heartbeat expiry and anything else time alone changes.
                 self.schedule_if_needed();
+                self.retry_lost_snapshots();
                 self.on_ready()?;
             }
             self.publish_status();
@@ -556,12 +575,13 @@ impl<T: Transport> Replica<T> {
         }
         let mut ready = self.raw.ready();
         self.send_messages(ready.take_messages());
-        if *ready.snapshot() != raft::eraftpb::Snapshot::default() {
-            tracing::warn!("snapshot received but state-machine snapshots are not supported yet");
+        let has_snapshot = !ready.snapshot().is_empty();
+        if has_snapshot {
+            self.apply_snapshot(ready.snapshot())?;
         }
         let committed = ready.take_committed_entries();
         self.apply_entries(committed)?;
-        let must_persist = !ready.entries().is_empty() || ready.hs().is_some();
+        let must_persist = has_snapshot || !ready.entries().is_empty() || ready.hs().is_some();
         self.store.append(ready.entries())?;
         if let Some(hs) = ready.hs() {
             self.store.set_hard_state(hs)?;
@@ -650,6 +670,75 @@ impl<T: Transport> Replica<T> {
         Ok(())
     }
 
+    /// Installs a snapshot from the leader: the state machine, its checkpoint and the log
+    /// are replaced (made durable by the flush that follows in `on_ready`).
+    fn apply_snapshot(&mut self, snapshot: &raft::eraftpb::Snapshot) -> Result<(), ReplicaError> {
+        let index = snapshot.get_metadata().index;
+        {
+            let mut state = match self.shared.state.write() {
+                Ok(s) => s,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            blocking(|| self.store.apply_snapshot(snapshot, &mut state))?;
+        }
+        tracing::info!(
+            index,
+            bytes = snapshot.get_data().len(),
+            "installed state-machine snapshot"
+        );
+        self.applied = index;
+        self.persisted_applied = index;
+        self.last_persist = std::time::Instant::now();
+        self.shared.applied.send_replace(index);
+        Ok(())
+    }
+
+    /// raft-rs sends nothing more to a follower that is waiting for a snapshot until the
+    /// snapshot is reported; the transport cannot tell whether it arrived, so one still
+    /// pending after `SNAPSHOT_RETRY` is reported lost and raft sends another.
+    fn retry_lost_snapshots(&mut self) {
+        let now = std::time::Instant::now();
+        let mut lost = Vec::new();
+        let mut waiting = HashMap::new();
+        for (id, pr) in self.raw.raft.prs().iter() {
+            if pr.state == ProgressState::Snapshot {
+                let since = self.snapshot_since.get(id).copied().unwrap_or(now);
+                if now.duration_since(since) >= SNAPSHOT_RETRY {
+                    lost.push(*id);
+                } else {
+                    waiting.insert(*id, since);
+                }
+            }
+        }
+        self.snapshot_since = waiting;
+        for id in lost {
+            tracing::warn!(peer = id, "snapshot not acknowledged, sending another");
+            self.raw.report_snapshot(id, SnapshotStatus::Failure);
+        }
+    }
+
+    /// After a checkpoint: compacts the log when it holds more than
+    /// `compact_after_entries` entries at or below the checkpoint, keeping the last
+    /// applied ones for followers that lag a little. The checkpoint is flushed first, so
+    /// the log is never shorter on disk than the state it would be replayed onto.
+    fn maybe_compact(&mut self) -> Result<(), ReplicaError> {
+        let threshold = self.config.compact_after_entries.max(1);
+        let first = self.store.first_log_index()?;
+        let below = (self.persisted_applied + 1).saturating_sub(first);
+        if below <= threshold {
+            return Ok(());
+        }
+        let keep = COMPACT_KEEP_ENTRIES.min(threshold / 2);
+        let to_index = self.persisted_applied.saturating_sub(keep);
+        blocking(|| -> Result<(), StoreError> {
+            self.store.flush()?;
+            let snapshot_index = self.store.compact(to_index)?;
+            tracing::debug!(snapshot_index, "raft log compacted");
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// Writes the state changed since the last checkpoint, with its applied index, in one
     /// atomic batch (made durable by the next flush).
     ///
@@ -671,9 +760,10 @@ impl<T: Transport> Replica<T> {
             return Ok(());
         }
         self.store.persist_state(&mut state, self.applied)?;
+        drop(state);
         self.persisted_applied = self.applied;
         self.last_persist = std::time::Instant::now();
-        Ok(())
+        self.maybe_compact()
     }
 
     fn own_proposal(&self, context: &[u8]) -> Option<u64> {

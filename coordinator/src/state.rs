@@ -525,6 +525,17 @@ pub struct State {
 #[derive(Debug, Clone, Default)]
 pub struct WaveLimitsState(pub WaveLimits);
 
+/// The whole replicated state at one applied index, as shipped to a follower that fell
+/// behind the leader's compacted log. Derived indexes are not included: the receiver
+/// rebuilds them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateSnapshot {
+    pub waves: Vec<Wave>,
+    pub nodes: Vec<Node>,
+    pub next_wave_id: WaveId,
+    pub stale_results: u64,
+}
+
 impl State {
     pub fn new(limits: WaveLimits) -> Self {
         Self {
@@ -563,6 +574,50 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Moves the replicated part of the state into a snapshot (limits, dirty sets and
+    /// pending effects stay behind).
+    pub fn into_snapshot(self) -> StateSnapshot {
+        StateSnapshot {
+            waves: self.waves.into_values().collect(),
+            nodes: self.nodes.into_values().collect(),
+            next_wave_id: self.next_wave_id,
+            stale_results: self.stale_results,
+        }
+    }
+
+    /// Replaces everything replicated with `snapshot`, keeping this replica's limits.
+    /// Pending effects are dropped (they belonged to entries the snapshot supersedes) and
+    /// every key is marked dirty, so the next checkpoint rewrites the whole state.
+    pub fn restore(&mut self, snapshot: StateSnapshot) {
+        self.waves = snapshot
+            .waves
+            .into_iter()
+            .map(|wave| (wave.header.id, wave))
+            .collect();
+        self.nodes = snapshot
+            .nodes
+            .into_iter()
+            .map(|node| (node.spec.name.clone(), node))
+            .collect();
+        self.next_wave_id = snapshot.next_wave_id.max(1);
+        self.stale_results = snapshot.stale_results;
+        self.effects.clear();
+        self.mark_all_dirty();
+        self.rebuild_indexes();
+    }
+
+    /// Marks every wave, micro-task and node dirty (a full checkpoint follows).
+    pub fn mark_all_dirty(&mut self) {
+        self.dirty = Dirty::default();
+        for wave in self.waves.values() {
+            self.dirty.waves.insert(wave.header.id);
+            for micro in 0..wave.tasks.len() {
+                self.dirty.tasks.insert((wave.header.id, micro as u32));
+            }
+        }
+        self.dirty.nodes.extend(self.nodes.keys().cloned());
     }
 
     pub fn task(&self, key: MicroKey) -> Option<&MicroTask> {

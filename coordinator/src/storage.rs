@@ -11,13 +11,26 @@
 //! raft driver calls once per `Ready` — one fsync covers every entry of a group commit. The
 //! applied index is written in the same atomic batch as the state-machine keys it covers,
 //! so a restart resumes applying exactly after the last change it kept.
+//!
+//! Compaction ([`Store::compact`]) deletes log entries up to an index no later than that
+//! checkpointed applied index and records the last deleted entry as `snapshot_index` /
+//! `snapshot_term`. A follower that needs a deleted entry gets a raft snapshot instead: its
+//! metadata names the checkpoint's applied index and its data is the whole `state` tree as a
+//! bincode [`StateSnapshot`] ([`Store::build_snapshot`]); the receiver installs it with
+//! [`Store::apply_snapshot`]. Both multi-tree changes are single sled transactions, so a
+//! crash leaves either the old or the new log/state, never a mix.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional as _};
 use thiserror::Error;
 
-use crate::state::{MicroTask, Node, State, Wave, WaveHeader};
+use crate::state::{MicroTask, Node, State, StateSnapshot, Wave, WaveHeader};
+use crate::wave::WaveLimits;
 
 /// Storage failures (disk, corruption).
 #[derive(Debug, Error)]
@@ -31,6 +44,8 @@ pub enum StoreError {
     },
     #[error("corrupt state record `{key}`: {source}")]
     Bincode { key: String, source: bincode::Error },
+    #[error("raft snapshot at index {index} does not decode: {source}")]
+    SnapshotData { index: u64, source: bincode::Error },
 }
 
 /// Handle on the coordinator's sled database. Cloning is cheap (sled trees are shared).
@@ -40,6 +55,9 @@ pub struct Store {
     log: sled::Tree,
     meta: sled::Tree,
     state: sled::Tree,
+    /// Set when raft asked for a snapshot newer than the last checkpoint; the replica
+    /// checkpoints at once when it sees it ([`Store::take_snapshot_wanted`]).
+    snapshot_wanted: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Store {
@@ -68,6 +86,15 @@ fn read_u64(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(buf)
 }
 
+fn encode_proto(key: &str, message: &impl protobuf::Message) -> Result<Vec<u8>, StoreError> {
+    message
+        .write_to_bytes()
+        .map_err(|source| StoreError::Protobuf {
+            key: key.into(),
+            source,
+        })
+}
+
 fn bincode_err(key: &[u8], source: bincode::Error) -> StoreError {
     StoreError::Bincode {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -77,16 +104,33 @@ fn bincode_err(key: &[u8], source: bincode::Error) -> StoreError {
 
 impl Store {
     /// Opens (or creates) the database in `dir`.
+    ///
+    /// sled releases its file lock only when the last reference to a closed database is
+    /// gone, which its background threads can delay for a moment; a lock still held is
+    /// waited for up to 2 s before it is reported (then another process uses `dir`).
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(16 << 20)
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        let mut tries = 0;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if tries < 100 && e.to_string().contains("could not acquire lock") =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         Ok(Self {
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
             state: db.open_tree("state")?,
+            snapshot_wanted: Arc::new(AtomicBool::new(false)),
             db,
         })
     }
@@ -113,20 +157,14 @@ impl Store {
     }
 
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StoreError> {
-        let bytes = cs.write_to_bytes().map_err(|source| StoreError::Protobuf {
-            key: "conf_state".into(),
-            source,
-        })?;
-        self.meta.insert("conf_state", bytes)?;
+        self.meta
+            .insert("conf_state", encode_proto("conf_state", cs)?)?;
         Ok(())
     }
 
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StoreError> {
-        let bytes = hs.write_to_bytes().map_err(|source| StoreError::Protobuf {
-            key: "hard_state".into(),
-            source,
-        })?;
-        self.meta.insert("hard_state", bytes)?;
+        self.meta
+            .insert("hard_state", encode_proto("hard_state", hs)?)?;
         Ok(())
     }
 
@@ -199,11 +237,150 @@ impl Store {
         }
     }
 
-    fn last_log_index(&self) -> Result<u64, StoreError> {
+    /// Index of the last entry in the log (the snapshot index when it is empty).
+    pub fn last_log_index(&self) -> Result<u64, StoreError> {
+        let snap_index = self.snapshot_index_term()?.0;
         match self.log.last()? {
-            Some((key, _)) => Ok(read_u64(&key)),
-            None => Ok(self.snapshot_index_term()?.0),
+            Some((key, _)) => Ok(read_u64(&key).max(snap_index)),
+            None => Ok(snap_index),
         }
+    }
+
+    /// Index of the first entry still in the log (`snapshot_index + 1` when it is empty).
+    pub fn first_log_index(&self) -> Result<u64, StoreError> {
+        let after_snapshot = self.snapshot_index_term()?.0 + 1;
+        match self.log.first()? {
+            Some((key, _)) => Ok(read_u64(&key).max(after_snapshot)),
+            None => Ok(after_snapshot),
+        }
+    }
+
+    /// The applied index of the last checkpoint (0 before the first).
+    pub fn persisted_applied(&self) -> Result<u64, StoreError> {
+        Ok(self.state.get(APPLIED)?.map_or(0, |b| read_u64(&b)))
+    }
+
+    /// Deletes the log entries up to `to_index`, never past the checkpoint's applied
+    /// index (a restart re-applies the log after it) nor past the last entry, and records
+    /// the last deleted entry as the snapshot point. Deleting the entries and moving the
+    /// snapshot point is one sled transaction. Returns the snapshot index afterwards.
+    pub fn compact(&self, to_index: u64) -> Result<u64, StoreError> {
+        let (snap_index, _) = self.snapshot_index_term()?;
+        let to_index = to_index
+            .min(self.persisted_applied()?)
+            .min(self.last_log_index()?);
+        if to_index <= snap_index {
+            return Ok(snap_index);
+        }
+        let Some(last_deleted) = self.entry(to_index)? else {
+            return Ok(snap_index);
+        };
+        let mut log_batch = sled::Batch::default();
+        for key in self.log.range(..=u64_key(to_index)).keys() {
+            log_batch.remove(key?);
+        }
+        let mut meta_batch = sled::Batch::default();
+        meta_batch.insert("snapshot_index", &u64_key(to_index));
+        meta_batch.insert("snapshot_term", &u64_key(last_deleted.term));
+        self.transact(None, &log_batch, &meta_batch)?;
+        Ok(to_index)
+    }
+
+    /// Applies the three batches in one sled transaction.
+    fn transact(
+        &self,
+        state_batch: Option<&sled::Batch>,
+        log_batch: &sled::Batch,
+        meta_batch: &sled::Batch,
+    ) -> Result<(), StoreError> {
+        let result: Result<(), TransactionError<std::convert::Infallible>> =
+            (&self.state, &self.log, &self.meta).transaction(|(state, log, meta)| {
+                if let Some(batch) = state_batch {
+                    state.apply_batch(batch)?;
+                }
+                log.apply_batch(log_batch)?;
+                meta.apply_batch(meta_batch)?;
+                Ok::<(), ConflictableTransactionError<std::convert::Infallible>>(())
+            });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
+            Err(TransactionError::Abort(never)) => match never {},
+        }
+    }
+
+    /// Whether raft asked for a snapshot newer than the last checkpoint since the last
+    /// call (the caller should checkpoint now).
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    /// Builds a raft snapshot of the last checkpoint: metadata (applied index, its term,
+    /// the conf state) and the whole state machine as a bincode [`StateSnapshot`].
+    /// `None` before the first checkpoint or when the checkpoint's term is unknown.
+    pub fn build_snapshot(&self) -> Result<Option<Snapshot>, StoreError> {
+        let mut state = State::new(WaveLimits::default());
+        let applied = self.load_state(&mut state)?;
+        if applied == 0 {
+            return Ok(None);
+        }
+        let (snap_index, snap_term) = self.snapshot_index_term()?;
+        let term = if applied == snap_index {
+            snap_term
+        } else {
+            match self.entry(applied)? {
+                Some(entry) => entry.term,
+                None => return Ok(None),
+            }
+        };
+        let data = bincode::serialize(&state.into_snapshot()).map_err(|source| {
+            StoreError::SnapshotData {
+                index: applied,
+                source,
+            }
+        })?;
+        let mut snapshot = Snapshot::default();
+        snapshot.set_data(data.into());
+        let meta = snapshot.mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        meta.set_conf_state(self.conf_state()?);
+        Ok(Some(snapshot))
+    }
+
+    /// Installs a snapshot received from the leader: replaces `state` (keeping its
+    /// limits) and, in one sled transaction, rewrites the whole `state` tree with applied =
+    /// the snapshot index, drops the entire log (raft restarts it after the snapshot),
+    /// records the snapshot point and conf state, and moves the hard state's commit up to
+    /// the snapshot. Durable after the next [`Store::flush`].
+    pub fn apply_snapshot(&self, snapshot: &Snapshot, state: &mut State) -> Result<(), StoreError> {
+        let meta = snapshot.get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        let decoded: StateSnapshot = bincode::deserialize(snapshot.get_data())
+            .map_err(|source| StoreError::SnapshotData { index, source })?;
+        state.restore(decoded);
+        let mut state_batch = sled::Batch::default();
+        for key in self.state.iter().keys() {
+            state_batch.remove(key?);
+        }
+        // The batch is a map: the inserts below override the removals of live keys.
+        self.fill_state_batch(&mut state_batch, state, index)?;
+        let mut log_batch = sled::Batch::default();
+        for key in self.log.iter().keys() {
+            log_batch.remove(key?);
+        }
+        let mut hs = self.hard_state()?;
+        hs.commit = hs.commit.max(index);
+        hs.term = hs.term.max(term);
+        let mut meta_batch = sled::Batch::default();
+        meta_batch.insert("snapshot_index", &u64_key(index));
+        meta_batch.insert("snapshot_term", &u64_key(term));
+        meta_batch.insert("hard_state", encode_proto("hard_state", &hs)?);
+        meta_batch.insert(
+            "conf_state",
+            encode_proto("conf_state", meta.get_conf_state())?,
+        );
+        self.transact(Some(&state_batch), &log_batch, &meta_batch)
     }
 
     // ----- state machine -----
@@ -211,6 +388,18 @@ impl Store {
     /// Writes the keys `state` marked dirty plus the applied index, atomically.
     pub fn persist_state(&self, state: &mut State, applied: u64) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        self.fill_state_batch(&mut batch, state, applied)?;
+        self.state.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Adds the keys `state` marked dirty (clearing the marks) and the applied index.
+    fn fill_state_batch(
+        &self,
+        batch: &mut sled::Batch,
+        state: &mut State,
+        applied: u64,
+    ) -> Result<(), StoreError> {
         let dirty = std::mem::take(&mut state.dirty);
         for id in dirty.waves {
             let key = [WAVE, &u64_key(id)].concat();
@@ -240,7 +429,6 @@ impl Store {
         batch.insert(APPLIED, &u64_key(applied));
         batch.insert(NEXT_WAVE_ID, &u64_key(state.next_wave_id));
         batch.insert(STALE_RESULTS, &u64_key(state.stale_results));
-        self.state.apply_batch(batch)?;
         Ok(())
     }
 
@@ -352,21 +540,36 @@ impl raft::Storage for Store {
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        match self.log.first().map_err(|e| store_error(e.into()))? {
-            Some((key, _)) => Ok(read_u64(&key)),
-            None => Ok(self.snapshot_index_term().map_err(store_error)?.0 + 1),
-        }
+        self.first_log_index().map_err(store_error)
     }
 
     fn last_index(&self) -> raft::Result<u64> {
         self.last_log_index().map_err(store_error)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // State-machine snapshots for lagging followers arrive with cluster membership.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // raft-rs treats any error but "temporarily unavailable" as fatal, so a failure to
+        // build one is logged and retried on a later append.
+        let unavailable = raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable);
+        match self.build_snapshot() {
+            Ok(Some(snapshot)) if snapshot.get_metadata().index >= request_index => {
+                tracing::info!(
+                    to,
+                    index = snapshot.get_metadata().index,
+                    bytes = snapshot.get_data().len(),
+                    "sending state-machine snapshot"
+                );
+                Ok(snapshot)
+            }
+            Ok(_) => {
+                self.snapshot_wanted.store(true, Ordering::Relaxed);
+                Err(unavailable)
+            }
+            Err(e) => {
+                tracing::error!(to, error = %e, "cannot build a snapshot");
+                Err(unavailable)
+            }
+        }
     }
 }
 
@@ -374,6 +577,10 @@ impl raft::Storage for Store {
 mod tests {
     use super::*;
     use raft::Storage;
+
+    fn compacted<T: std::fmt::Debug>(result: raft::Result<T>) -> bool {
+        matches!(result, Err(raft::Error::Store(StorageError::Compacted)))
+    }
 
     fn entry(index: u64, term: u64) -> Entry {
         Entry {
@@ -432,12 +639,11 @@ mod tests {
         assert_eq!(store.term(0).expect("term 0"), 0);
     }
 
-    #[test]
-    fn state_round_trips_through_sled_with_its_applied_index() {
-        use crate::state::{Command, NodeSpec, State};
-        use crate::wave::{parse_wave, Format, WaveLimits};
+    /// A wave of 4 micro-tasks (one ready array of 3, one dependent) and one node.
+    fn sample_state() -> State {
+        use crate::state::{Command, NodeSpec};
+        use crate::wave::{parse_wave, Format};
 
-        let dir = tempfile::tempdir().expect("tempdir");
         let spec = parse_wave(
             b"name = \"w\"\n[[task]]\nid = \"a\"\narray = 3\nrun = \"true\"\n[[task]]\nid = \"b\"\ndeps = [\"a\"]\nrun = \"true\"\n",
             Format::Toml,
@@ -467,6 +673,13 @@ mod tests {
             running: Vec::new(),
             now_ms: 6,
         });
+        state
+    }
+
+    #[test]
+    fn state_round_trips_through_sled_with_its_applied_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut state = sample_state();
         {
             let store = Store::open(dir.path()).expect("open");
             store.persist_state(&mut state, 42).expect("persist");
@@ -479,5 +692,163 @@ mod tests {
         assert_eq!(loaded.ready, state.ready);
         assert_eq!(loaded.next_wave_id, 2);
         assert_eq!(loaded.nodes.keys().collect::<Vec<_>>(), vec!["next"]);
+    }
+
+    #[test]
+    fn compaction_moves_first_index_and_term_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.bootstrap(vec![1]).expect("bootstrap");
+            let entries: Vec<Entry> = (1..=20)
+                .map(|i| entry(i, if i <= 10 { 1 } else { 2 }))
+                .collect();
+            store.append(&entries).expect("append");
+            let mut state = State::new(WaveLimits::default());
+            store
+                .persist_state(&mut state, 15)
+                .expect("checkpoint at 15");
+            // Asking past the checkpoint compacts only up to it.
+            assert_eq!(store.compact(18).expect("compact"), 15);
+            assert_eq!(store.first_index().expect("first"), 16);
+            assert_eq!(store.last_index().expect("last"), 20);
+            assert_eq!(store.term(15).expect("snapshot term"), 2);
+            assert!(compacted(store.term(14)));
+            assert!(compacted(store.entries(
+                15,
+                17,
+                None,
+                GetEntriesContext::empty(false)
+            )));
+            // Compacting again to an older point changes nothing.
+            assert_eq!(store.compact(12).expect("compact again"), 15);
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.first_index().expect("first"), 16);
+        assert_eq!(store.last_index().expect("last"), 20);
+        assert_eq!(store.term(15).expect("snapshot term"), 2);
+        assert!(compacted(store.term(3)));
+        let kept = store
+            .entries(16, 21, None, GetEntriesContext::empty(false))
+            .expect("entries above the compaction point");
+        assert_eq!(
+            kept.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![16, 17, 18, 19, 20]
+        );
+        assert_eq!(kept[0].data.as_ref(), &[16u8]);
+        // New entries append after the kept ones as before.
+        store
+            .append(&[entry(21, 3)])
+            .expect("append after compaction");
+        assert_eq!(store.last_index().expect("last"), 21);
+        assert_eq!(store.first_index().expect("first"), 16);
+    }
+
+    #[test]
+    fn compaction_without_a_checkpoint_deletes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.append(&[entry(1, 1), entry(2, 1)]).expect("append");
+        assert_eq!(store.compact(2).expect("compact"), 0);
+        assert_eq!(store.first_index().expect("first"), 1);
+        assert_eq!(store.term(1).expect("term"), 1);
+    }
+
+    #[test]
+    fn snapshot_round_trips_from_a_checkpoint_into_a_fresh_store() {
+        let leader_dir = tempfile::tempdir().expect("tempdir");
+        let leader = Store::open(leader_dir.path()).expect("open");
+        leader.bootstrap(vec![1, 2, 3]).expect("bootstrap");
+        // No checkpoint yet: raft must be told to retry later, not handed an empty snapshot.
+        assert!(matches!(
+            leader.snapshot(0, 2),
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        ));
+        assert!(
+            leader.take_snapshot_wanted(),
+            "no checkpoint yet: one is wanted"
+        );
+        let entries: Vec<Entry> = (1..=30).map(|i| entry(i, 4)).collect();
+        leader.append(&entries).expect("append");
+        let mut state = sample_state();
+        state.stale_results = 7;
+        leader.persist_state(&mut state, 25).expect("checkpoint");
+        leader.compact(20).expect("compact");
+        let snapshot = leader.snapshot(0, 2).expect("snapshot");
+        assert_eq!(snapshot.get_metadata().index, 25);
+        assert_eq!(snapshot.get_metadata().term, 4);
+        assert_eq!(
+            snapshot.get_metadata().get_conf_state().voters,
+            vec![1, 2, 3]
+        );
+        // A request newer than the checkpoint asks the replica for a checkpoint instead.
+        assert!(!leader.take_snapshot_wanted());
+        assert!(leader.snapshot(26, 2).is_err());
+        assert!(leader.take_snapshot_wanted());
+
+        let follower_dir = tempfile::tempdir().expect("tempdir");
+        {
+            let follower = Store::open(follower_dir.path()).expect("open");
+            follower.bootstrap(vec![1, 2, 3]).expect("bootstrap");
+            // A stale log and a stale key the snapshot must replace.
+            follower
+                .append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
+                .expect("append");
+            let mut stale = State::new(WaveLimits::default());
+            stale.apply(crate::state::Command::RegisterNode {
+                spec: state.nodes["next"].spec.clone(),
+                running: Vec::new(),
+                now_ms: 1,
+            });
+            let mut renamed = stale.nodes["next"].spec.clone();
+            renamed.name = "gone".into();
+            stale.apply(crate::state::Command::RegisterNode {
+                spec: renamed,
+                running: Vec::new(),
+                now_ms: 1,
+            });
+            follower
+                .persist_state(&mut stale, 2)
+                .expect("stale checkpoint");
+
+            let mut live = State::new(WaveLimits::default());
+            follower
+                .apply_snapshot(&snapshot, &mut live)
+                .expect("apply snapshot");
+            assert_eq!(live.waves, state.waves);
+            assert_eq!(live.ready, state.ready);
+            assert_eq!(live.stale_results, 7);
+            assert!(
+                live.dirty.tasks.is_empty(),
+                "the snapshot write took the dirty marks"
+            );
+            assert_eq!(follower.first_index().expect("first"), 26);
+            assert_eq!(follower.last_index().expect("last"), 25);
+            assert_eq!(follower.term(25).expect("snapshot term"), 4);
+            assert_eq!(follower.hard_state().expect("hs").commit, 25);
+            follower.flush().expect("flush");
+        }
+        let follower = Store::open(follower_dir.path()).expect("reopen");
+        let mut loaded = State::new(WaveLimits::default());
+        assert_eq!(follower.load_state(&mut loaded).expect("load"), 25);
+        assert_eq!(loaded.waves, state.waves);
+        assert_eq!(loaded.ready, state.ready);
+        assert_eq!(loaded.next_wave_id, state.next_wave_id);
+        assert_eq!(loaded.stale_results, 7);
+        assert_eq!(loaded.nodes.keys().collect::<Vec<_>>(), vec!["next"]);
+        assert_eq!(loaded.nodes["next"], state.nodes["next"]);
+        assert_eq!(follower.first_index().expect("first"), 26);
+        assert_eq!(follower.term(25).expect("snapshot term"), 4);
+        assert_eq!(
+            follower
+                .initial_state()
+                .expect("raft state")
+                .conf_state
+                .voters,
+            vec![1, 2, 3]
+        );
     }
 }
