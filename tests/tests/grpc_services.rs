@@ -73,3 +73,65 @@ async fn health_and_reflection_are_served() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_batches_from_unknown_peers_or_with_garbage_are_rejected_and_change_nothing() {
+    use venom_proto::v1 as pb;
+    use venom_proto::v1::raft_service_client::RaftServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("c"), &[]).unwrap();
+    let mut c = wait_ready(&coordinator.url(), 0).await.unwrap();
+    let before = c
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let channel = tonic::transport::Endpoint::from_shared(coordinator.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raft = RaftServiceClient::new(channel);
+
+    let unknown = raft
+        .send(pb::RaftBatch {
+            from: 99,
+            messages: vec![Vec::new()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::PermissionDenied, "{unknown:?}");
+
+    let garbage = raft
+        .send(pb::RaftBatch {
+            from: 1,
+            messages: vec![vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(garbage.code(), tonic::Code::InvalidArgument, "{garbage:?}");
+
+    // The coordinator keeps working: same leader and term, and it still takes waves.
+    let after = c
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (after.leader_id, after.term),
+        (before.leader_id, before.term)
+    );
+    let id = submit(
+        &mut c,
+        "name = \"after-garbage\"\n[[task]]\nid = \"a\"\nrun = \"true\"\n",
+    )
+    .await
+    .unwrap();
+    let wave = c
+        .get_wave(pb::GetWaveRequest { wave_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wave.name, "after-garbage");
+}
