@@ -63,6 +63,11 @@ pub enum Event {
         node: String,
         conn: u64,
     },
+    /// Linearizable read barrier (raft ReadIndex): answered once this replica has applied
+    /// everything the leader had committed when the read arrived.
+    ReadIndex {
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
 }
 
 /// This replica's view of raft, published after every turn.
@@ -125,6 +130,24 @@ impl Handle {
             })
             .await
             .map_err(|_| ProposeError::Stopped)
+    }
+
+    /// Waits until this replica's state includes every write committed before the call
+    /// (raft ReadIndex, confirmed with a quorum), so a read after it is current. Fails
+    /// with `NotLeader` when no leader answers within `READ_INDEX_TIMEOUT`.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Event::ReadIndex { reply })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(READ_INDEX_TIMEOUT, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::NotLeader {
+                leader_addr: self.leader_addr(),
+            }),
+        }
     }
 
     pub fn status(&self) -> RaftStatus {
@@ -207,7 +230,14 @@ struct Replica<T: Transport> {
     /// Followers the leader is sending a snapshot to, and since when (see
     /// `retry_lost_snapshots`).
     snapshot_since: HashMap<u64, std::time::Instant>,
+    /// ReadIndex requests sent to raft, by request id.
+    reads_sent: HashMap<u64, oneshot::Sender<Result<(), ProposeError>>>,
+    /// Reads whose index is known, waiting for `applied` to reach it.
+    reads_waiting: Vec<(u64, oneshot::Sender<Result<(), ProposeError>>)>,
 }
+
+/// Longest a read waits for the leader to confirm its ReadIndex.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Longest a group commit is held back to gather more results (see `should_pace`).
 const COMMIT_PACE: Duration = Duration::from_millis(2);
@@ -287,6 +317,8 @@ pub fn start<T: Transport + 'static>(
         n_flushes: 0,
         last_flush: std::time::Instant::now(),
         snapshot_since: HashMap::new(),
+        reads_sent: HashMap::new(),
+        reads_waiting: Vec::new(),
         config,
     };
     let task = tokio::spawn(replica.run(rx, shutdown));
@@ -416,6 +448,11 @@ impl<T: Transport> Replica<T> {
             Event::WorkerAttached { node, conn, tx } => {
                 self.workers.insert(node, (conn, tx));
             }
+            Event::ReadIndex { reply } => {
+                let (id, ctx) = self.next_context();
+                self.raw.read_index(ctx);
+                self.reads_sent.insert(id, reply);
+            }
             Event::WorkerDetached { node, conn } => {
                 if self.workers.get(&node).is_some_and(|(c, _)| *c == conn) {
                     self.workers.remove(&node);
@@ -494,6 +531,9 @@ impl<T: Transport> Replica<T> {
     }
 
     fn fail_pending(&mut self, err: ProposeError) {
+        for (_, reply) in self.reads_sent.drain() {
+            let _ = reply.send(Err(err.clone()));
+        }
         for (_, pending) in self.pending.drain() {
             for reply in pending.replies.into_iter().flatten() {
                 let _ = reply.send(Err(err.clone()));
@@ -579,6 +619,9 @@ impl<T: Transport> Replica<T> {
         if has_snapshot {
             self.apply_snapshot(ready.snapshot())?;
         }
+        for rs in ready.take_read_states() {
+            self.on_read_state(&rs.request_ctx, rs.index);
+        }
         let committed = ready.take_committed_entries();
         self.apply_entries(committed)?;
         let must_persist = has_snapshot || !ready.entries().is_empty() || ready.hs().is_some();
@@ -602,7 +645,29 @@ impl<T: Transport> Replica<T> {
         let committed = light.take_committed_entries();
         self.apply_entries(committed)?;
         self.raw.advance_apply();
+        self.answer_reads();
         Ok(())
+    }
+
+    fn on_read_state(&mut self, ctx: &[u8], index: u64) {
+        if let Some(reply) = self
+            .own_proposal(ctx)
+            .and_then(|id| self.reads_sent.remove(&id))
+        {
+            self.reads_waiting.push((index, reply));
+        }
+    }
+
+    /// Answers the reads whose index is applied.
+    fn answer_reads(&mut self) {
+        let applied = self.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_waiting)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.reads_waiting = waiting;
+        for (_, reply) in ready {
+            let _ = reply.send(Ok(()));
+        }
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), ReplicaError> {

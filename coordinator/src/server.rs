@@ -57,6 +57,11 @@ pub struct ClientApi {
 }
 
 impl ClientApi {
+    /// Makes the read that follows current (raft ReadIndex through the leader).
+    async fn read_barrier(&self) -> Result<(), Status> {
+        self.handle.read_barrier().await.map_err(propose_status)
+    }
+
     fn wave_summary(&self, wave_id: WaveId) -> Result<pb::WaveSummary, Status> {
         let state = read_state(&self.handle);
         let wave = state
@@ -129,6 +134,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::GetWaveRequest>,
     ) -> Result<Response<pb::WaveSummary>, Status> {
+        self.read_barrier().await?;
         self.wave_summary(request.into_inner().wave_id)
             .map(Response::new)
     }
@@ -137,6 +143,7 @@ impl ClientService for ClientApi {
         &self,
         _request: Request<pb::ListWavesRequest>,
     ) -> Result<Response<pb::ListWavesResponse>, Status> {
+        self.read_barrier().await?;
         let state = read_state(&self.handle);
         let waves = state
             .waves
@@ -228,6 +235,7 @@ impl ClientService for ClientApi {
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
         let wave_id = request.into_inner().wave_id;
+        self.read_barrier().await?;
         let state = read_state(&self.handle);
         let wave = state
             .waves
@@ -244,6 +252,7 @@ impl ClientService for ClientApi {
         request: Request<pb::GetLogsRequest>,
     ) -> Result<Response<pb::GetLogsResponse>, Status> {
         let req = request.into_inner();
+        self.read_barrier().await?;
         let state = read_state(&self.handle);
         let wave = state
             .waves

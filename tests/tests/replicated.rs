@@ -342,6 +342,15 @@ run = {after}
     assert_eq!(summary.state, "succeeded", "{summary:?}");
     assert_eq!(summary.n_micro_tasks, u64::from(N_MICRO_TASKS) + 1);
 
+    // Reads are linearizable (ReadIndex): once any member has answered "succeeded", a
+    // single read from every member, followers included, says so too — no polling.
+    for id in group.live_ids() {
+        let w = get_wave(group.url(id), wave_id)
+            .await
+            .unwrap_or_else(|| panic!("member {id} did not answer GetWave"));
+        assert_eq!(w.state, "succeeded", "member {id} answered a stale read: {w:?}");
+    }
+
     let tasks = list_tasks(group.url(leader), wave_id).await.unwrap();
     assert_eq!(tasks.len(), N_MICRO_TASKS as usize + 1);
     let not_succeeded: Vec<_> = tasks.iter().filter(|t| t.state != "succeeded").collect();
