@@ -348,7 +348,10 @@ run = {after}
         let w = get_wave(group.url(id), wave_id)
             .await
             .unwrap_or_else(|| panic!("member {id} did not answer GetWave"));
-        assert_eq!(w.state, "succeeded", "member {id} answered a stale read: {w:?}");
+        assert_eq!(
+            w.state, "succeeded",
+            "member {id} answered a stale read: {w:?}"
+        );
     }
 
     let tasks = list_tasks(group.url(leader), wave_id).await.unwrap();
