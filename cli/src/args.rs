@@ -136,8 +136,12 @@ pub enum Command {
         undo: bool,
     },
 
-    /// Show the coordinator cluster: members, leader, term, indexes, aggregate S_Total.
-    Cluster,
+    /// Show the coordinator cluster (every member's id, address, role, term, commit and
+    /// applied index, lag; aggregate S_Total), or change its membership.
+    Cluster {
+        #[command(subcommand)]
+        action: Option<ClusterAction>,
+    },
 
     /// Scan this machine's hardware and show its Möbius model figures.
     Scan,
@@ -422,4 +426,23 @@ mod tests {
             other => panic!("parsed as {other:?}"),
         }
     }
+}
+
+/// Membership changes (raft conf changes, one member at a time).
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// Add coordinator ID reachable at ADDRESS (HOST:PORT). Start it afterwards with
+    /// `venom-coordinator --id ID --listen ADDRESS --peers <current members> --join`;
+    /// the leader catches it up with a snapshot.
+    Add {
+        /// Raft id of the new member (unused in this cluster, ≥ 1).
+        id: u64,
+        /// Address the other members and clients reach it at.
+        address: String,
+    },
+    /// Remove coordinator ID (removing the leader hands leadership over first).
+    Remove {
+        /// Raft id of the member to remove.
+        id: u64,
+    },
 }

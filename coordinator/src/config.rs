@@ -28,6 +28,12 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "VENOM_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
 
+    /// Join an existing cluster instead of founding one: start with an empty data dir and
+    /// wait for the leader to send a snapshot. Run `venomctl cluster add ID ADDR` first;
+    /// `--peers` must name the current members so this coordinator accepts their messages.
+    #[arg(long, env = "VENOM_JOIN")]
+    pub join: bool,
+
     /// Address for the Prometheus `/metrics` endpoint (off when unset).
     #[arg(long, env = "VENOM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -67,6 +73,7 @@ impl CoordinatorConfig {
             listen,
             data_dir: Some(data_dir),
             peers: Vec::new(),
+            join: false,
             metrics_listen: None,
             heartbeat_ttl_ms: 5_000,
             max_micro_tasks: 100_000,

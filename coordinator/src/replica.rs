@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, Entry, EntryType, Message as RaftMessage};
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message as RaftMessage};
 use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -42,6 +42,8 @@ pub enum ProposeError {
     Stopped,
     #[error("raft refused the proposal: {0}")]
     Raft(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
@@ -68,6 +70,19 @@ pub enum Event {
     ReadIndex {
         reply: oneshot::Sender<Result<(), ProposeError>>,
     },
+    /// Add or remove one coordinator (a raft conf change, one member at a time); answered
+    /// once the change is committed and applied here.
+    ChangeMembership {
+        change: MemberChange,
+        reply: Reply,
+    },
+}
+
+/// One membership change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberChange {
+    Add { id: u64, address: String },
+    Remove { id: u64 },
 }
 
 /// This replica's view of raft, published after every turn.
@@ -150,6 +165,16 @@ impl Handle {
         }
     }
 
+    /// Adds or removes a coordinator and waits until the change is applied here.
+    pub async fn change_membership(&self, change: MemberChange) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Event::ChangeMembership { change, reply })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)?.map(|_| ())
+    }
+
     pub fn status(&self) -> RaftStatus {
         self.shared
             .status
@@ -173,7 +198,15 @@ impl Handle {
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
     pub id: u64,
+    /// The founding members (a new data dir is bootstrapped with them), or, when `join`
+    /// is set, the addresses of the cluster this coordinator is being added to.
     pub members: BTreeMap<u64, String>,
+    /// Start empty and wait for the leader's snapshot (the coordinator was added with
+    /// `venomctl cluster add`) instead of bootstrapping a new cluster.
+    pub join: bool,
+    /// Election timeout range in ticks, `[min, max)`: raft picks a random timeout in it
+    /// after each election. The simulated cluster uses a one-tick range so runs repeat.
+    pub election_ticks: (usize, usize),
     pub tick: Duration,
     pub heartbeat_ttl_ms: u64,
     /// Largest raft entry a group commit builds, in bytes (approximate).
@@ -194,9 +227,31 @@ pub enum ReplicaError {
 
 /// Unix time in milliseconds (the leader stamps this into commands).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemClock.now_us() / 1_000
+}
+
+/// Time as the replica sees it. The replica reads time only through this, so the
+/// simulated cluster can run it on a virtual clock; the state machine never reads it (the
+/// leader stamps time into commands).
+pub trait Clock: Send + Sync {
+    /// Microseconds since the Unix epoch (or since a simulation started).
+    fn now_us(&self) -> u64;
+
+    fn now_ms(&self) -> u64 {
+        self.now_us() / 1_000
+    }
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_us(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+    }
 }
 
 struct Pending {
@@ -209,6 +264,9 @@ struct Replica<T: Transport> {
     shared: Arc<Shared>,
     transport: T,
     config: ReplicaConfig,
+    /// Current members' addresses (the replicated membership; before a joining replica
+    /// receives its first snapshot, the addresses it was started with).
+    members: BTreeMap<u64, String>,
     /// Random per-boot prefix of proposal contexts, so ids never match entries of an
     /// earlier life of this replica.
     boot_nonce: u64,
@@ -222,30 +280,34 @@ struct Replica<T: Transport> {
     applied: u64,
     /// The applied index last written to sled with the state it covers.
     persisted_applied: u64,
-    last_persist: std::time::Instant,
+    clock: Arc<dyn Clock>,
+    last_persist_us: u64,
     /// Loop turns and fsyncs so far (for the debug log of group-commit efficiency).
     n_turns: u64,
     n_flushes: u64,
-    last_flush: std::time::Instant,
+    last_flush_us: u64,
     /// Followers the leader is sending a snapshot to, and since when (see
     /// `retry_lost_snapshots`).
-    snapshot_since: HashMap<u64, std::time::Instant>,
+    snapshot_since_us: BTreeMap<u64, u64>,
     /// ReadIndex requests sent to raft, by request id.
     reads_sent: HashMap<u64, oneshot::Sender<Result<(), ProposeError>>>,
     /// Reads whose index is known, waiting for `applied` to reach it.
     reads_waiting: Vec<(u64, oneshot::Sender<Result<(), ProposeError>>)>,
+    /// Every applied entry as (index, term, hash of its data), when a test asks for it
+    /// (the simulated cluster's checker compares these across replicas).
+    pub(crate) applied_trace: Option<Vec<(u64, u64, u64)>>,
 }
 
 /// Longest a read waits for the leader to confirm its ReadIndex.
 const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Longest a group commit is held back to gather more results (see `should_pace`).
-const COMMIT_PACE: Duration = Duration::from_millis(2);
+const COMMIT_PACE_US: u64 = 2_000;
 
 /// How often applied state is checkpointed to sled. Between checkpoints the raft log
 /// (flushed on every `Ready`) is the durable record; a restart re-applies the entries
 /// after the checkpoint's applied index.
-const PERSIST_INTERVAL: Duration = Duration::from_millis(200);
+const PERSIST_INTERVAL_US: u64 = 200_000;
 /// Checkpoint early when this many micro-tasks are waiting to be written.
 const PERSIST_MAX_DIRTY_TASKS: usize = 100_000;
 /// Applied entries a compaction keeps (at most half the compaction threshold), so a
@@ -253,74 +315,27 @@ const PERSIST_MAX_DIRTY_TASKS: usize = 100_000;
 const COMPACT_KEEP_ENTRIES: u64 = 1_000;
 /// A follower still waiting for its snapshot after this long is assumed to have lost it
 /// (the transport drops messages silently) and is sent a fresh one.
-const SNAPSHOT_RETRY: Duration = Duration::from_secs(10);
+const SNAPSHOT_RETRY_US: u64 = 10_000_000;
 
-/// Opens the store, restores state, and spawns the replica task.
+/// Restores state from `store` and spawns the replica task on the wall clock.
 pub fn start<T: Transport + 'static>(
     config: ReplicaConfig,
     store: Store,
-    mut state: State,
+    state: State,
     transport: T,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(Handle, tokio::task::JoinHandle<Result<(), ReplicaError>>), ReplicaError> {
-    if store.is_new()? {
-        store.bootstrap(config.members.keys().copied().collect())?;
-    }
-    let applied = store.load_state(&mut state)?;
-    let raft_config = raft::Config {
-        id: config.id,
-        election_tick: 10,
-        heartbeat_tick: 2,
-        applied,
-        max_size_per_msg: 4 << 20,
-        max_inflight_msgs: 256,
-        check_quorum: true,
-        pre_vote: true,
-        ..raft::Config::default()
-    };
-    raft_config.validate()?;
-    let logger = slog::Logger::root(slog::Discard, slog::o!());
-    let mut raw = RawNode::new(&raft_config, store.clone(), &logger)?;
-    if config.members.len() == 1 {
-        // A group of one needs no election timeout.
-        raw.campaign()?;
-    }
-    let (applied_tx, _) = watch::channel(applied);
-    let shared = Arc::new(Shared {
-        state: RwLock::new(state),
-        status: RwLock::new(RaftStatus {
-            id: config.id,
-            members: config.members.clone(),
-            applied,
-            ..RaftStatus::default()
-        }),
-        applied: applied_tx,
-    });
-    let (tx, rx) = mpsc::channel(16_384);
-    let replica = Replica {
-        raw,
-        store,
-        shared: shared.clone(),
-        transport,
-        boot_nonce: now_ms() ^ u64::from(std::process::id()).rotate_left(40),
-        next_proposal: 1,
-        pending: HashMap::new(),
-        queued: Vec::new(),
-        queued_bytes: 0,
-        workers: HashMap::new(),
-        was_leader: false,
-        leader_since_ms: 0,
-        applied,
-        persisted_applied: applied,
-        last_persist: std::time::Instant::now(),
-        n_turns: 0,
-        n_flushes: 0,
-        last_flush: std::time::Instant::now(),
-        snapshot_since: HashMap::new(),
-        reads_sent: HashMap::new(),
-        reads_waiting: Vec::new(),
+    let boot_nonce = now_ms() ^ u64::from(std::process::id()).rotate_left(40);
+    let replica = Replica::new(
         config,
-    };
+        store,
+        state,
+        transport,
+        Arc::new(SystemClock),
+        boot_nonce,
+    )?;
+    let shared = replica.shared.clone();
+    let (tx, rx) = mpsc::channel(16_384);
     let task = tokio::spawn(replica.run(rx, shutdown));
     Ok((Handle { tx, shared }, task))
 }
@@ -336,6 +351,93 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
 }
 
 impl<T: Transport> Replica<T> {
+    /// Opens raft on `store` (bootstrapping a new one from `config.members` unless
+    /// joining) with the state checkpointed there. `boot_nonce` must differ between lives
+    /// of the same replica (it tells this life's proposals from an earlier one's).
+    pub(crate) fn new(
+        config: ReplicaConfig,
+        store: Store,
+        mut state: State,
+        mut transport: T,
+        clock: Arc<dyn Clock>,
+        boot_nonce: u64,
+    ) -> Result<Self, ReplicaError> {
+        if store.is_new()? {
+            let founders = if config.join {
+                BTreeMap::new()
+            } else {
+                config.members.clone()
+            };
+            store.bootstrap(&founders)?;
+        }
+        let applied = store.load_state(&mut state)?;
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            min_election_tick: config.election_ticks.0,
+            max_election_tick: config.election_ticks.1,
+            applied,
+            max_size_per_msg: 4 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..raft::Config::default()
+        };
+        raft_config.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut raw = RawNode::new(&raft_config, store.clone(), &logger)?;
+        if state.members.len() == 1 && state.members.contains_key(&config.id) {
+            // A group of one needs no election timeout.
+            raw.campaign()?;
+        }
+        let members = if state.members.is_empty() {
+            config.members.clone()
+        } else {
+            state.members.clone()
+        };
+        transport.set_members(&members);
+        let (applied_tx, _) = watch::channel(applied);
+        let shared = Arc::new(Shared {
+            state: RwLock::new(state),
+            status: RwLock::new(RaftStatus {
+                id: config.id,
+                members: members.clone(),
+                applied,
+                ..RaftStatus::default()
+            }),
+            applied: applied_tx,
+        });
+        let now_us = clock.now_us();
+        Ok(Self {
+            raw,
+            store,
+            shared,
+            transport,
+            members,
+            boot_nonce,
+            next_proposal: 1,
+            pending: HashMap::new(),
+            queued: Vec::new(),
+            queued_bytes: 0,
+            workers: HashMap::new(),
+            was_leader: false,
+            leader_since_ms: 0,
+            applied,
+            persisted_applied: applied,
+            clock,
+            last_persist_us: now_us,
+            n_turns: 0,
+            n_flushes: 0,
+            last_flush_us: now_us,
+            snapshot_since_us: BTreeMap::new(),
+            reads_sent: HashMap::new(),
+            reads_waiting: Vec::new(),
+            applied_trace: None,
+            config,
+        })
+    }
+
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Event>,
@@ -366,7 +468,11 @@ impl<T: Transport> Replica<T> {
             if self.should_pace() {
                 // Every busy worker has queued work, so nobody waits on this commit:
                 // gather more events so one fsync covers them all.
-                let deadline = tokio::time::Instant::from_std(self.last_flush + COMMIT_PACE);
+                let wait_us = (self.last_flush_us + COMMIT_PACE_US)
+                    .saturating_sub(self.clock.now_us())
+                    .min(COMMIT_PACE_US);
+                let deadline =
+                    tokio::time::Instant::now() + Duration::from_micros(wait_us);
                 loop {
                     tokio::select! {
                         event = rx.recv() => match event {
@@ -377,22 +483,7 @@ impl<T: Transport> Replica<T> {
                     }
                 }
             }
-            if tick_due {
-                self.raw.tick();
-            }
-            let snapshot_wanted = self.store.take_snapshot_wanted();
-            self.checkpoint(snapshot_wanted)?;
-            self.propose_queued();
-            self.on_ready()?;
-            self.track_role();
-            if tick_due && self.raw.raft.state == StateRole::Leader {
-                // Heartbeat expiry and anything else time alone changes.
-                self.schedule_if_needed();
-                self.retry_lost_snapshots();
-                self.on_ready()?;
-            }
-            self.publish_status();
-            self.n_turns += 1;
+            self.turn(tick_due)?;
         }
         tracing::debug!(
             turns = self.n_turns,
@@ -406,13 +497,36 @@ impl<T: Transport> Replica<T> {
         Ok(())
     }
 
+    /// One loop turn after the events have been handled: tick if due, checkpoint,
+    /// propose what is queued, process raft's `Ready`, and (on the leader, on a tick) run
+    /// the time-driven scheduling. The simulated cluster drives replicas through this.
+    pub(crate) fn turn(&mut self, tick_due: bool) -> Result<(), ReplicaError> {
+        if tick_due {
+            self.raw.tick();
+        }
+        let snapshot_wanted = self.store.take_snapshot_wanted();
+        self.checkpoint(snapshot_wanted)?;
+        self.propose_queued();
+        self.on_ready()?;
+        self.track_role();
+        if tick_due && self.raw.raft.state == StateRole::Leader {
+            // Heartbeat expiry and anything else time alone changes.
+            self.schedule_if_needed();
+            self.retry_lost_snapshots();
+            self.on_ready()?;
+        }
+        self.publish_status();
+        self.n_turns += 1;
+        Ok(())
+    }
+
     /// Whether to hold the queued commands back a little for a bigger group commit:
     /// only when no client waits for an answer, the last fsync was moments ago, and
     /// every node with work has more assigned than it can run (its queue hides the wait).
     fn should_pace(&self) -> bool {
         if self.queued.is_empty()
             || self.queued.iter().any(|(_, reply)| reply.is_some())
-            || self.last_flush.elapsed() >= COMMIT_PACE
+            || self.clock.now_us().saturating_sub(self.last_flush_us) >= COMMIT_PACE_US
             || self.raw.raft.state != StateRole::Leader
         {
             return false;
@@ -429,7 +543,7 @@ impl<T: Transport> Replica<T> {
             && busy.all(|n| n.active.len() as u32 > n.usable_slots().saturating_add(2))
     }
 
-    fn handle(&mut self, event: Event) {
+    pub(crate) fn handle(&mut self, event: Event) {
         match event {
             Event::Propose { command, reply } => {
                 self.queued_bytes += approx_size(&command);
@@ -458,6 +572,7 @@ impl<T: Transport> Replica<T> {
                     self.workers.remove(&node);
                 }
             }
+            Event::ChangeMembership { change, reply } => self.propose_member_change(change, reply),
         }
     }
 
@@ -489,7 +604,7 @@ impl<T: Transport> Replica<T> {
             queued.into_iter().unzip();
         // Schedule in the same entry: what these commands free up is dispatched at once.
         commands.push(Command::Schedule {
-            now_ms: now_ms(),
+            now_ms: self.clock.now_ms(),
             config: self.scheduler_config(),
         });
         replies.push(None);
@@ -526,7 +641,7 @@ impl<T: Transport> Replica<T> {
 
     fn not_leader(&self) -> ProposeError {
         ProposeError::NotLeader {
-            leader_addr: self.config.members.get(&self.raw.raft.leader_id).cloned(),
+            leader_addr: self.members.get(&self.raw.raft.leader_id).cloned(),
         }
     }
 
@@ -554,7 +669,7 @@ impl<T: Transport> Replica<T> {
             self.workers.clear();
         }
         if !self.was_leader && is_leader {
-            self.leader_since_ms = now_ms();
+            self.leader_since_ms = self.clock.now_ms();
         }
         self.was_leader = is_leader;
     }
@@ -582,7 +697,7 @@ impl<T: Transport> Replica<T> {
     /// On a tick: proposes a scheduling round if the plan would do anything (a node to
     /// mark down, or ready work that now fits), so an idle cluster writes nothing.
     fn schedule_if_needed(&mut self) {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let config = self.scheduler_config();
         let plan = match self.shared.state.read() {
             Ok(state) => scheduler::schedule(&state, now, &config),
@@ -603,7 +718,7 @@ impl<T: Transport> Replica<T> {
         );
     }
 
-    fn send_messages(&self, messages: Vec<RaftMessage>) {
+    fn send_messages(&mut self, messages: Vec<RaftMessage>) {
         if !messages.is_empty() {
             self.transport.send(messages);
         }
@@ -632,7 +747,7 @@ impl<T: Transport> Replica<T> {
         if must_persist {
             blocking(|| self.store.flush())?;
             self.n_flushes += 1;
-            self.last_flush = std::time::Instant::now();
+            self.last_flush_us = self.clock.now_us();
         }
         self.send_messages(ready.take_persisted_messages());
         let mut light = self.raw.advance(ready);
@@ -676,6 +791,7 @@ impl<T: Transport> Replica<T> {
         }
         let is_leader = self.raw.raft.state == StateRole::Leader;
         let mut replies: Vec<(Reply, Outcome)> = Vec::new();
+        let mut membership_changed = false;
         let effects;
         {
             let mut state = match self.shared.state.write() {
@@ -684,12 +800,39 @@ impl<T: Transport> Replica<T> {
             };
             for entry in entries {
                 let index = entry.index;
+                if let Some(trace) = self.applied_trace.as_mut() {
+                    trace.push((index, entry.term, data_hash(&entry.data)));
+                }
                 match entry.get_entry_type() {
                     EntryType::EntryConfChange => {
                         let mut cc = ConfChange::default();
                         if cc.merge_from_bytes(&entry.data).is_ok() {
-                            let cs = self.raw.apply_conf_change(&cc)?;
-                            self.store.set_conf_state(&cs)?;
+                            self.raw.apply_conf_change(&cc)?;
+                            let address = match cc.get_change_type() {
+                                ConfChangeType::RemoveNode => None,
+                                _ => Some(String::from_utf8_lossy(&cc.context).into_owned()),
+                            };
+                            tracing::info!(
+                                index,
+                                member = cc.node_id,
+                                address = address.as_deref().unwrap_or("-"),
+                                "membership changed"
+                            );
+                            if cc.node_id == self.config.id && address.is_none() {
+                                tracing::warn!(
+                                    "this coordinator was removed from the cluster; \
+                                     it takes no further part"
+                                );
+                            }
+                            state.change_member(cc.node_id, address);
+                            membership_changed = true;
+                        }
+                        if let Some(id) = self.own_proposal(&entry.context) {
+                            if let Some(pending) = self.pending.remove(&id) {
+                                for reply in pending.replies.into_iter().flatten() {
+                                    replies.push((reply, Outcome::Done));
+                                }
+                            }
                         }
                     }
                     EntryType::EntryNormal if !entry.data.is_empty() => {
@@ -725,6 +868,9 @@ impl<T: Transport> Replica<T> {
                 Vec::new()
             };
         }
+        if membership_changed {
+            self.refresh_members();
+        }
         for (node, message) in effects {
             self.send_to_worker(&node, message);
         }
@@ -753,29 +899,135 @@ impl<T: Transport> Replica<T> {
         );
         self.applied = index;
         self.persisted_applied = index;
-        self.last_persist = std::time::Instant::now();
+        self.last_persist_us = self.clock.now_us();
+        self.refresh_members();
         self.shared.applied.send_replace(index);
         Ok(())
+    }
+
+    /// Takes the members' addresses from the replicated state after a conf change or a
+    /// snapshot, and tells the transport.
+    fn refresh_members(&mut self) {
+        let members = match self.shared.state.read() {
+            Ok(state) => state.members.clone(),
+            Err(poisoned) => poisoned.into_inner().members.clone(),
+        };
+        if !members.is_empty() && members != self.members {
+            self.members = members;
+            self.transport.set_members(&self.members);
+        }
+    }
+
+    /// Proposes one membership change (raft's simple, one-member-at-a-time conf change:
+    /// any two successive memberships share a majority, so no joint phase is needed).
+    /// Refused when another change is still uncommitted, when it would do nothing, or when
+    /// it would leave no member. Removing the leader itself first hands leadership to the
+    /// most up-to-date follower and answers "not leader", so the client retries there.
+    fn propose_member_change(&mut self, change: MemberChange, reply: Reply) {
+        if self.raw.raft.state != StateRole::Leader {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        if self.raw.raft.lead_transferee.is_some() {
+            // Leadership is moving; the client waits a moment and asks again.
+            let _ = reply.send(Err(ProposeError::NotLeader { leader_addr: None }));
+            return;
+        }
+        let voters: BTreeSet<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        let refuse = |reply: Reply, why: String| {
+            let _ = reply.send(Err(ProposeError::Invalid(why)));
+        };
+        if self.raw.raft.has_pending_conf() {
+            return refuse(
+                reply,
+                "another membership change is still being committed; retry in a moment".into(),
+            );
+        }
+        let mut cc = ConfChange::default();
+        match &change {
+            MemberChange::Add { id, address } => {
+                if *id == 0 {
+                    return refuse(reply, "id: coordinator ids start at 1".into());
+                }
+                if voters.contains(id) {
+                    return refuse(reply, format!("id: coordinator {id} is already a member"));
+                }
+                if let Some((other, _)) = self.members.iter().find(|(_, a)| *a == address) {
+                    return refuse(
+                        reply,
+                        format!("address: {address} already belongs to coordinator {other}"),
+                    );
+                }
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = *id;
+                cc.context = address.clone().into_bytes().into();
+            }
+            MemberChange::Remove { id } => {
+                if !voters.contains(id) {
+                    return refuse(reply, format!("id: coordinator {id} is not a member"));
+                }
+                if voters.len() == 1 {
+                    return refuse(reply, format!("id: coordinator {id} is the last member"));
+                }
+                if *id == self.config.id {
+                    let target = self
+                        .raw
+                        .raft
+                        .prs()
+                        .iter()
+                        .filter(|(pid, _)| **pid != self.config.id && voters.contains(*pid))
+                        .max_by_key(|(pid, pr)| (pr.matched, std::cmp::Reverse(**pid)))
+                        .map(|(pid, _)| *pid);
+                    if let Some(target) = target {
+                        tracing::info!(to = target, "handing leadership over before leaving");
+                        self.raw.transfer_leader(target);
+                        let _ = reply.send(Err(ProposeError::NotLeader { leader_addr: None }));
+                        return;
+                    }
+                }
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = *id;
+            }
+        }
+        let (id, ctx) = self.next_context();
+        match self.raw.propose_conf_change(ctx, cc) {
+            Ok(()) => {
+                self.pending.insert(
+                    id,
+                    Pending {
+                        replies: vec![Some(reply)],
+                    },
+                );
+            }
+            Err(e) => {
+                let err = match e {
+                    raft::Error::ProposalDropped => self.not_leader(),
+                    other => ProposeError::Raft(other.to_string()),
+                };
+                let _ = reply.send(Err(err));
+            }
+        }
     }
 
     /// raft-rs sends nothing more to a follower that is waiting for a snapshot until the
     /// snapshot is reported; the transport cannot tell whether it arrived, so one still
     /// pending after `SNAPSHOT_RETRY` is reported lost and raft sends another.
     fn retry_lost_snapshots(&mut self) {
-        let now = std::time::Instant::now();
+        let now = self.clock.now_us();
         let mut lost = Vec::new();
-        let mut waiting = HashMap::new();
+        let mut waiting = BTreeMap::new();
         for (id, pr) in self.raw.raft.prs().iter() {
             if pr.state == ProgressState::Snapshot {
-                let since = self.snapshot_since.get(id).copied().unwrap_or(now);
-                if now.duration_since(since) >= SNAPSHOT_RETRY {
+                let since = self.snapshot_since_us.get(id).copied().unwrap_or(now);
+                if now.saturating_sub(since) >= SNAPSHOT_RETRY_US {
                     lost.push(*id);
                 } else {
                     waiting.insert(*id, since);
                 }
             }
         }
-        self.snapshot_since = waiting;
+        lost.sort_unstable();
+        self.snapshot_since_us = waiting;
         for id in lost {
             tracing::warn!(peer = id, "snapshot not acknowledged, sending another");
             self.raw.report_snapshot(id, SnapshotStatus::Failure);
@@ -819,7 +1071,7 @@ impl<T: Transport> Replica<T> {
             Err(poisoned) => poisoned.into_inner(),
         };
         if !force
-            && self.last_persist.elapsed() < PERSIST_INTERVAL
+            && self.clock.now_us().saturating_sub(self.last_persist_us) < PERSIST_INTERVAL_US
             && state.dirty.tasks.len() < PERSIST_MAX_DIRTY_TASKS
         {
             return Ok(());
@@ -827,7 +1079,7 @@ impl<T: Transport> Replica<T> {
         self.store.persist_state(&mut state, self.applied)?;
         drop(state);
         self.persisted_applied = self.applied;
-        self.last_persist = std::time::Instant::now();
+        self.last_persist_us = self.clock.now_us();
         self.maybe_compact()
     }
 
@@ -914,13 +1166,21 @@ impl<T: Transport> Replica<T> {
             commit: raft.raft_log.committed,
             applied: self.applied,
             last_index: raft.raft_log.last_index(),
-            members: self.config.members.clone(),
+            members: self.members.clone(),
             matched,
         };
         if let Ok(mut s) = self.shared.status.write() {
             *s = status;
         }
     }
+}
+
+/// A stable hash of an entry's payload (for the simulated cluster's checker).
+fn data_hash(data: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Rough wire size of a command, to bound group-commit entries.

@@ -22,7 +22,7 @@ use venom_proto::v1::worker_service_server::WorkerService;
 
 use crate::convert;
 use crate::mobius::{self, ThrottlePolicy};
-use crate::replica::{now_ms, Event, Handle, ProposeError};
+use crate::replica::{now_ms, Event, Handle, MemberChange, ProposeError};
 use crate::scheduler;
 use crate::state::{Command, NodeSpec, Outcome, State, WaveId};
 use crate::wave::{self, Format, WaveLimits};
@@ -32,6 +32,7 @@ fn propose_status(e: ProposeError) -> Status {
         ProposeError::NotLeader { .. } => Status::unavailable(e.to_string()),
         ProposeError::Stopped => Status::unavailable(e.to_string()),
         ProposeError::Raft(_) => Status::internal(e.to_string()),
+        ProposeError::Invalid(_) => Status::failed_precondition(e.to_string()),
     }
 }
 
@@ -333,8 +334,68 @@ impl ClientService for ClientApi {
 
     async fn cluster_status(
         &self,
-        _request: Request<pb::ClusterStatusRequest>,
+        request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let mut view = self.own_view();
+        if request.into_inner().all_members {
+            gather_member_views(&mut view).await;
+        }
+        Ok(Response::new(view))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let request = request.into_inner();
+        let address = request.address.trim();
+        if request.id == 0 {
+            return Err(Status::invalid_argument("id: coordinator ids start at 1"));
+        }
+        let authority = address
+            .strip_prefix("http://")
+            .or_else(|| address.strip_prefix("https://"))
+            .unwrap_or(address);
+        let valid = authority
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        if !valid {
+            return Err(Status::invalid_argument(format!(
+                "address: `{address}` is not HOST:PORT"
+            )));
+        }
+        let url = if address.starts_with("http") {
+            address.to_string()
+        } else {
+            format!("http://{address}")
+        };
+        self.handle
+            .change_membership(MemberChange::Add {
+                id: request.id,
+                address: url,
+            })
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(self.own_view()))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let id = request.into_inner().id;
+        self.handle
+            .change_membership(MemberChange::Remove { id })
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(self.own_view()))
+    }
+}
+
+impl ClientApi {
+    /// This member's view of the cluster: its own row first-hand, the others as far as it
+    /// knows them (the leader knows each follower's matched index).
+    fn own_view(&self) -> pb::ClusterStatusResponse {
         let status = self.handle.status();
         let state = read_state(&self.handle);
         let inputs: Vec<mobius::NodeModelInput> = state
@@ -343,6 +404,7 @@ impl ClientService for ClientApi {
             .filter(|n| n.state == crate::state::NodeState::Ready)
             .map(crate::state::Node::model_input)
             .collect();
+        drop(state);
         let model = mobius::cluster_model(&inputs);
         let leader_matched = status.matched.clone();
         let members = status
@@ -368,11 +430,17 @@ impl ClientService for ClientApi {
                     } else {
                         matched.unwrap_or(0)
                     },
-                    lag: matched.map_or(0, |m| status.last_index.saturating_sub(m)),
+                    lag: if is_self {
+                        status.commit.saturating_sub(status.applied)
+                    } else {
+                        matched.map_or(0, |m| status.last_index.saturating_sub(m))
+                    },
+                    reported: is_self,
+                    leader_id: if is_self { status.leader_id } else { 0 },
                 }
             })
             .collect();
-        Ok(Response::new(pb::ClusterStatusResponse {
+        pb::ClusterStatusResponse {
             leader_id: status.leader_id,
             term: status.term,
             members,
@@ -383,8 +451,76 @@ impl ClientService for ClientApi {
             n_nodes_ready: inputs.len() as u32,
             commit_index: status.commit,
             applied_index: status.applied,
-        }))
+        }
     }
+}
+
+/// How long `ClusterStatus { all_members }` waits for each member's own view.
+const MEMBER_VIEW_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Replaces every other member's row with the member's own view (asked concurrently);
+/// a member that does not answer is shown `unreachable`. Lag is then measured against
+/// the highest commit index any member reported.
+async fn gather_member_views(view: &mut pb::ClusterStatusResponse) {
+    let asks = view
+        .members
+        .iter()
+        .filter(|m| !m.reported)
+        .map(|m| {
+            let (id, address) = (m.id, m.address.clone());
+            async move { (id, ask_member(&address).await) }
+        })
+        .collect::<Vec<_>>();
+    let answers: std::collections::BTreeMap<u64, Option<pb::ClusterMember>> =
+        futures::future::join_all(asks).await.into_iter().collect();
+    for row in &mut view.members {
+        match answers.get(&row.id) {
+            Some(Some(own)) if own.id == row.id => {
+                *row = pb::ClusterMember {
+                    address: row.address.clone(),
+                    ..own.clone()
+                };
+            }
+            Some(_) => {
+                row.role = "unreachable".to_string();
+                row.reported = false;
+            }
+            None => {}
+        }
+    }
+    let commit = view
+        .members
+        .iter()
+        .filter(|m| m.reported)
+        .map(|m| m.commit_index)
+        .max()
+        .unwrap_or(0);
+    for row in view.members.iter_mut().filter(|m| m.reported) {
+        row.lag = commit.saturating_sub(row.applied_index);
+    }
+}
+
+/// One member's own row, or `None` when it does not answer in time.
+async fn ask_member(address: &str) -> Option<pb::ClusterMember> {
+    let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())
+        .ok()?
+        .connect_timeout(MEMBER_VIEW_TIMEOUT)
+        .timeout(MEMBER_VIEW_TIMEOUT);
+    let ask = async {
+        let channel = endpoint.connect().await.ok()?;
+        let mut client =
+            venom_proto::v1::client_service_client::ClientServiceClient::new(channel);
+        let reply = client
+            .cluster_status(pb::ClusterStatusRequest { all_members: false })
+            .await
+            .ok()?
+            .into_inner();
+        reply.members.into_iter().find(|m| m.reported)
+    };
+    tokio::time::timeout(MEMBER_VIEW_TIMEOUT * 2, ask)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The worker-facing API: one bidirectional stream per worker.

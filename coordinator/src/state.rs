@@ -504,11 +504,17 @@ pub struct Dirty {
     pub waves: BTreeSet<WaveId>,
     pub tasks: BTreeSet<MicroKey>,
     pub nodes: BTreeSet<String>,
+    /// The raft membership changed.
+    pub members: bool,
 }
 
 /// The whole replicated state.
 #[derive(Debug, Default)]
 pub struct State {
+    /// Raft members (coordinator id → client address). Changed only by raft conf-change
+    /// entries, so every replica's membership at an index is part of its state there:
+    /// checkpoints, snapshots and restarts carry it with everything else.
+    pub members: BTreeMap<u64, String>,
     pub waves: BTreeMap<WaveId, Wave>,
     pub nodes: BTreeMap<String, Node>,
     pub next_wave_id: WaveId,
@@ -530,6 +536,7 @@ pub struct WaveLimitsState(pub WaveLimits);
 /// rebuilds them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateSnapshot {
+    pub members: BTreeMap<u64, String>,
     pub waves: Vec<Wave>,
     pub nodes: Vec<Node>,
     pub next_wave_id: WaveId,
@@ -580,6 +587,7 @@ impl State {
     /// pending effects stay behind).
     pub fn into_snapshot(self) -> StateSnapshot {
         StateSnapshot {
+            members: self.members,
             waves: self.waves.into_values().collect(),
             nodes: self.nodes.into_values().collect(),
             next_wave_id: self.next_wave_id,
@@ -591,6 +599,7 @@ impl State {
     /// Pending effects are dropped (they belonged to entries the snapshot supersedes) and
     /// every key is marked dirty, so the next checkpoint rewrites the whole state.
     pub fn restore(&mut self, snapshot: StateSnapshot) {
+        self.members = snapshot.members;
         self.waves = snapshot
             .waves
             .into_iter()
@@ -618,6 +627,21 @@ impl State {
             }
         }
         self.dirty.nodes.extend(self.nodes.keys().cloned());
+        self.dirty.members = true;
+    }
+
+    /// A committed raft conf change: `address` `Some` adds (or re-addresses) member `id`,
+    /// `None` removes it.
+    pub fn change_member(&mut self, id: u64, address: Option<String>) {
+        match address {
+            Some(address) => {
+                self.members.insert(id, address);
+            }
+            None => {
+                self.members.remove(&id);
+            }
+        }
+        self.dirty.members = true;
     }
 
     pub fn task(&self, key: MicroKey) -> Option<&MicroTask> {

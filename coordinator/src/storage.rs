@@ -20,6 +20,7 @@
 //! [`Store::apply_snapshot`]. Both multi-tree changes are single sled transactions, so a
 //! crash leaves either the old or the new log/state, never a mix.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -71,6 +72,13 @@ impl std::fmt::Debug for Store {
 const APPLIED: &[u8] = b"m/applied";
 const NEXT_WAVE_ID: &[u8] = b"m/next_wave_id";
 const STALE_RESULTS: &[u8] = b"m/stale_results";
+const MEMBERS: &[u8] = b"m/members";
+/// Set once the store holds a cluster's initial state (or a joiner's empty one).
+const INITIALIZED: &str = "initialized";
+/// The index (and term) of the initial snapshot every bootstrapped member starts from. A
+/// member added later starts with an empty log, so the leader can only catch it up by
+/// sending a snapshot — which carries the membership and the state machine.
+pub const BOOTSTRAP_INDEX: u64 = 1;
 const WAVE: &[u8] = b"w/";
 const TASK: &[u8] = b"t/";
 const NODE: &[u8] = b"n/";
@@ -143,23 +151,32 @@ impl Store {
 
     /// Whether this store has never been initialised.
     pub fn is_new(&self) -> Result<bool, StoreError> {
-        Ok(self.meta.get("conf_state")?.is_none())
+        Ok(self.meta.get(INITIALIZED)?.is_none())
     }
 
-    /// First boot: records the initial voters.
-    pub fn bootstrap(&self, voters: Vec<u64>) -> Result<(), StoreError> {
-        let cs = ConfState {
-            voters,
-            ..ConfState::default()
-        };
-        self.set_conf_state(&cs)?;
+    /// First boot of a founding member: the state machine starts at
+    /// [`BOOTSTRAP_INDEX`] holding the initial `members`, as if a snapshot had been
+    /// installed there. With no members (a coordinator joining an existing cluster) the
+    /// store stays empty until the leader's snapshot arrives.
+    pub fn bootstrap(&self, members: &BTreeMap<u64, String>) -> Result<(), StoreError> {
+        if !members.is_empty() {
+            let mut state = State::default();
+            for (&id, address) in members {
+                state.change_member(id, Some(address.clone()));
+            }
+            state.next_wave_id = 1;
+            self.persist_state(&mut state, BOOTSTRAP_INDEX)?;
+            let hs = HardState {
+                term: BOOTSTRAP_INDEX,
+                commit: BOOTSTRAP_INDEX,
+                ..HardState::default()
+            };
+            self.set_hard_state(&hs)?;
+            self.meta.insert("snapshot_index", &u64_key(BOOTSTRAP_INDEX))?;
+            self.meta.insert("snapshot_term", &u64_key(BOOTSTRAP_INDEX))?;
+        }
+        self.meta.insert(INITIALIZED, &[1u8][..])?;
         self.flush()
-    }
-
-    pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StoreError> {
-        self.meta
-            .insert("conf_state", encode_proto("conf_state", cs)?)?;
-        Ok(())
     }
 
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StoreError> {
@@ -172,8 +189,20 @@ impl Store {
         self.meta_proto("hard_state")
     }
 
+    /// The membership as of the last checkpoint (raft re-applies the conf changes after it).
     pub fn conf_state(&self) -> Result<ConfState, StoreError> {
-        self.meta_proto("conf_state")
+        Ok(ConfState {
+            voters: self.members()?.into_keys().collect(),
+            ..ConfState::default()
+        })
+    }
+
+    /// The members (id → address) as of the last checkpoint.
+    pub fn members(&self) -> Result<BTreeMap<u64, String>, StoreError> {
+        match self.state.get(MEMBERS)? {
+            None => Ok(BTreeMap::new()),
+            Some(bytes) => bincode::deserialize(&bytes).map_err(|e| bincode_err(MEMBERS, e)),
+        }
     }
 
     fn meta_proto<M: protobuf::Message + Default>(&self, key: &str) -> Result<M, StoreError> {
@@ -333,6 +362,7 @@ impl Store {
                 None => return Ok(None),
             }
         };
+        let members: Vec<u64> = state.members.keys().copied().collect();
         let data = bincode::serialize(&state.into_snapshot()).map_err(|source| {
             StoreError::SnapshotData {
                 index: applied,
@@ -344,7 +374,10 @@ impl Store {
         let meta = snapshot.mut_metadata();
         meta.index = applied;
         meta.term = term;
-        meta.set_conf_state(self.conf_state()?);
+        meta.set_conf_state(ConfState {
+            voters: members,
+            ..ConfState::default()
+        });
         Ok(Some(snapshot))
     }
 
@@ -376,10 +409,6 @@ impl Store {
         meta_batch.insert("snapshot_index", &u64_key(index));
         meta_batch.insert("snapshot_term", &u64_key(term));
         meta_batch.insert("hard_state", encode_proto("hard_state", &hs)?);
-        meta_batch.insert(
-            "conf_state",
-            encode_proto("conf_state", meta.get_conf_state())?,
-        );
         self.transact(Some(&state_batch), &log_batch, &meta_batch)
     }
 
@@ -426,6 +455,10 @@ impl Store {
                 batch.insert(key, bytes);
             }
         }
+        if dirty.members {
+            let bytes = bincode::serialize(&state.members).map_err(|e| bincode_err(MEMBERS, e))?;
+            batch.insert(MEMBERS, bytes);
+        }
         batch.insert(APPLIED, &u64_key(applied));
         batch.insert(NEXT_WAVE_ID, &u64_key(state.next_wave_id));
         batch.insert(STALE_RESULTS, &u64_key(state.stale_results));
@@ -441,6 +474,7 @@ impl Store {
             .map_or(1, |b| read_u64(&b))
             .max(1);
         state.stale_results = self.state.get(STALE_RESULTS)?.map_or(0, |b| read_u64(&b));
+        state.members = self.members()?;
         for item in self.state.scan_prefix(WAVE) {
             let (key, bytes) = item?;
             let header: WaveHeader =
@@ -597,7 +631,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).expect("open");
             assert!(store.is_new().expect("is_new"));
-            store.bootstrap(vec![1]).expect("bootstrap");
+            store.bootstrap(&BTreeMap::new()).expect("bootstrap");
             store
                 .append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
                 .expect("append");
@@ -627,7 +661,10 @@ mod tests {
         );
         let state = store.initial_state().expect("state");
         assert_eq!(state.hard_state.commit, 2);
-        assert_eq!(state.conf_state.voters, vec![1]);
+        assert!(
+            state.conf_state.voters.is_empty(),
+            "no checkpointed membership"
+        );
     }
 
     #[test]
@@ -699,7 +736,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open(dir.path()).expect("open");
-            store.bootstrap(vec![1]).expect("bootstrap");
+            store.bootstrap(&BTreeMap::new()).expect("bootstrap");
             let entries: Vec<Entry> = (1..=20)
                 .map(|i| entry(i, if i <= 10 { 1 } else { 2 }))
                 .collect();
@@ -746,6 +783,52 @@ mod tests {
     }
 
     #[test]
+    fn a_founding_member_starts_from_a_snapshot_point_a_joiner_can_only_reach_by_snapshot() {
+        let members: BTreeMap<u64, String> = (1..=3)
+            .map(|id| (id, format!("http://127.0.0.1:700{id}")))
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let founder = Store::open(dir.path()).expect("open");
+        founder.bootstrap(&members).expect("bootstrap");
+        assert!(!founder.is_new().expect("is_new"));
+        assert_eq!(founder.first_index().expect("first"), BOOTSTRAP_INDEX + 1);
+        assert_eq!(founder.last_index().expect("last"), BOOTSTRAP_INDEX);
+        assert_eq!(founder.term(BOOTSTRAP_INDEX).expect("term"), BOOTSTRAP_INDEX);
+        let initial = founder.initial_state().expect("initial state");
+        assert_eq!(initial.hard_state.commit, BOOTSTRAP_INDEX);
+        assert_eq!(initial.conf_state.voters, vec![1, 2, 3]);
+        let mut state = State::new(WaveLimits::default());
+        assert_eq!(founder.load_state(&mut state).expect("load"), BOOTSTRAP_INDEX);
+        assert_eq!(state.members, members);
+        // Index 1 is below the founder's log: a joiner gets a snapshot carrying the members.
+        assert!(compacted(founder.entries(
+            1,
+            2,
+            None,
+            GetEntriesContext::empty(false)
+        )));
+        let snapshot = founder.snapshot(0, 4).expect("snapshot");
+        assert_eq!(snapshot.get_metadata().index, BOOTSTRAP_INDEX);
+        assert_eq!(snapshot.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
+
+        let joiner_dir = tempfile::tempdir().expect("tempdir");
+        let joiner = Store::open(joiner_dir.path()).expect("open");
+        joiner.bootstrap(&BTreeMap::new()).expect("bootstrap");
+        assert!(!joiner.is_new().expect("is_new"));
+        assert!(joiner.initial_state().expect("initial").conf_state.voters.is_empty());
+        let mut joined = State::new(WaveLimits::default());
+        joiner
+            .apply_snapshot(&snapshot, &mut joined)
+            .expect("install");
+        assert_eq!(joined.members, members);
+        assert_eq!(joiner.members().expect("members"), members);
+        assert_eq!(
+            joiner.initial_state().expect("initial").conf_state.voters,
+            vec![1, 2, 3]
+        );
+    }
+
+    #[test]
     fn compaction_without_a_checkpoint_deletes_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
@@ -759,7 +842,7 @@ mod tests {
     fn snapshot_round_trips_from_a_checkpoint_into_a_fresh_store() {
         let leader_dir = tempfile::tempdir().expect("tempdir");
         let leader = Store::open(leader_dir.path()).expect("open");
-        leader.bootstrap(vec![1, 2, 3]).expect("bootstrap");
+        leader.bootstrap(&BTreeMap::new()).expect("bootstrap");
         // No checkpoint yet: raft must be told to retry later, not handed an empty snapshot.
         assert!(matches!(
             leader.snapshot(0, 2),
@@ -775,6 +858,9 @@ mod tests {
         leader.append(&entries).expect("append");
         let mut state = sample_state();
         state.stale_results = 7;
+        for id in 1..=3 {
+            state.change_member(id, Some(format!("http://127.0.0.1:700{id}")));
+        }
         leader.persist_state(&mut state, 25).expect("checkpoint");
         leader.compact(20).expect("compact");
         let snapshot = leader.snapshot(0, 2).expect("snapshot");
@@ -792,7 +878,7 @@ mod tests {
         let follower_dir = tempfile::tempdir().expect("tempdir");
         {
             let follower = Store::open(follower_dir.path()).expect("open");
-            follower.bootstrap(vec![1, 2, 3]).expect("bootstrap");
+            follower.bootstrap(&BTreeMap::new()).expect("bootstrap");
             // A stale log and a stale key the snapshot must replace.
             follower
                 .append(&[entry(1, 1), entry(2, 1), entry(3, 1)])

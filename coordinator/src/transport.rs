@@ -15,7 +15,11 @@ use venom_proto::v1::raft_service_client::RaftServiceClient;
 
 /// Delivers raft messages to peers. Must not block.
 pub trait Transport: Send {
-    fn send(&self, messages: Vec<RaftMessage>);
+    fn send(&mut self, messages: Vec<RaftMessage>);
+
+    /// The membership changed: `members` (id → address, this replica included) is who
+    /// messages may be sent to from now on.
+    fn set_members(&mut self, _members: &BTreeMap<u64, String>) {}
 }
 
 /// A single-node cluster has nobody to talk to.
@@ -23,38 +27,48 @@ pub trait Transport: Send {
 pub struct NoPeers;
 
 impl Transport for NoPeers {
-    fn send(&self, messages: Vec<RaftMessage>) {
+    fn send(&mut self, messages: Vec<RaftMessage>) {
         if !messages.is_empty() {
             tracing::debug!(n = messages.len(), "raft messages with no peers dropped");
         }
     }
 }
 
-/// Raft over gRPC: one bounded queue and one sender task per peer.
+/// Raft over gRPC: one bounded queue and one sender task per peer. A peer's task ends
+/// when its queue is dropped (the peer left, or its address changed).
 #[derive(Debug)]
 pub struct GrpcTransport {
     from: u64,
-    peers: BTreeMap<u64, mpsc::Sender<Vec<RaftMessage>>>,
+    peers: BTreeMap<u64, (String, mpsc::Sender<Vec<RaftMessage>>)>,
 }
 
 impl GrpcTransport {
     /// Starts a sender task for every peer except `from`.
     pub fn start(from: u64, members: &BTreeMap<u64, String>) -> Self {
-        let mut peers = BTreeMap::new();
-        for (&id, addr) in members {
-            if id == from {
-                continue;
-            }
-            let (tx, rx) = mpsc::channel(1_024);
-            tokio::spawn(peer_sender(from, id, addr.clone(), rx));
-            peers.insert(id, tx);
-        }
-        Self { from, peers }
+        let mut transport = Self {
+            from,
+            peers: BTreeMap::new(),
+        };
+        transport.set_members(members);
+        transport
     }
 }
 
 impl Transport for GrpcTransport {
-    fn send(&self, messages: Vec<RaftMessage>) {
+    fn set_members(&mut self, members: &BTreeMap<u64, String>) {
+        self.peers
+            .retain(|id, (addr, _)| members.get(id).is_some_and(|a| a == addr));
+        for (&id, addr) in members {
+            if id == self.from || self.peers.contains_key(&id) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(1_024);
+            tokio::spawn(peer_sender(self.from, id, addr.clone(), rx));
+            self.peers.insert(id, (addr.clone(), tx));
+        }
+    }
+
+    fn send(&mut self, messages: Vec<RaftMessage>) {
         let mut by_peer: BTreeMap<u64, Vec<RaftMessage>> = BTreeMap::new();
         for m in messages {
             by_peer.entry(m.to).or_default().push(m);
@@ -62,7 +76,7 @@ impl Transport for GrpcTransport {
         for (to, batch) in by_peer {
             match self.peers.get(&to) {
                 // Raft retries lost messages, so a full queue may drop.
-                Some(tx) => {
+                Some((_, tx)) => {
                     let _ = tx.try_send(batch);
                 }
                 None => tracing::warn!(from = self.from, to, "raft message for unknown peer"),

@@ -214,7 +214,7 @@ pub async fn wait_ready(url: &str, n_nodes: usize) -> anyhow::Result<ClientServi
     loop {
         if let Ok(mut c) = client(url).await {
             let nodes = c.list_nodes(pb::ListNodesRequest {}).await;
-            let status = c.cluster_status(pb::ClusterStatusRequest {}).await;
+            let status = c.cluster_status(pb::ClusterStatusRequest::default()).await;
             if let (Ok(nodes), Ok(status)) = (nodes, status) {
                 let ready = nodes
                     .into_inner()

@@ -128,7 +128,7 @@ async fn malformed_waves_are_rejected_naming_task_and_field_and_change_nothing()
         .waves;
     assert!(waves.is_empty(), "nothing stored: {waves:?}");
     let status = c
-        .cluster_status(pb::ClusterStatusRequest {})
+        .cluster_status(pb::ClusterStatusRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -83,7 +83,7 @@ async fn raft_batches_from_unknown_peers_or_with_garbage_are_rejected_and_change
     let coordinator = Coordinator::start(&dir.path().join("c"), &[]).unwrap();
     let mut c = wait_ready(&coordinator.url(), 0).await.unwrap();
     let before = c
-        .cluster_status(pb::ClusterStatusRequest {})
+        .cluster_status(pb::ClusterStatusRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -114,7 +114,7 @@ async fn raft_batches_from_unknown_peers_or_with_garbage_are_rejected_and_change
 
     // The coordinator keeps working: same leader and term, and it still takes waves.
     let after = c
-        .cluster_status(pb::ClusterStatusRequest {})
+        .cluster_status(pb::ClusterStatusRequest::default())
         .await
         .unwrap()
         .into_inner();

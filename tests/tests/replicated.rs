@@ -37,7 +37,7 @@ async fn try_client(url: &str) -> Option<ClientServiceClient<Channel>> {
 
 async fn cluster_status(url: &str) -> Option<pb::ClusterStatusResponse> {
     let mut c = try_client(url).await?;
-    c.cluster_status(pb::ClusterStatusRequest {})
+    c.cluster_status(pb::ClusterStatusRequest::default())
         .await
         .ok()
         .map(|r| r.into_inner())

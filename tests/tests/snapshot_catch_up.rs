@@ -100,7 +100,7 @@ impl Member {
 
 async fn cluster_status(url: &str) -> Option<pb::ClusterStatusResponse> {
     let mut c = client(url).await.ok()?;
-    c.cluster_status(pb::ClusterStatusRequest {})
+    c.cluster_status(pb::ClusterStatusRequest::default())
         .await
         .ok()
         .map(|r| r.into_inner())

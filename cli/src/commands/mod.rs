@@ -51,7 +51,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Cancel { wave } => remote::cancel(&ctx, wave).await,
         Command::Nodes => remote::nodes(&ctx).await,
         Command::Drain { node, undo } => remote::drain(&ctx, &node, !undo).await,
-        Command::Cluster => remote::cluster(&ctx).await,
+        Command::Cluster { action } => remote::cluster(&ctx, action).await,
         Command::Scan => machine::scan(&ctx).await,
         Command::Compress { hours } => machine::compress(&ctx, hours).await,
         Command::Monitor { duration } => machine::monitor(&ctx, duration).await,

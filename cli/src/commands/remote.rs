@@ -13,7 +13,7 @@ use venom_proto as pb;
 
 use super::wavefile::{self, submit_limits, WaveFile};
 use super::Context;
-use crate::args::{SubmitArgs, TaskRef};
+use crate::args::{ClusterAction, SubmitArgs, TaskRef};
 use crate::client::{Client, Retry};
 use crate::output::{
     print_json, render_cluster, render_nodes, render_tasks, render_wave, render_waves, ClusterView,
@@ -382,12 +382,40 @@ pub async fn drain(ctx: &Context, name: &str, drain: bool) -> anyhow::Result<u8>
     Ok(0)
 }
 
-/// `venomctl cluster`.
-pub async fn cluster(ctx: &Context) -> anyhow::Result<u8> {
+/// `venomctl cluster [add ID ADDRESS | remove ID]`.
+pub async fn cluster(ctx: &Context, action: Option<ClusterAction>) -> anyhow::Result<u8> {
     let mut client = ctx.client()?;
+    match action {
+        None => {}
+        Some(ClusterAction::Add { id, address }) => {
+            client
+                .call(Retry::RefusalsOnly, |mut rpc| {
+                    let address = address.clone();
+                    async move { rpc.add_member(pb::AddMemberRequest { id, address }).await }
+                })
+                .await?;
+            if !ctx.json() {
+                println!(
+                    "coordinator {id} added at {address}; start it with --id {id} --join \
+                     (and --peers naming the current members)\n"
+                );
+            }
+        }
+        Some(ClusterAction::Remove { id }) => {
+            client
+                .call(Retry::RefusalsOnly, |mut rpc| async move {
+                    rpc.remove_member(pb::RemoveMemberRequest { id }).await
+                })
+                .await?;
+            if !ctx.json() {
+                println!("coordinator {id} removed; it can be stopped now\n");
+            }
+        }
+    }
     let response = client
         .call(Retry::Safe, |mut rpc| async move {
-            rpc.cluster_status(pb::ClusterStatusRequest {}).await
+            rpc.cluster_status(pb::ClusterStatusRequest { all_members: true })
+                .await
         })
         .await?;
     let view = ClusterView::from(&response);
