@@ -30,12 +30,16 @@ use venom_proto::v1::worker_service_server::WorkerServiceServer;
 use crate::replica::ReplicaConfig;
 use crate::state::State;
 use crate::storage::Store;
-use crate::transport::{GrpcTransport, NoPeers, Transport};
+use crate::transport::{GrpcTransport, Transport};
 use crate::wave::WaveLimits;
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
-    fn send(&self, messages: Vec<raft::eraftpb::Message>) {
+    fn send(&mut self, messages: Vec<raft::eraftpb::Message>) {
         (**self).send(messages);
+    }
+
+    fn set_members(&mut self, members: &BTreeMap<u64, String>) {
+        (**self).set_members(members);
     }
 }
 
@@ -103,14 +107,13 @@ pub async fn run(
         shutdown.await;
         let _ = shutdown_tx.send(true);
     });
-    let transport: Box<dyn Transport> = if members.len() > 1 {
-        Box::new(GrpcTransport::start(config.id, &members))
-    } else {
-        Box::new(NoPeers)
-    };
+    // Peers come and go with membership changes, so even a group of one has a transport.
+    let transport = GrpcTransport::start(config.id, &members);
     let replica_config = ReplicaConfig {
         id: config.id,
         members,
+        join: config.join,
+        election_ticks: (10, 20),
         tick: Duration::from_millis(config.tick_ms.max(1)),
         heartbeat_ttl_ms: config.heartbeat_ttl_ms,
         max_entry_bytes: 4 << 20,

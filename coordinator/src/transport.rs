@@ -22,18 +22,6 @@ pub trait Transport: Send {
     fn set_members(&mut self, _members: &BTreeMap<u64, String>) {}
 }
 
-/// A single-node cluster has nobody to talk to.
-#[derive(Debug, Default)]
-pub struct NoPeers;
-
-impl Transport for NoPeers {
-    fn send(&mut self, messages: Vec<RaftMessage>) {
-        if !messages.is_empty() {
-            tracing::debug!(n = messages.len(), "raft messages with no peers dropped");
-        }
-    }
-}
-
 /// Raft over gRPC: one bounded queue and one sender task per peer. A peer's task ends
 /// when its queue is dropped (the peer left, or its address changed).
 #[derive(Debug)]
