@@ -30,18 +30,8 @@ use venom_proto::v1::worker_service_server::WorkerServiceServer;
 use crate::replica::ReplicaConfig;
 use crate::state::State;
 use crate::storage::Store;
-use crate::transport::{GrpcTransport, Transport};
+use crate::transport::GrpcTransport;
 use crate::wave::WaveLimits;
-
-impl<T: Transport + ?Sized> Transport for Box<T> {
-    fn send(&mut self, messages: Vec<raft::eraftpb::Message>) {
-        (**self).send(messages);
-    }
-
-    fn set_members(&mut self, members: &BTreeMap<u64, String>) {
-        (**self).set_members(members);
-    }
-}
 
 /// Parses `--peers` entries (`ID=HOST:PORT`) into id → address, adding this node.
 pub fn parse_members(

@@ -258,7 +258,7 @@ struct Pending {
     replies: Vec<Option<Reply>>,
 }
 
-struct Replica<T: Transport> {
+pub(crate) struct Replica<T: Transport> {
     raw: RawNode<Store>,
     store: Store,
     shared: Arc<Shared>,
@@ -497,6 +497,18 @@ impl<T: Transport> Replica<T> {
         Ok(())
     }
 
+    /// The state and status this replica publishes (read by the simulated cluster's checker).
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The raft node (its role and term, for the simulated cluster's checker).
+    #[cfg(test)]
+    pub(crate) fn raft(&self) -> &RawNode<Store> {
+        &self.raw
+    }
+
     /// One loop turn after the events have been handled: tick if due, checkpoint,
     /// propose what is queued, process raft's `Ready`, and (on the leader, on a tick) run
     /// the time-driven scheduling. The simulated cluster drives replicas through this.
@@ -509,6 +521,12 @@ impl<T: Transport> Replica<T> {
         self.propose_queued();
         self.on_ready()?;
         self.track_role();
+        for peer in self.transport.failed_snapshots() {
+            if self.raw.raft.state == StateRole::Leader {
+                self.raw.report_snapshot(peer, SnapshotStatus::Failure);
+                self.snapshot_since_us.remove(&peer);
+            }
+        }
         if tick_due && self.raw.raft.state == StateRole::Leader {
             // Heartbeat expiry and anything else time alone changes.
             self.schedule_if_needed();

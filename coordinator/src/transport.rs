@@ -4,11 +4,12 @@
 //! to each peer's `RaftService` from one task per peer (so a slow peer never blocks the
 //! replica), reconnecting as needed; tests can supply a simulated network instead.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::eraftpb::Message as RaftMessage;
+use raft::eraftpb::{Message as RaftMessage, MessageType};
 use tokio::sync::mpsc;
 use venom_proto::v1 as pb;
 use venom_proto::v1::raft_service_client::RaftServiceClient;
@@ -20,6 +21,12 @@ pub trait Transport: Send {
     /// The membership changed: `members` (id → address, this replica included) is who
     /// messages may be sent to from now on.
     fn set_members(&mut self, _members: &BTreeMap<u64, String>) {}
+
+    /// Peers a snapshot could not be delivered to since the last call (the replica tells
+    /// raft, which sends another once the peer answers again).
+    fn failed_snapshots(&mut self) -> Vec<u64> {
+        Vec::new()
+    }
 }
 
 /// Raft over gRPC: one bounded queue and one sender task per peer. A peer's task ends
@@ -28,6 +35,8 @@ pub trait Transport: Send {
 pub struct GrpcTransport {
     from: u64,
     peers: BTreeMap<u64, (String, mpsc::Sender<Vec<RaftMessage>>)>,
+    /// Peers whose snapshot was lost on the way, filled by the sender tasks.
+    failed_snapshots: Arc<Mutex<BTreeSet<u64>>>,
 }
 
 impl GrpcTransport {
@@ -36,6 +45,7 @@ impl GrpcTransport {
         let mut transport = Self {
             from,
             peers: BTreeMap::new(),
+            failed_snapshots: Arc::default(),
         };
         transport.set_members(members);
         transport
@@ -51,8 +61,21 @@ impl Transport for GrpcTransport {
                 continue;
             }
             let (tx, rx) = mpsc::channel(1_024);
-            tokio::spawn(peer_sender(self.from, id, addr.clone(), rx));
+            tokio::spawn(peer_sender(
+                self.from,
+                id,
+                addr.clone(),
+                rx,
+                self.failed_snapshots.clone(),
+            ));
             self.peers.insert(id, (addr.clone(), tx));
+        }
+    }
+
+    fn failed_snapshots(&mut self) -> Vec<u64> {
+        match self.failed_snapshots.lock() {
+            Ok(mut failed) => std::mem::take(&mut *failed).into_iter().collect(),
+            Err(_) => Vec::new(),
         }
     }
 
@@ -65,7 +88,15 @@ impl Transport for GrpcTransport {
             match self.peers.get(&to) {
                 // Raft retries lost messages, so a full queue may drop.
                 Some((_, tx)) => {
-                    let _ = tx.try_send(batch);
+                    if let Err(e) = tx.try_send(batch) {
+                        let batch = match e {
+                            mpsc::error::TrySendError::Full(b)
+                            | mpsc::error::TrySendError::Closed(b) => b,
+                        };
+                        if has_snapshot(&batch) {
+                            self.note_failed_snapshot(to);
+                        }
+                    }
                 }
                 None => tracing::warn!(from = self.from, to, "raft message for unknown peer"),
             }
@@ -73,7 +104,35 @@ impl Transport for GrpcTransport {
     }
 }
 
-async fn peer_sender(from: u64, to: u64, addr: String, mut rx: mpsc::Receiver<Vec<RaftMessage>>) {
+impl GrpcTransport {
+    fn note_failed_snapshot(&self, to: u64) {
+        if let Ok(mut failed) = self.failed_snapshots.lock() {
+            failed.insert(to);
+        }
+    }
+}
+
+fn has_snapshot(batch: &[RaftMessage]) -> bool {
+    batch
+        .iter()
+        .any(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+}
+
+async fn peer_sender(
+    from: u64,
+    to: u64,
+    addr: String,
+    mut rx: mpsc::Receiver<Vec<RaftMessage>>,
+    failed_snapshots: Arc<Mutex<BTreeSet<u64>>>,
+) {
+    let note_failure = |batch: &[RaftMessage]| {
+        if has_snapshot(batch) {
+            tracing::debug!(to, "snapshot not delivered");
+            if let Ok(mut failed) = failed_snapshots.lock() {
+                failed.insert(to);
+            }
+        }
+    };
     let url = if addr.starts_with("http") {
         addr
     } else {
@@ -95,12 +154,16 @@ async fn peer_sender(from: u64, to: u64, addr: String, mut rx: mpsc::Receiver<Ve
                 .timeout(Duration::from_secs(5));
             client = endpoint.connect().await.ok().map(RaftServiceClient::new);
         }
-        let Some(c) = client.as_mut() else { continue };
+        let Some(c) = client.as_mut() else {
+            note_failure(&batch);
+            continue;
+        };
         let messages = batch
             .iter()
             .filter_map(|m| m.write_to_bytes().ok())
             .collect();
         if c.send(pb::RaftBatch { from, messages }).await.is_err() {
+            note_failure(&batch);
             client = None;
         }
     }
