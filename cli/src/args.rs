@@ -46,6 +46,12 @@ pub struct GlobalArgs {
     /// Output format: aligned tables for people, one pretty JSON document for scripts.
     #[arg(long, global = true, env = "VENOM_OUTPUT", value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+
+    /// OTLP/gRPC endpoint for traces (e.g. http://localhost:4317, Jaeger's OTLP port). Without
+    /// it, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT are used; with none
+    /// of them, no traces are exported.
+    #[arg(long, global = true, env = "VENOM_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How results are printed.

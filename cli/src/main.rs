@@ -14,7 +14,6 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use crate::args::{Cli, Command};
 
@@ -23,7 +22,6 @@ const EXIT_ERROR: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.command);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -34,7 +32,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
+    // Trace export runs on the runtime, so telemetry starts inside it.
+    let telemetry = match runtime.block_on(async { init_telemetry(&cli) }) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
     let result = runtime.block_on(commands::run(cli));
+    // Spans still buffered leave now (bounded wait), while the runtime still runs.
+    telemetry.shutdown();
     // Do not wait for stray blocking tasks (a monitor sampling) once the command is done.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
@@ -47,16 +55,20 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr, filtered by `RUST_LOG`. `venomctl dev` without a wave is a
-/// long-running server, so it logs at `info`; everything else only warns.
-fn init_logging(command: &Command) {
-    let default = match command {
+/// long-running server, so it logs at `info`; everything else only warns. Traces are
+/// exported when an OTLP endpoint is configured (`venomctl dev` included: its embedded
+/// coordinator and worker report under this process).
+fn init_telemetry(cli: &Cli) -> Result<venom_telemetry::Guard, venom_telemetry::TelemetryError> {
+    let default_log_filter = match &cli.command {
         Command::Dev(args) if args.wave.is_none() => "info",
         _ => "warn",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+    venom_telemetry::init(venom_telemetry::Config {
+        service_name: "venomctl",
+        instance_id: None,
+        otlp_endpoint: cli.global.otlp_endpoint.clone(),
+        log_format: venom_telemetry::LogFormat::Text,
+        default_log_filter,
+        ansi: std::io::stderr().is_terminal(),
+    })
 }

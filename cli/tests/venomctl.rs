@@ -20,6 +20,9 @@ fn venomctl() -> Command {
         "VENOM_OUTPUT",
         "TRACEPARENT",
         "RUST_LOG",
+        "VENOM_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     ] {
         command.env_remove(var);
     }

@@ -1,5 +1,6 @@
 //! `venom-coordinator`: parses flags and runs the coordinator until Ctrl-C or SIGTERM.
 
+use anyhow::Context as _;
 use clap::Parser;
 use venom_coordinator::CoordinatorConfig;
 
@@ -13,6 +14,12 @@ struct Cli {
     /// Log format.
     #[arg(long, env = "VENOM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+
+    /// OTLP/gRPC endpoint for traces (e.g. http://localhost:4317, Jaeger's OTLP port). Without
+    /// it, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT are used; with none
+    /// of them, no traces are exported. The other OTEL_* variables apply as usual.
+    #[arg(long, env = "VENOM_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 async fn shutdown_signal() {
@@ -36,25 +43,26 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    let telemetry = venom_telemetry::init(venom_telemetry::Config {
+        service_name: "venom-coordinator",
+        instance_id: Some(cli.config.id.to_string()),
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+        log_format: if cli.log_format == "json" {
+            venom_telemetry::LogFormat::Json
+        } else {
+            venom_telemetry::LogFormat::Text
+        },
+        default_log_filter: "info",
+        ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    })
+    .context("setting up telemetry")?;
     let listener = venom_coordinator::bind(&cli.config).await?;
-    venom_coordinator::run(cli.config, listener, shutdown_signal()).await
+    let result = venom_coordinator::run(cli.config, listener, shutdown_signal()).await;
+    telemetry.shutdown();
+    result
 }
 
 #[cfg(test)]

@@ -112,6 +112,13 @@ impl Default for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// This node's name: `--name`, else the host name.
+    pub fn node_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(crate::scan::local_hostname)
+    }
+
     /// A configuration for a local worker beside an in-process coordinator.
     pub fn for_dev(coordinator: String, slots: Option<u32>, name: String) -> Self {
         Self {

@@ -2,7 +2,6 @@
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use tracing_subscriber::EnvFilter;
 use venom_worker::WorkerConfig;
 
 /// Log line format.
@@ -22,17 +21,12 @@ struct Cli {
     /// Log format.
     #[arg(long, env = "VENOM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-}
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    /// OTLP/gRPC endpoint for traces (e.g. http://localhost:4317, Jaeger's OTLP port). Without
+    /// it, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT are used; with none
+    /// of them, no traces are exported. The other OTEL_* variables apply as usual.
+    #[arg(long, env = "VENOM_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -63,10 +57,23 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    venom_worker::run(cli.worker, shutdown_signal())
+    let telemetry = venom_telemetry::init(venom_telemetry::Config {
+        service_name: "venom-worker",
+        instance_id: Some(cli.worker.node_name()),
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+        log_format: match cli.log_format {
+            LogFormat::Text => venom_telemetry::LogFormat::Text,
+            LogFormat::Json => venom_telemetry::LogFormat::Json,
+        },
+        default_log_filter: "info",
+        ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    })
+    .context("setting up telemetry")?;
+    let result = venom_worker::run(cli.worker, shutdown_signal())
         .await
-        .context("venom-worker failed")
+        .context("venom-worker failed");
+    telemetry.shutdown();
+    result
 }
 
 #[cfg(test)]
@@ -95,6 +102,8 @@ mod tests {
             "VENOM_MAX_OUTPUT_BYTES",
             "VENOM_HEARTBEAT_MS",
             "VENOM_LOG_FORMAT",
+            "VENOM_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
         ] {
             assert!(
                 help.contains(variable),
