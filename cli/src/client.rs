@@ -17,8 +17,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 use venom_proto::client_service_client::ClientServiceClient;
 
-/// A client stub with the bearer token attached to every request.
-pub type Rpc = ClientServiceClient<InterceptedService<Channel, Auth>>;
+/// A client stub with the bearer token and the trace context attached to every request.
+pub type Rpc = ClientServiceClient<InterceptedService<Channel, Outgoing>>;
 
 /// How long connecting to one member may take before the next is tried.
 const CONNECT_TIMEOUT_MS: u64 = 3_000;
@@ -43,19 +43,21 @@ pub enum Retry {
     RefusalsOnly,
 }
 
-/// Adds `authorization: Bearer TOKEN` to every request when a token is configured.
+/// Adds `authorization: Bearer TOKEN` to every request when a token is configured, and the
+/// current span's W3C trace context (`traceparent`) when traces are exported.
 #[derive(Clone, Debug)]
-pub struct Auth {
+pub struct Outgoing {
     header: Option<MetadataValue<Ascii>>,
 }
 
-impl tonic::service::Interceptor for Auth {
+impl tonic::service::Interceptor for Outgoing {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(header) = &self.header {
             request
                 .metadata_mut()
                 .insert("authorization", header.clone());
         }
+        venom_telemetry::inject_current(request.metadata_mut());
         Ok(request)
     }
 }
@@ -64,7 +66,7 @@ impl tonic::service::Interceptor for Auth {
 pub struct Client {
     /// Members as the user named them, normalised to URLs.
     urls: Vec<String>,
-    auth: Auth,
+    auth: Outgoing,
     /// The member in use and its stub; `None` until the first request or after it failed.
     current: Option<(String, Rpc)>,
 }
@@ -93,7 +95,7 @@ impl Client {
         };
         Ok(Self {
             urls,
-            auth: Auth { header },
+            auth: Outgoing { header },
             current: None,
         })
     }
@@ -199,7 +201,7 @@ impl Client {
 }
 
 /// Opens a channel to one member.
-async fn connect(url: &str, auth: &Auth) -> anyhow::Result<Rpc> {
+async fn connect(url: &str, auth: &Outgoing) -> anyhow::Result<Rpc> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|err| anyhow!("invalid URL: {err}"))?
         .tcp_nodelay(true)

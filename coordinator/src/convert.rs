@@ -26,8 +26,13 @@ pub fn attempt_from_pb(a: &pb::AttemptRef) -> AttemptRef {
     }
 }
 
-/// The assignment message for attempt `attempt` of micro-task `key`.
-pub fn assignment(state: &State, key: MicroKey, attempt: u32) -> Option<pb::Assignment> {
+/// The assignment message for attempt `attempt` of micro-task `key`, dispatched to `node`.
+pub fn assignment(
+    state: &State,
+    key: MicroKey,
+    attempt: u32,
+    node: &str,
+) -> Option<pb::Assignment> {
     let wave = state.waves.get(&key.0)?;
     let task = wave.tasks.get(key.1 as usize)?;
     let spec = wave.header.spec.tasks.get(task.group as usize)?;
@@ -50,6 +55,11 @@ pub fn assignment(state: &State, key: MicroKey, attempt: u32) -> Option<pb::Assi
         timeout_ms: spec.timeout_ms,
         cpus: spec.cpus,
         traceparent: wave.header.traceparent.clone(),
+        mode: state
+            .nodes
+            .get(node)
+            .map(|n| n.throttle.mode.as_str().to_owned())
+            .unwrap_or_default(),
     })
 }
 

@@ -471,8 +471,7 @@ impl<T: Transport> Replica<T> {
                 let wait_us = (self.last_flush_us + COMMIT_PACE_US)
                     .saturating_sub(self.clock.now_us())
                     .min(COMMIT_PACE_US);
-                let deadline =
-                    tokio::time::Instant::now() + Duration::from_micros(wait_us);
+                let deadline = tokio::time::Instant::now() + Duration::from_micros(wait_us);
                 loop {
                     tokio::select! {
                         event = rx.recv() => match event {
@@ -808,9 +807,14 @@ impl<T: Transport> Replica<T> {
             return Ok(());
         }
         let is_leader = self.raw.raft.state == StateRole::Leader;
+        // Scheduling rounds get spans only on the leader and only while traces are exported.
+        let trace_rounds = is_leader && venom_telemetry::enabled();
+        // When the earliest scheduling round applied here was proposed (leader time).
+        let mut round_proposed_ms: Option<u64> = None;
         let mut replies: Vec<(Reply, Outcome)> = Vec::new();
         let mut membership_changed = false;
-        let effects;
+        let mut effects;
+        let mut round_spans = Vec::new();
         {
             let mut state = match self.shared.state.write() {
                 Ok(s) => s,
@@ -855,7 +859,15 @@ impl<T: Transport> Replica<T> {
                     }
                     EntryType::EntryNormal if !entry.data.is_empty() => {
                         let outcome = match bincode::deserialize::<Command>(&entry.data) {
-                            Ok(command) => state.apply(command),
+                            Ok(command) => {
+                                if trace_rounds {
+                                    if let Some(at) = schedule_time_ms(&command) {
+                                        round_proposed_ms =
+                                            Some(round_proposed_ms.map_or(at, |t| t.min(at)));
+                                    }
+                                }
+                                state.apply(command)
+                            }
                             Err(e) => {
                                 tracing::error!(index, error = %e, "undecodable entry skipped");
                                 Outcome::Rejected(format!("undecodable entry: {e}"))
@@ -885,6 +897,10 @@ impl<T: Transport> Replica<T> {
             } else {
                 Vec::new()
             };
+            if trace_rounds {
+                let proposed_ms = round_proposed_ms.unwrap_or_else(|| self.clock.now_ms());
+                round_spans = self.schedule_spans(&state, &mut effects, proposed_ms);
+            }
         }
         if membership_changed {
             self.refresh_members();
@@ -892,6 +908,8 @@ impl<T: Transport> Replica<T> {
         for (node, message) in effects {
             self.send_to_worker(&node, message);
         }
+        // A round's span ends once its assignments are on their way.
+        drop(round_spans);
         for (reply, outcome) in replies {
             let _ = reply.send(Ok(outcome));
         }
@@ -1124,7 +1142,7 @@ impl<T: Transport> Replica<T> {
                 Effect::Dispatch { node, keys } => {
                     let msg = by_node.entry(node.clone()).or_default();
                     for (key, attempt) in keys {
-                        if let Some(a) = convert::assignment(state, key, attempt) {
+                        if let Some(a) = convert::assignment(state, key, attempt, &node) {
                             msg.assign.push(a);
                         }
                     }
@@ -1149,6 +1167,79 @@ impl<T: Transport> Replica<T> {
             }
         }
         by_node.into_iter().collect()
+    }
+
+    /// One `schedule` span per wave that this turn dispatches micro-tasks of to connected
+    /// workers: a child of the wave's stored trace context, from when the round was proposed
+    /// until its assignments leave. The wave's assignments carry the span's context instead,
+    /// so each attempt's span on its worker hangs under the round that dispatched it.
+    fn schedule_spans(
+        &self,
+        state: &State,
+        messages: &mut [(String, pb::CoordinatorMessage)],
+        proposed_ms: u64,
+    ) -> Vec<venom_telemetry::ManualSpan> {
+        use venom_telemetry::KeyValue;
+
+        struct Round {
+            span: Option<venom_telemetry::ManualSpan>,
+            traceparent: String,
+            n_dispatched: i64,
+            nodes: BTreeSet<String>,
+        }
+        let start = std::time::UNIX_EPOCH + Duration::from_millis(proposed_ms);
+        let mut rounds: BTreeMap<u64, Round> = BTreeMap::new();
+        for (node, message) in messages.iter_mut() {
+            if message.assign.is_empty() || !self.workers.contains_key(node.as_str()) {
+                continue;
+            }
+            for assignment in &mut message.assign {
+                let Some(attempt) = assignment.attempt else {
+                    continue;
+                };
+                let round = rounds.entry(attempt.wave_id).or_insert_with(|| {
+                    let span = state.waves.get(&attempt.wave_id).and_then(|wave| {
+                        venom_telemetry::start_span(
+                            "schedule",
+                            &wave.header.traceparent,
+                            start,
+                            vec![
+                                KeyValue::new("venom.wave.id", attempt.wave_id as i64),
+                                KeyValue::new("venom.wave.name", wave.header.spec.name.clone()),
+                            ],
+                        )
+                    });
+                    Round {
+                        traceparent: span
+                            .as_ref()
+                            .map(venom_telemetry::ManualSpan::traceparent)
+                            .unwrap_or_default(),
+                        span,
+                        n_dispatched: 0,
+                        nodes: BTreeSet::new(),
+                    }
+                });
+                if round.span.is_some() {
+                    assignment.traceparent.clone_from(&round.traceparent);
+                    round.n_dispatched += 1;
+                    if !round.nodes.contains(node.as_str()) {
+                        round.nodes.insert(node.clone());
+                    }
+                }
+            }
+        }
+        rounds
+            .into_values()
+            .filter_map(|round| {
+                let mut span = round.span?;
+                span.set_attribute(KeyValue::new("venom.dispatched", round.n_dispatched));
+                span.set_attribute(KeyValue::new(
+                    "venom.nodes",
+                    round.nodes.into_iter().collect::<Vec<_>>().join(","),
+                ));
+                Some(span)
+            })
+            .collect()
     }
 
     fn send_to_worker(&mut self, node: &str, message: pb::CoordinatorMessage) {
@@ -1194,6 +1285,15 @@ impl<T: Transport> Replica<T> {
 }
 
 /// A stable hash of an entry's payload (for the simulated cluster's checker).
+/// When the scheduling round in `command` was proposed, if it holds one.
+fn schedule_time_ms(command: &Command) -> Option<u64> {
+    match command {
+        Command::Schedule { now_ms, .. } => Some(*now_ms),
+        Command::Batch(commands) => commands.iter().filter_map(schedule_time_ms).min(),
+        _ => None,
+    }
+}
+
 fn data_hash(data: &[u8]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();

@@ -15,6 +15,7 @@ use protobuf::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 use venom_proto::v1 as pb;
 use venom_proto::v1::client_service_server::ClientService;
 use venom_proto::v1::raft_service_server::RaftService;
@@ -58,30 +59,62 @@ pub struct ClientApi {
 }
 
 impl ClientApi {
-    /// Makes the read that follows current (raft ReadIndex through the leader).
-    async fn read_barrier(&self) -> Result<(), Status> {
-        self.handle.read_barrier().await.map_err(propose_status)
-    }
-
-    fn wave_summary(&self, wave_id: WaveId) -> Result<pb::WaveSummary, Status> {
-        let state = read_state(&self.handle);
-        let wave = state
-            .waves
-            .get(&wave_id)
-            .ok_or_else(|| Status::not_found(format!("wave {wave_id} not found")))?;
-        Ok(convert::wave_summary(&state, wave))
-    }
-}
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl ClientService for ClientApi {
-    async fn submit_wave(
+    /// `SubmitWave` under its span: validate (a `validate` span), then propose and wait for
+    /// the commit (a `raft.commit` span).
+    async fn submit(
         &self,
-        request: Request<pb::SubmitWaveRequest>,
-    ) -> Result<Response<pb::SubmitWaveResponse>, Status> {
-        let req = request.into_inner();
+        req: pb::SubmitWaveRequest,
+        traceparent: String,
+    ) -> Result<pb::SubmitWaveResponse, Status> {
+        let (spec, warnings) = {
+            let span = tracing::info_span!(
+                target: venom_telemetry::TARGET,
+                "validate",
+                venom.spec_bytes = req.spec.len() as i64,
+                otel.status_code = tracing::field::Empty,
+                otel.status_message = tracing::field::Empty,
+            );
+            let _entered = span.enter();
+            let validated = self.validate(&req);
+            if let Err(status) = &validated {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_message", status.message());
+            }
+            validated?
+        };
+        tracing::Span::current().record("venom.wave.name", spec.name.as_str());
+        let outcome = self
+            .handle
+            .propose(Command::SubmitWave {
+                spec,
+                traceparent,
+                now_ms: now_ms(),
+            })
+            .instrument(tracing::info_span!(
+                target: venom_telemetry::TARGET,
+                "raft.commit"
+            ))
+            .await
+            .map_err(propose_status)?;
+        match outcome {
+            Outcome::WaveSubmitted {
+                wave_id,
+                n_micro_tasks,
+            } => Ok(pb::SubmitWaveResponse {
+                wave_id,
+                n_micro_tasks,
+                warnings,
+            }),
+            Outcome::Rejected(reason) => Err(Status::invalid_argument(reason)),
+            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Parses and checks a submitted wave; the warnings name tasks no node could ever run.
+    fn validate(
+        &self,
+        req: &pb::SubmitWaveRequest,
+    ) -> Result<(wave::WaveSpec, Vec<String>), Status> {
         let format = match req.format.as_str() {
             "" | "auto" => Format::Auto,
             "toml" => Format::Toml,
@@ -108,27 +141,72 @@ impl ClientService for ClientApi {
                 })
                 .collect()
         };
-        let outcome = self
-            .handle
-            .propose(Command::SubmitWave {
-                spec,
-                traceparent: req.traceparent,
-                now_ms: now_ms(),
-            })
-            .await
-            .map_err(propose_status)?;
-        match outcome {
-            Outcome::WaveSubmitted {
-                wave_id,
-                n_micro_tasks,
-            } => Ok(Response::new(pb::SubmitWaveResponse {
-                wave_id,
-                n_micro_tasks,
-                warnings,
-            })),
-            Outcome::Rejected(reason) => Err(Status::invalid_argument(reason)),
-            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        Ok((spec, warnings))
+    }
+
+    /// Makes the read that follows current (raft ReadIndex through the leader).
+    async fn read_barrier(&self) -> Result<(), Status> {
+        self.handle.read_barrier().await.map_err(propose_status)
+    }
+
+    fn wave_summary(&self, wave_id: WaveId) -> Result<pb::WaveSummary, Status> {
+        let state = read_state(&self.handle);
+        let wave = state
+            .waves
+            .get(&wave_id)
+            .ok_or_else(|| Status::not_found(format!("wave {wave_id} not found")))?;
+        Ok(convert::wave_summary(&state, wave))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl ClientService for ClientApi {
+    async fn submit_wave(
+        &self,
+        request: Request<pb::SubmitWaveRequest>,
+    ) -> Result<Response<pb::SubmitWaveResponse>, Status> {
+        // The caller's context: gRPC metadata first, else the request field.
+        let caller = venom_telemetry::traceparent_from_metadata(request.metadata());
+        let req = request.into_inner();
+        let caller = caller.unwrap_or_else(|| req.traceparent.clone());
+        let span = tracing::info_span!(
+            target: venom_telemetry::TARGET,
+            "SubmitWave",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "venom.v1.ClientService",
+            rpc.method = "SubmitWave",
+            venom.wave.name = tracing::field::Empty,
+            venom.wave.id = tracing::field::Empty,
+            venom.micro_tasks = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+        );
+        venom_telemetry::set_parent(&span, &caller);
+        // The wave keeps this span's context (so its trace shows the coordinator's part even
+        // when the client exports nothing), or the caller's when this coordinator exports none.
+        let traceparent = venom_telemetry::traceparent(&span).unwrap_or_else(|| {
+            if venom_telemetry::is_valid_traceparent(&caller) {
+                caller.trim().to_owned()
+            } else {
+                String::new()
+            }
+        });
+        let result = self.submit(req, traceparent).instrument(span.clone()).await;
+        match &result {
+            Ok(response) => {
+                // As i64: OpenTelemetry attributes have no unsigned integers.
+                span.record("venom.wave.id", response.wave_id as i64);
+                span.record("venom.micro_tasks", response.n_micro_tasks as i64);
+            }
+            Err(status) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_message", status.message());
+            }
         }
+        result.map(Response::new)
     }
 
     async fn get_wave(
@@ -356,9 +434,9 @@ impl ClientService for ClientApi {
             .strip_prefix("http://")
             .or_else(|| address.strip_prefix("https://"))
             .unwrap_or(address);
-        let valid = authority
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        let valid = authority.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
         if !valid {
             return Err(Status::invalid_argument(format!(
                 "address: `{address}` is not HOST:PORT"
@@ -508,8 +586,7 @@ async fn ask_member(address: &str) -> Option<pb::ClusterMember> {
         .timeout(MEMBER_VIEW_TIMEOUT);
     let ask = async {
         let channel = endpoint.connect().await.ok()?;
-        let mut client =
-            venom_proto::v1::client_service_client::ClientServiceClient::new(channel);
+        let mut client = venom_proto::v1::client_service_client::ClientServiceClient::new(channel);
         let reply = client
             .cluster_status(pb::ClusterStatusRequest { all_members: false })
             .await

@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -94,6 +95,16 @@ pub enum ExecEvent {
     Finished(TaskFinished),
 }
 
+/// An attempt [`AgentState::start_next`] marked running, for a runner to start.
+#[derive(Debug)]
+pub struct NextAttempt {
+    pub assignment: Assignment,
+    /// Signalled when the coordinator cancels the attempt.
+    pub cancel: CancelToken,
+    /// When the assignment arrived here.
+    pub received_at: std::time::Instant,
+}
+
 /// A running (or starting) attempt.
 #[derive(Debug)]
 struct RunningSlot {
@@ -109,8 +120,9 @@ struct RunningSlot {
 pub struct AgentState {
     /// Slots this worker may fill at once now (the coordinator's throttled view).
     slots_limit: u32,
-    /// Accepted assignments not yet started, FIFO.
-    queue: VecDeque<Assignment>,
+    /// Accepted assignments not yet started, FIFO, with when each arrived (for the queue wait
+    /// an attempt's span records).
+    queue: VecDeque<(Assignment, std::time::Instant)>,
     /// Keys of `queue`, for duplicate detection.
     queued: HashSet<AttemptKey>,
     running: HashMap<AttemptKey, RunningSlot>,
@@ -204,7 +216,8 @@ impl AgentState {
             return;
         }
         self.queued.insert(key);
-        self.queue.push_back(assignment);
+        self.queue
+            .push_back((assignment, std::time::Instant::now()));
     }
 
     /// Cancels a running attempt (its result follows with `cancelled`) or drops a queued one
@@ -214,7 +227,7 @@ impl AgentState {
             slot.cancel.cancel();
         } else if self.queued.remove(&key) {
             self.queue
-                .retain(|assignment| AttemptKey::from(assignment.attempt) != key);
+                .retain(|(assignment, _)| AttemptKey::from(assignment.attempt) != key);
             self.record_finished(AttemptOutcome::cancelled_before_start(key).into());
         }
     }
@@ -231,21 +244,25 @@ impl AgentState {
     /// The next assignment that may start now, marked running. FIFO: a head that does not fit
     /// waits for capacity, except that anything may start when nothing runs (a task asking for
     /// more cpus than the limit runs alone). A limit of 0 starts nothing.
-    pub fn start_next(&mut self) -> Option<(Assignment, CancelToken)> {
-        let front = self.queue.front()?;
+    pub fn start_next(&mut self) -> Option<NextAttempt> {
+        let (front, _) = self.queue.front()?;
         let cpus = front.cpus.max(1);
         if self.slots_limit == 0
             || (self.running_cpus > 0 && self.running_cpus.saturating_add(cpus) > self.slots_limit)
         {
             return None;
         }
-        let assignment = self.queue.pop_front()?;
+        let (assignment, received_at) = self.queue.pop_front()?;
         let key = AttemptKey::from(assignment.attempt);
         self.queued.remove(&key);
         let (cancel, token) = cancel_pair();
         self.running.insert(key, RunningSlot { cancel, cpus });
         self.running_cpus = self.running_cpus.saturating_add(cpus);
-        Some((assignment, token))
+        Some(NextAttempt {
+            assignment,
+            cancel: token,
+            received_at,
+        })
     }
 
     /// Records an event from an attempt.
@@ -333,7 +350,7 @@ impl AgentState {
         running.extend(
             self.queue
                 .iter()
-                .map(|assignment| AttemptKey::from(assignment.attempt)),
+                .map(|(assignment, _)| AttemptKey::from(assignment.attempt)),
         );
         let mut register = Register {
             name: identity.name.to_string(),
@@ -528,11 +545,93 @@ struct Shared {
     wake: Notify,
     node_name: Arc<str>,
     max_output_bytes: usize,
+    /// The latest θ sample (`f64` bits), recorded on attempt spans.
+    theta_bits: AtomicU64,
 }
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, AgentState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn theta(&self) -> f64 {
+        f64::from_bits(self.theta_bits.load(Ordering::Relaxed))
+    }
+}
+
+/// The span of one attempt, under `$target` (which decides whether it is exported). The fields
+/// left empty are recorded only on exported spans. Integers are recorded as `i64`, the type
+/// OpenTelemetry attributes have.
+macro_rules! attempt_span {
+    ($target:expr, $assignment:expr) => {
+        tracing::info_span!(
+            target: $target,
+            "attempt",
+            venom.wave.id = $assignment.attempt.map_or(0, |a| a.wave_id as i64),
+            venom.task.id = %$assignment.task_id,
+            venom.task.index = $assignment.index.map(i64::from),
+            venom.attempt = $assignment.attempt.map_or(0, |a| i64::from(a.attempt)),
+            venom.wave.name = tracing::field::Empty,
+            venom.node = tracing::field::Empty,
+            venom.theta = tracing::field::Empty,
+            venom.mode = tracing::field::Empty,
+            venom.queue_wait_ms = tracing::field::Empty,
+            process.exit.code = tracing::field::Empty,
+            venom.signal = tracing::field::Empty,
+            venom.timed_out = tracing::field::Empty,
+            venom.cancelled = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+        )
+    };
+}
+
+/// Joins the wave's trace and records what is known as the attempt starts.
+fn record_start(
+    span: &tracing::Span,
+    shared: &Shared,
+    assignment: &Assignment,
+    received_at: std::time::Instant,
+) {
+    venom_telemetry::set_parent(span, &assignment.traceparent);
+    span.record("venom.wave.name", assignment.wave_name.as_str());
+    span.record("venom.node", &*shared.node_name);
+    span.record("venom.theta", shared.theta());
+    if !assignment.mode.is_empty() {
+        span.record("venom.mode", assignment.mode.as_str());
+    }
+    let queue_wait_ms = i64::try_from(received_at.elapsed().as_millis()).unwrap_or(i64::MAX);
+    span.record("venom.queue_wait_ms", queue_wait_ms);
+}
+
+/// Records how the attempt ended; anything but exit code 0 is an error.
+fn record_outcome(span: &tracing::Span, outcome: &AttemptOutcome) {
+    if let Some(code) = outcome.exit_code {
+        span.record("process.exit.code", code);
+    }
+    if let Some(signal) = outcome.signal {
+        span.record("venom.signal", signal);
+    }
+    span.record("venom.timed_out", outcome.timed_out);
+    span.record("venom.cancelled", outcome.cancelled);
+    let failure = if let Some(error) = &outcome.error {
+        Some(format!("failed to start: {error}"))
+    } else if outcome.timed_out {
+        Some("timed out".to_owned())
+    } else if outcome.cancelled {
+        Some("cancelled".to_owned())
+    } else if let Some(signal) = outcome.signal {
+        Some(format!("killed by signal {signal}"))
+    } else {
+        match outcome.exit_code {
+            Some(0) => None,
+            Some(code) => Some(format!("exited with code {code}")),
+            None => Some("no exit status".to_owned()),
+        }
+    };
+    if let Some(message) = failure {
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_message", message.as_str());
     }
 }
 
@@ -552,17 +651,31 @@ fn start_runners(shared: &Arc<Shared>) {
 /// A runner: runs `first`, then whatever the queue offers, until nothing fits. When an
 /// attempt frees more room than one (a wide task ended), the extra attempts get runners of
 /// their own.
-fn run_slot(shared: Arc<Shared>, first: (Assignment, CancelToken)) {
+fn run_slot(shared: Arc<Shared>, first: NextAttempt) {
     let mut next = Some(first);
-    while let Some((assignment, cancel)) = next {
-        let span = tracing::info_span!(
-            "attempt",
-            wave_id = assignment.attempt.map(|a| a.wave_id).unwrap_or_default(),
-            task_id = %assignment.task_id,
-            index = ?assignment.index,
-            attempt = assignment.attempt.map(|a| a.attempt).unwrap_or_default(),
-        );
+    while let Some(NextAttempt {
+        assignment,
+        cancel,
+        received_at,
+    }) = next
+    {
+        // Exported only when traces are and the wave has a trace to join; otherwise the span
+        // only labels log lines.
+        let traced = venom_telemetry::enabled()
+            && venom_telemetry::is_valid_traceparent(&assignment.traceparent);
+        let span = if traced {
+            attempt_span!(venom_telemetry::TARGET, assignment)
+        } else {
+            attempt_span!(module_path!(), assignment)
+        };
+        if traced {
+            record_start(&span, &shared, &assignment, received_at);
+        }
         let outcome = span.in_scope(|| execute(&shared, &assignment, cancel));
+        if traced {
+            record_outcome(&span, &outcome);
+        }
+        drop(span);
         let mut state = shared.state();
         state.on_event(ExecEvent::Finished(outcome.into()));
         next = state.start_next();
@@ -756,13 +869,16 @@ impl Agent {
     }
 
     fn on_heartbeat_tick(&mut self) {
-        if self.outbound.is_none() {
-            return;
-        }
         let snapshot = self
             .theta
             .latest()
             .unwrap_or_else(|| self.fallback_theta.clone());
+        self.shared
+            .theta_bits
+            .store(snapshot.theta.to_bits(), Ordering::Relaxed);
+        if self.outbound.is_none() {
+            return;
+        }
         let running = u32::try_from(self.state().n_running()).unwrap_or(u32::MAX);
         self.state().set_heartbeat(Heartbeat {
             theta: snapshot.theta,
@@ -877,11 +993,7 @@ pub async fn run(
     }
 
     let slots = config.slots.unwrap_or(profile.effective_cpus).max(1);
-    let name: Arc<str> = config
-        .name
-        .clone()
-        .unwrap_or_else(crate::scan::local_hostname)
-        .into();
+    let name: Arc<str> = config.node_name().into();
     let identity = Identity {
         name,
         profile: profile.to_proto(),
@@ -898,11 +1010,13 @@ pub async fn run(
         "worker starting"
     );
 
+    let fallback_theta = theta_from_profile(&profile);
     let shared = Arc::new(Shared {
         state: Mutex::new(AgentState::new(slots)),
         wake: Notify::new(),
         node_name: Arc::clone(&identity.name),
         max_output_bytes: config.max_output_bytes,
+        theta_bits: AtomicU64::new(fallback_theta.theta.to_bits()),
     });
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval());
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -919,7 +1033,7 @@ pub async fn run(
         link: Link::idle_for(Duration::ZERO),
         started_deadline: None,
         theta: ThetaMonitor::start(DEFAULT_SAMPLE_INTERVAL),
-        fallback_theta: theta_from_profile(&profile),
+        fallback_theta,
     };
 
     tokio::pin!(shutdown);
@@ -1022,7 +1136,7 @@ mod tests {
 
     fn start_all(state: &mut AgentState) -> Vec<u32> {
         std::iter::from_fn(|| state.start_next())
-            .map(|(assignment, _)| assignment.attempt.map(|a| a.micro).unwrap_or(u32::MAX))
+            .map(|next| next.assignment.attempt.map(|a| a.micro).unwrap_or(u32::MAX))
             .collect()
     }
 
@@ -1127,7 +1241,7 @@ mod tests {
     fn cancelling_a_running_attempt_signals_its_token() {
         let mut state = AgentState::new(1);
         state.assign(assignment(0, 1));
-        let (_, token) = state.start_next().expect("starts");
+        let token = state.start_next().expect("starts").cancel;
         assert!(!token.is_cancelled());
         state.cancel(key(0));
         assert!(token.is_cancelled());

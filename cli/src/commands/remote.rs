@@ -9,6 +9,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use serde::Serialize;
+use tracing::Instrument as _;
 use venom_proto as pb;
 
 use super::wavefile::{self, submit_limits, WaveFile};
@@ -87,18 +88,47 @@ pub async fn submit_file(
     let spec = file
         .parse(&submit_limits())
         .map_err(|err| anyhow::anyhow!("{}: {err}", file.path.display()))?;
+    // The root of the wave's trace (or a child of the caller's `TRACEPARENT`).
+    let span = tracing::info_span!(
+        target: venom_telemetry::TARGET,
+        "submit",
+        otel.kind = "client",
+        venom.wave.name = %spec.name,
+        venom.wave.file = %file.path.display(),
+        venom.wave.id = tracing::field::Empty,
+        venom.micro_tasks = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_message = tracing::field::Empty,
+    );
+    let from_env = traceparent_from_env();
+    venom_telemetry::set_parent(&span, &from_env);
     let request = pb::SubmitWaveRequest {
         spec: file.text.clone().into_bytes(),
         format: file.wire_format().to_owned(),
-        traceparent: traceparent_from_env(),
+        traceparent: venom_telemetry::traceparent(&span).unwrap_or(from_env),
     };
     let response = client
         .call(Retry::RefusalsOnly, |mut rpc| {
             let request = request.clone();
             async move { rpc.submit_wave(request).await }
         })
+        .instrument(span.clone())
         .await
-        .with_context(|| format!("submitting {}", file.path.display()))?;
+        .with_context(|| format!("submitting {}", file.path.display()));
+    let response = match response {
+        Ok(response) => {
+            // As i64: OpenTelemetry attributes have no unsigned integers.
+            span.record("venom.wave.id", response.wave_id as i64);
+            span.record("venom.micro_tasks", response.n_micro_tasks as i64);
+            response
+        }
+        Err(err) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_message", format!("{err:#}").as_str());
+            return Err(err);
+        }
+    };
+    drop(span);
     for warning in &response.warnings {
         eprintln!("warning: {warning}");
     }
