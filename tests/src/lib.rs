@@ -39,6 +39,23 @@ fn test_log_filter() -> String {
     std::env::var("VENOM_TEST_LOG").unwrap_or_else(|_| "warn".to_string())
 }
 
+/// Variables that switch trace export on; removed from every process a test starts, so that
+/// a developer's shell cannot send test spans anywhere (tests that want traces pass them).
+const TRACE_EXPORT_VARIABLES: [&str; 4] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "VENOM_OTLP_ENDPOINT",
+    "TRACEPARENT",
+];
+
+/// `command` without the inherited trace-export variables, plus `env`.
+pub fn with_env<'a>(command: &'a mut Command, env: &[(String, String)]) -> &'a mut Command {
+    for name in TRACE_EXPORT_VARIABLES {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().map(|(k, v)| (k, v)))
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -91,6 +108,8 @@ pub struct Coordinator {
     pub port: u16,
     pub data_dir: PathBuf,
     pub extra: Vec<String>,
+    /// Environment variables it runs with (kept for restarts).
+    pub env: Vec<(String, String)>,
 }
 
 impl Coordinator {
@@ -100,10 +119,20 @@ impl Coordinator {
 
     /// Starts a single-node coordinator on a free port.
     pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(data_dir, extra, &[])
+    }
+
+    /// Starts a single-node coordinator on a free port with extra environment variables.
+    pub fn start_with_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         Self::start_on(
             data_dir,
             free_port(),
             extra.iter().map(|s| s.to_string()).collect(),
+            env.to_vec(),
         )
     }
 
@@ -124,15 +153,21 @@ impl Coordinator {
             peers.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start_on(data_dir, port, args)
+        Self::start_on(data_dir, port, args, Vec::new())
     }
 
-    fn start_on(data_dir: &Path, port: u16, extra: Vec<String>) -> anyhow::Result<Self> {
+    fn start_on(
+        data_dir: &Path,
+        port: u16,
+        extra: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(data_dir.with_extension(format!("{port}.log")))?;
-        let child = Command::new(bin_path("venom-coordinator"))
+        let mut command = Command::new(bin_path("venom-coordinator"));
+        let child = with_env(&mut command, &env)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
@@ -152,13 +187,19 @@ impl Coordinator {
             port,
             data_dir: data_dir.to_path_buf(),
             extra,
+            env,
         })
     }
 
     /// Kills it with SIGKILL and starts it again on the same port and data dir.
     pub fn kill9_and_restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill9();
-        let again = Self::start_on(&self.data_dir, self.port, self.extra.clone())?;
+        let again = Self::start_on(
+            &self.data_dir,
+            self.port,
+            self.extra.clone(),
+            self.env.clone(),
+        )?;
         *self = again;
         Ok(())
     }
@@ -171,7 +212,19 @@ pub fn start_worker(
     slots: u32,
     extra: &[&str],
 ) -> anyhow::Result<Proc> {
-    let child = Command::new(bin_path("venom-worker"))
+    start_worker_with_env(coordinator_url, name, slots, extra, &[])
+}
+
+/// Starts a worker process with extra environment variables.
+pub fn start_worker_with_env(
+    coordinator_url: &str,
+    name: &str,
+    slots: u32,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> anyhow::Result<Proc> {
+    let mut command = Command::new(bin_path("venom-worker"));
+    let child = with_env(&mut command, env)
         .arg("--coordinator")
         .arg(coordinator_url)
         .arg("--name")
