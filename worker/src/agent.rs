@@ -115,7 +115,7 @@ struct RunningSlot {
 }
 
 /// The agent's bookkeeping: queue, running attempts, unacknowledged results and what is waiting
-/// to be sent. No I/O and no clock beyond result time stamps.
+/// to be sent. No I/O and no clock beyond time stamps (results, assignment arrival).
 #[derive(Debug)]
 pub struct AgentState {
     /// Slots this worker may fill at once now (the coordinator's throttled view).
