@@ -356,9 +356,9 @@ impl ClientService for ClientApi {
             .strip_prefix("http://")
             .or_else(|| address.strip_prefix("https://"))
             .unwrap_or(address);
-        let valid = authority
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        let valid = authority.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
         if !valid {
             return Err(Status::invalid_argument(format!(
                 "address: `{address}` is not HOST:PORT"
@@ -508,8 +508,7 @@ async fn ask_member(address: &str) -> Option<pb::ClusterMember> {
         .timeout(MEMBER_VIEW_TIMEOUT);
     let ask = async {
         let channel = endpoint.connect().await.ok()?;
-        let mut client =
-            venom_proto::v1::client_service_client::ClientServiceClient::new(channel);
+        let mut client = venom_proto::v1::client_service_client::ClientServiceClient::new(channel);
         let reply = client
             .cluster_status(pb::ClusterStatusRequest { all_members: false })
             .await

@@ -172,8 +172,10 @@ impl Store {
                 ..HardState::default()
             };
             self.set_hard_state(&hs)?;
-            self.meta.insert("snapshot_index", &u64_key(BOOTSTRAP_INDEX))?;
-            self.meta.insert("snapshot_term", &u64_key(BOOTSTRAP_INDEX))?;
+            self.meta
+                .insert("snapshot_index", &u64_key(BOOTSTRAP_INDEX))?;
+            self.meta
+                .insert("snapshot_term", &u64_key(BOOTSTRAP_INDEX))?;
         }
         self.meta.insert(INITIALIZED, &[1u8][..])?;
         self.flush()
@@ -591,7 +593,11 @@ impl raft::Storage for Store {
             // that covers the conf change.
             Ok(Some(snapshot))
                 if snapshot.get_metadata().index >= request_index
-                    && snapshot.get_metadata().get_conf_state().voters.contains(&to) =>
+                    && snapshot
+                        .get_metadata()
+                        .get_conf_state()
+                        .voters
+                        .contains(&to) =>
             {
                 tracing::info!(
                     to,
@@ -799,12 +805,18 @@ mod tests {
         assert!(!founder.is_new().expect("is_new"));
         assert_eq!(founder.first_index().expect("first"), BOOTSTRAP_INDEX + 1);
         assert_eq!(founder.last_index().expect("last"), BOOTSTRAP_INDEX);
-        assert_eq!(founder.term(BOOTSTRAP_INDEX).expect("term"), BOOTSTRAP_INDEX);
+        assert_eq!(
+            founder.term(BOOTSTRAP_INDEX).expect("term"),
+            BOOTSTRAP_INDEX
+        );
         let initial = founder.initial_state().expect("initial state");
         assert_eq!(initial.hard_state.commit, BOOTSTRAP_INDEX);
         assert_eq!(initial.conf_state.voters, vec![1, 2, 3]);
         let mut state = State::new(WaveLimits::default());
-        assert_eq!(founder.load_state(&mut state).expect("load"), BOOTSTRAP_INDEX);
+        assert_eq!(
+            founder.load_state(&mut state).expect("load"),
+            BOOTSTRAP_INDEX
+        );
         assert_eq!(state.members, members);
         // Index 1 is below the founder's log: a joiner gets a snapshot carrying the members.
         assert!(compacted(founder.entries(
@@ -819,13 +831,21 @@ mod tests {
         assert!(founder.take_snapshot_wanted());
         let snapshot = founder.snapshot(0, 3).expect("snapshot");
         assert_eq!(snapshot.get_metadata().index, BOOTSTRAP_INDEX);
-        assert_eq!(snapshot.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
+        assert_eq!(
+            snapshot.get_metadata().get_conf_state().voters,
+            vec![1, 2, 3]
+        );
 
         let joiner_dir = tempfile::tempdir().expect("tempdir");
         let joiner = Store::open(joiner_dir.path()).expect("open");
         joiner.bootstrap(&BTreeMap::new()).expect("bootstrap");
         assert!(!joiner.is_new().expect("is_new"));
-        assert!(joiner.initial_state().expect("initial").conf_state.voters.is_empty());
+        assert!(joiner
+            .initial_state()
+            .expect("initial")
+            .conf_state
+            .voters
+            .is_empty());
         let mut joined = State::new(WaveLimits::default());
         joiner
             .apply_snapshot(&snapshot, &mut joined)

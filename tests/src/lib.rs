@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -404,4 +405,223 @@ pub fn max_concurrency(records: &[Record], node: &str) -> usize {
         max = max.max(now);
     }
     max as usize
+}
+
+/// `GET http://ADDR/metrics` over a plain socket; the response body.
+pub fn scrape(addr: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no end of headers")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("scrape of {addr} answered {head}");
+    }
+    if !head
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain; version=0.0.4")
+    {
+        bail!("not the Prometheus text format: {head}");
+    }
+    Ok(body.to_string())
+}
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text format (0.0.4) strictly: every sample's family has a `# TYPE`
+/// line before it, names and label names are valid, label values are quoted and escaped,
+/// values are floats, and each histogram's buckets are cumulative with `+Inf` equal to
+/// `_count`.
+pub fn parse_prometheus(text: &str) -> anyhow::Result<Vec<Sample>> {
+    fn valid_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let kind = parts.next().unwrap_or_default();
+            let name = parts.next().unwrap_or_default();
+            if !valid_name(name) {
+                bail!("line {n}: bad metric name in {line:?}");
+            }
+            if kind == "TYPE" {
+                let t = parts.next().unwrap_or_default();
+                if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&t) {
+                    bail!("line {n}: bad type {t:?}");
+                }
+                if types.insert(name.to_string(), t.to_string()).is_some() {
+                    bail!("line {n}: second TYPE for {name}");
+                }
+            }
+            continue;
+        }
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => bail!("line {n}: no value in {line:?}"),
+        };
+        if !valid_name(name) {
+            bail!("line {n}: bad metric name {name:?}");
+        }
+        let mut labels = BTreeMap::new();
+        let mut rest = rest;
+        if let Some(inner) = rest.strip_prefix('{') {
+            let mut chars = inner.char_indices().peekable();
+            let end;
+            loop {
+                let start = chars
+                    .peek()
+                    .map(|(i, _)| *i)
+                    .context("unterminated labels")?;
+                if inner[start..].starts_with('}') {
+                    end = start + 1;
+                    break;
+                }
+                let eq = inner[start..].find('=').context("label without =")? + start;
+                let key = &inner[start..eq];
+                if !valid_name(key) || key.contains(':') {
+                    bail!("line {n}: bad label name {key:?}");
+                }
+                if !inner[eq + 1..].starts_with('"') {
+                    bail!("line {n}: unquoted label value");
+                }
+                let mut value = String::new();
+                let mut i = eq + 2;
+                let bytes: Vec<char> = inner[i..].chars().collect();
+                let mut k = 0;
+                loop {
+                    let c = *bytes.get(k).context("unterminated label value")?;
+                    k += 1;
+                    match c {
+                        '\\' => {
+                            let e = *bytes.get(k).context("dangling escape")?;
+                            k += 1;
+                            value.push(match e {
+                                'n' => '\n',
+                                '\\' => '\\',
+                                '"' => '"',
+                                other => bail!("line {n}: bad escape \\{other}"),
+                            });
+                        }
+                        '"' => break,
+                        c => value.push(c),
+                    }
+                }
+                i += bytes[..k].iter().map(|c| c.len_utf8()).sum::<usize>();
+                labels.insert(key.to_string(), value);
+                while chars.peek().is_some_and(|(j, _)| *j < i) {
+                    chars.next();
+                }
+                if inner[i..].starts_with(',') {
+                    chars.next();
+                }
+            }
+            rest = &inner[end..];
+        }
+        let value_text = rest.trim().split(' ').next().unwrap_or_default();
+        let value: f64 = match value_text {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            other => other
+                .parse()
+                .with_context(|| format!("line {n}: bad value {other:?}"))?,
+        };
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                name.strip_suffix(suffix)
+                    .filter(|base| types.get(*base).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        if !types.contains_key(family) {
+            bail!("line {n}: sample {name} has no TYPE line before it");
+        }
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    // Histograms: cumulative buckets, +Inf == _count.
+    for (family, t) in &types {
+        if t != "histogram" {
+            continue;
+        }
+        let bucket = format!("{family}_bucket");
+        let count = format!("{family}_count");
+        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        for s in samples.iter().filter(|s| s.name == bucket) {
+            let le = s.labels.get("le").context("bucket without le")?;
+            let le: f64 = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse()?
+            };
+            let key: Vec<_> = s
+                .labels
+                .iter()
+                .filter(|(k, _)| *k != "le")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            series.entry(key).or_default().push((le, s.value));
+        }
+        for (key, mut buckets) in series {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if buckets.windows(2).any(|w| w[1].1 < w[0].1) {
+                bail!("{family}{key:?}: buckets are not cumulative");
+            }
+            let inf = buckets.last().map(|b| b.1).unwrap_or_default();
+            let total = samples
+                .iter()
+                .find(|s| {
+                    s.name == count
+                        && s.labels
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect::<Vec<_>>()
+                            == key
+                })
+                .map(|s| s.value)
+                .context("histogram without _count")?;
+            if (inf - total).abs() > f64::EPSILON {
+                bail!("{family}{key:?}: +Inf bucket {inf} != count {total}");
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// The value of the one sample named `name` whose labels include `labels`.
+pub fn sample_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
 }

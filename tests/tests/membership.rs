@@ -167,7 +167,10 @@ async fn members_are_added_and_removed_one_at_a_time_and_waves_keep_running() {
     assert!(!ok && err.contains("not a member"), "{err}");
     let address_in_use = urls[&1].trim_start_matches("http://").to_string();
     let (ok, _, err) = venomctl(&founder_urls, &["cluster", "add", "9", &address_in_use]);
-    assert!(!ok && err.contains("already belongs to coordinator 1"), "{err}");
+    assert!(
+        !ok && err.contains("already belongs to coordinator 1"),
+        "{err}"
+    );
 
     // Add member 4, then start it with --join: it catches up by snapshot.
     let addr4 = format!("127.0.0.1:{}", ports[3]);
@@ -199,7 +202,10 @@ async fn members_are_added_and_removed_one_at_a_time_and_waves_keep_running() {
     // Member 4 answers reads with every wave (linearizable, through ReadIndex).
     let on_4 = wave_names(&urls[&4]).await.unwrap();
     for id in &waves {
-        assert!(on_4.iter().any(|(w, _, s)| w == id && s == "succeeded"), "{on_4:?}");
+        assert!(
+            on_4.iter().any(|(w, _, s)| w == id && s == "succeeded"),
+            "{on_4:?}"
+        );
     }
 
     // `venomctl cluster` (any member) shows every member's own view.
@@ -245,7 +251,11 @@ async fn members_are_added_and_removed_one_at_a_time_and_waves_keep_running() {
     for (&id, url) in &urls {
         let s = own_status(url).await.unwrap();
         let ids: Vec<u64> = s.members.iter().map(|m| m.id).collect();
-        assert_eq!(ids, urls.keys().copied().collect::<Vec<_>>(), "member {id}: {s:?}");
+        assert_eq!(
+            ids,
+            urls.keys().copied().collect::<Vec<_>>(),
+            "member {id}: {s:?}"
+        );
         let listed = wave_names(url).await.unwrap();
         for w in &waves {
             assert!(
