@@ -36,7 +36,7 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 /// The `RUST_LOG` filter given to spawned binaries: `VENOM_TEST_LOG`, or `warn`.
-fn test_log_filter() -> String {
+pub fn test_log_filter() -> String {
     std::env::var("VENOM_TEST_LOG").unwrap_or_else(|_| "warn".to_string())
 }
 
@@ -92,6 +92,8 @@ pub struct Coordinator {
     pub port: u16,
     pub data_dir: PathBuf,
     pub extra: Vec<String>,
+    /// `RUST_LOG` for this process (kept across restarts).
+    pub log_filter: String,
 }
 
 impl Coordinator {
@@ -105,6 +107,7 @@ impl Coordinator {
             data_dir,
             free_port(),
             extra.iter().map(|s| s.to_string()).collect(),
+            test_log_filter(),
         )
     }
 
@@ -125,21 +128,32 @@ impl Coordinator {
             peers.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start_on(data_dir, port, args)
+        Self::start_on(data_dir, port, args, test_log_filter())
     }
 
-    fn start_on(data_dir: &Path, port: u16, extra: Vec<String>) -> anyhow::Result<Self> {
+    /// Where its stderr (the `tracing` log) goes: beside the data dir, appended to across
+    /// restarts.
+    pub fn log_path(&self) -> PathBuf {
+        log_path(&self.data_dir, self.port)
+    }
+
+    fn start_on(
+        data_dir: &Path,
+        port: u16,
+        extra: Vec<String>,
+        log_filter: String,
+    ) -> anyhow::Result<Self> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(data_dir.with_extension(format!("{port}.log")))?;
+            .open(log_path(data_dir, port))?;
         let child = Command::new(bin_path("venom-coordinator"))
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(data_dir)
             .args(&extra)
-            .env("RUST_LOG", test_log_filter())
+            .env("RUST_LOG", &log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -153,16 +167,26 @@ impl Coordinator {
             port,
             data_dir: data_dir.to_path_buf(),
             extra,
+            log_filter,
         })
     }
 
     /// Kills it with SIGKILL and starts it again on the same port and data dir.
     pub fn kill9_and_restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill9();
-        let again = Self::start_on(&self.data_dir, self.port, self.extra.clone())?;
+        let again = Self::start_on(
+            &self.data_dir,
+            self.port,
+            self.extra.clone(),
+            self.log_filter.clone(),
+        )?;
         *self = again;
         Ok(())
     }
+}
+
+fn log_path(data_dir: &Path, port: u16) -> PathBuf {
+    data_dir.with_extension(format!("{port}.log"))
 }
 
 /// Starts a worker process.
@@ -340,7 +364,8 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// One line a micro-task wrote to its record file: `task index node start_ns end_ns`.
+/// One line a micro-task wrote to its record file: `task index node attempt start_ns end_ns`.
+/// A task that is not an array records index 0 (every micro-task sees `VENOM_TASK_INDEX`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub task: String,
@@ -624,4 +649,245 @@ pub fn sample_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> 
                     .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
         })
         .map(|s| s.value)
+}
+
+/// A string as a TOML literal (multi-line, no escapes), for shell bodies in wave files.
+pub fn toml_str(s: &str) -> String {
+    format!("'''{s}'''")
+}
+
+/// Shell snippet that only records that this micro-task ran (start and end written as 0):
+/// shell builtins only, so a micro-task costs one process. [`read_records`] reads it.
+pub fn record_only(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "echo \"$VENOM_TASK_ID ${{VENOM_TASK_INDEX:--}} $VENOM_NODE $VENOM_ATTEMPT 0 0\" \
+         > {d}/rec.$VENOM_TASK_ID.${{VENOM_TASK_INDEX:-x}}.$VENOM_ATTEMPT.$$"
+    )
+}
+
+/// One connection attempt with short timeouts (a killed member must not stall a test).
+pub async fn try_client(url: &str) -> Option<ClientServiceClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .ok()?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .ok()?;
+    Some(ClientServiceClient::new(channel))
+}
+
+/// `ClusterStatus` from one member; `None` when it cannot answer.
+pub async fn cluster_status(url: &str) -> Option<pb::ClusterStatusResponse> {
+    let mut c = try_client(url).await?;
+    c.cluster_status(pb::ClusterStatusRequest::default())
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// `GetWave` from one member; `None` when it cannot answer.
+pub async fn get_wave(url: &str, wave_id: u64) -> Option<pb::WaveSummary> {
+    let mut c = try_client(url).await?;
+    c.get_wave(pb::GetWaveRequest { wave_id })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// `ListTasks` from one member; `None` when it cannot answer.
+pub async fn list_tasks(url: &str, wave_id: u64) -> Option<Vec<pb::MicroTaskInfo>> {
+    let mut c = try_client(url).await?;
+    c.list_tasks(pb::ListTasksRequest { wave_id })
+        .await
+        .ok()
+        .map(|r| r.into_inner().tasks)
+}
+
+/// `ListWaves` from one member; `None` when it cannot answer.
+pub async fn list_waves(url: &str) -> Option<Vec<pb::WaveSummary>> {
+    let mut c = try_client(url).await?;
+    c.list_waves(pb::ListWavesRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner().waves)
+}
+
+/// A raft group of `venom-coordinator` processes on loopback, indexed by raft id − 1; a
+/// member is `None` while it is down.
+pub struct Group {
+    pub members: Vec<Option<Coordinator>>,
+    pub urls: Vec<String>,
+}
+
+impl Group {
+    /// Starts `n` members on ports chosen up front, each listing all of them as peers;
+    /// member `id` keeps its data in `root/c<id>` and gets `extra` flags.
+    pub fn start(root: &Path, n: usize, extra: &[&str]) -> anyhow::Result<Group> {
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let peers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, &port) in ports.iter().enumerate() {
+            let dir = root.join(format!("c{}", i + 1));
+            members.push(Some(Coordinator::start_member(
+                i as u64 + 1,
+                port,
+                &peers,
+                &dir,
+                extra,
+            )?));
+        }
+        let urls = members
+            .iter()
+            .flatten()
+            .map(Coordinator::url)
+            .collect::<Vec<_>>();
+        Ok(Group { members, urls })
+    }
+
+    pub fn url(&self, id: u64) -> &str {
+        &self.urls[(id - 1) as usize]
+    }
+
+    /// Every member's URL, comma-separated (what workers and clients are given).
+    pub fn all_urls(&self) -> String {
+        self.urls.join(",")
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        (1..=self.members.len() as u64).collect()
+    }
+
+    pub fn live_ids(&self) -> Vec<u64> {
+        self.ids()
+            .into_iter()
+            .filter(|id| self.members[(id - 1) as usize].is_some())
+            .collect()
+    }
+
+    /// Kills member `id` with SIGKILL; it stays down (and is returned) until
+    /// [`Group::restart`].
+    pub fn kill9(&mut self, id: u64) -> Coordinator {
+        let mut member = self.members[(id - 1) as usize]
+            .take()
+            .unwrap_or_else(|| panic!("member {id} is already down"));
+        member.proc.kill9();
+        member
+    }
+
+    /// Starts a killed member again on its port and data dir.
+    pub fn restart(&mut self, id: u64, mut member: Coordinator) -> anyhow::Result<()> {
+        member.kill9_and_restart()?;
+        self.members[(id - 1) as usize] = Some(member);
+        Ok(())
+    }
+
+    /// Waits until a live member other than `not` says it is the leader; returns its id.
+    pub async fn wait_leader(&self, not: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for id in self.live_ids() {
+                if id == not {
+                    continue;
+                }
+                if let Some(status) = cluster_status(self.url(id)).await {
+                    let own_role = status
+                        .members
+                        .iter()
+                        .find(|m| m.id == id)
+                        .map(|m| m.role.clone());
+                    if status.leader_id == id && own_role.as_deref() == Some("leader") {
+                        return id;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no member (other than {not}) became leader within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Asks the live members in turn; the first that knows the wave answers.
+    pub async fn wave(&self, wave_id: u64) -> Option<pb::WaveSummary> {
+        for id in self.live_ids() {
+            if let Some(w) = get_wave(self.url(id), wave_id).await {
+                return Some(w);
+            }
+        }
+        None
+    }
+
+    /// Waits until some live member reports the wave in a final state; returns it.
+    pub async fn wait_finished(&self, wave_id: u64, timeout: Duration) -> pb::WaveSummary {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(w) = self.wave(wave_id).await {
+                if matches!(w.state.as_str(), "succeeded" | "failed" | "cancelled") {
+                    return w;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wave {wave_id} did not finish within {timeout:?}: {:?}",
+                self.wave(wave_id).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the leader has recorded at least `n` succeeded micro-tasks.
+    pub async fn wait_succeeded(&self, leader: u64, wave_id: u64, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(w) = get_wave(self.url(leader), wave_id).await {
+                let done = w.counts.as_ref().map_or(0, |c| c.succeeded);
+                if done >= n {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leader {leader} did not reach {n} succeeded micro-tasks within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until member `id` follows `leader` and has applied what the leader had
+    /// committed when this was called.
+    pub async fn wait_caught_up(&self, id: u64, leader: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let target = loop {
+            if let Some(s) = cluster_status(self.url(leader)).await {
+                break s.commit_index;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leader {leader} stopped answering"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        loop {
+            if let Some(s) = cluster_status(self.url(id)).await {
+                if s.leader_id == leader && s.applied_index >= target {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member {id} did not rejoin leader {leader} and apply index {target} \
+                 within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
