@@ -14,6 +14,9 @@ pub mod storage;
 pub mod transport;
 pub mod wave;
 
+#[cfg(test)]
+mod sim;
+
 pub use config::CoordinatorConfig;
 
 use std::collections::BTreeMap;

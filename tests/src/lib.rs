@@ -458,6 +458,9 @@ pub fn scrape(addr: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
+/// Labels of one series, sorted by name.
+type LabelSet = Vec<(String, String)>;
+
 /// One sample of a Prometheus text exposition.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -596,7 +599,7 @@ pub fn parse_prometheus(text: &str) -> anyhow::Result<Vec<Sample>> {
         }
         let bucket = format!("{family}_bucket");
         let count = format!("{family}_count");
-        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut series: BTreeMap<LabelSet, Vec<(f64, f64)>> = BTreeMap::new();
         for s in samples.iter().filter(|s| s.name == bucket) {
             let le = s.labels.get("le").context("bucket without le")?;
             let le: f64 = if le == "+Inf" {
