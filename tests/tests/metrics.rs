@@ -2,7 +2,8 @@
 //! runs and after it finished, each exposition must parse strictly as the text format, and
 //! its figures must match what the run did — micro-tasks by state, attempts by outcome on
 //! the coordinator and summed over the workers, one dispatch latency per attempt, every
-//! node's θ and components, the raft gauges.
+//! node's θ and components, the raft gauges. `venomctl monitor --cluster` streams the
+//! nodes' θ from the same coordinator.
 
 #![allow(clippy::unwrap_used)]
 
@@ -169,6 +170,29 @@ async fn metrics_parse_and_match_the_run() {
     assert_eq!(succeeded, f64::from(N_OK));
     assert_eq!(failed, 1.0);
     assert_eq!(spawned, f64::from(N_OK + 1));
+
+    // `venomctl monitor --cluster` streams every node's θ from the coordinator.
+    let out = std::process::Command::new(bin_path("venomctl"))
+        .args(["--coordinator", &coordinator.url(), "--output", "json"])
+        .args(["monitor", "--cluster", "2s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one sample a second for 2 s: {lines:?}");
+    for line in &lines {
+        let nodes = line["nodes"].as_array().unwrap();
+        let names: Vec<&str> = nodes.iter().map(|n| n["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["w1", "w2"]);
+        for n in nodes {
+            let theta = n["theta"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&theta), "{n}");
+            assert!(!n["mode"].as_str().unwrap().is_empty());
+        }
+    }
 }
 
 #[test]
