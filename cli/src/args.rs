@@ -165,6 +165,10 @@ pub enum Command {
         /// How long to sample (e.g. `10s`, `2m`, `500ms`; a bare number is seconds).
         #[arg(default_value = "10s", value_parser = parse_duration)]
         duration: Duration,
+        /// Every node's θ, components, mode and load as the coordinator sees them, instead
+        /// of this machine's.
+        #[arg(long)]
+        cluster: bool,
     },
 
     /// Print the effective configuration.

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod metrics;
 pub mod mobius;
 pub mod replica;
 pub mod scheduler;
@@ -12,6 +13,9 @@ pub mod state;
 pub mod storage;
 pub mod transport;
 pub mod wave;
+
+#[cfg(test)]
+mod sim;
 
 pub use config::CoordinatorConfig;
 
@@ -141,6 +145,21 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("reflection service")?;
+
+    if let Some(addr) = config.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-listen: cannot listen on {addr}"))?;
+        let mut metrics_shutdown = shutdown_rx.clone();
+        tracing::info!(%addr, "metrics served at /metrics");
+        tokio::spawn(metrics::serve(
+            listener,
+            handle.shared.clone(),
+            async move {
+                let _ = metrics_shutdown.wait_for(|s| *s).await;
+            },
+        ));
+    }
 
     let max = config.max_message_bytes;
     let client_api = server::ClientApi {

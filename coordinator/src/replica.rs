@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use venom_proto::v1 as pb;
 
 use crate::convert;
+use crate::metrics::Metrics;
 use crate::scheduler::{self, SchedulerConfig};
 use crate::state::{Command, Effect, Outcome, State};
 use crate::storage::{Store, StoreError};
@@ -107,6 +108,7 @@ pub struct Shared {
     pub status: RwLock<RaftStatus>,
     /// Bumped after every applied batch; watchers wake on it.
     pub applied: watch::Sender<u64>,
+    pub metrics: Metrics,
 }
 
 impl std::fmt::Debug for Shared {
@@ -125,6 +127,17 @@ pub struct Handle {
 impl Handle {
     /// Proposes a command and waits for it to be applied.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
+        let started = std::time::Instant::now();
+        let outcome = self.propose_untimed(command).await;
+        if outcome.is_ok() {
+            self.shared
+                .metrics
+                .observe_proposal(started.elapsed().as_secs_f64());
+        }
+        outcome
+    }
+
+    async fn propose_untimed(&self, command: Command) -> Result<Outcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Event::Propose {
@@ -407,6 +420,7 @@ impl<T: Transport> Replica<T> {
                 ..RaftStatus::default()
             }),
             applied: applied_tx,
+            metrics: Metrics::new(),
         });
         let now_us = clock.now_us();
         Ok(Self {
@@ -890,6 +904,12 @@ impl<T: Transport> Replica<T> {
                     _ => {}
                 }
                 self.applied = index;
+            }
+            let observations = std::mem::take(&mut state.observations);
+            if is_leader {
+                for observation in &observations {
+                    self.shared.metrics.observe(observation);
+                }
             }
             let drained = std::mem::take(&mut state.effects);
             effects = if is_leader {

@@ -525,6 +525,23 @@ pub struct State {
     pub limits: WaveLimitsState,
     pub dirty: Dirty,
     pub effects: Vec<Effect>,
+    /// What applying measured, for the leader's metrics (drained after every apply).
+    pub observations: Vec<Observation>,
+}
+
+/// A measurement made while applying a command (times from the commands themselves).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    /// An attempt's process started `dispatch_ms` after its micro-task became ready.
+    Started { dispatch_ms: u64 },
+    /// An attempt finished (`succeeded`, `failed` or `timed_out`), `end_to_end_ms` after
+    /// its micro-task became ready.
+    AttemptFinished {
+        outcome: &'static str,
+        end_to_end_ms: u64,
+    },
+    /// A wave reached a final state `duration_ms` after it was submitted.
+    WaveFinished { state: WaveState, duration_ms: u64 },
 }
 
 /// Limits the state machine enforces on apply (set from configuration, same on every replica).
@@ -1003,6 +1020,9 @@ impl State {
         }
         task.state = TaskState::Running;
         task.started_ms = started_ms;
+        self.observations.push(Observation::Started {
+            dispatch_ms: started_ms.saturating_sub(task.ready_ms),
+        });
         wave.header
             .counts
             .move_one(TaskState::Assigned, TaskState::Running);
@@ -1046,6 +1066,22 @@ impl State {
         }
         wave.header.finished_ms = wave.header.finished_ms.max(result.finished_ms);
         let succeeded = result.succeeded();
+        if from == TaskState::Assigned && result.started_ms > 0 {
+            // Its start was reported together with its end.
+            self.observations.push(Observation::Started {
+                dispatch_ms: result.started_ms.saturating_sub(task.ready_ms),
+            });
+        }
+        self.observations.push(Observation::AttemptFinished {
+            outcome: if succeeded {
+                "succeeded"
+            } else if result.timed_out {
+                "timed_out"
+            } else {
+                "failed"
+            },
+            end_to_end_ms: result.finished_ms.saturating_sub(task.ready_ms),
+        });
         task.exit_code = result.exit_code;
         task.signal = result.signal;
         task.timed_out = result.timed_out;
@@ -1152,6 +1188,10 @@ impl State {
             h.finished_ms = now_ms;
         }
         h.model_s_total = model;
+        self.observations.push(Observation::WaveFinished {
+            state: h.state,
+            duration_ms: h.finished_ms.saturating_sub(h.submitted_ms),
+        });
         self.dirty.waves.insert(wave_id);
     }
 

@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 /// The `RUST_LOG` filter given to spawned binaries: `VENOM_TEST_LOG`, or `warn`.
-fn test_log_filter() -> String {
+pub fn test_log_filter() -> String {
     std::env::var("VENOM_TEST_LOG").unwrap_or_else(|_| "warn".to_string())
 }
 
@@ -108,6 +109,8 @@ pub struct Coordinator {
     pub port: u16,
     pub data_dir: PathBuf,
     pub extra: Vec<String>,
+    /// `RUST_LOG` for this process (kept across restarts).
+    pub log_filter: String,
     /// Environment variables it runs with (kept for restarts).
     pub env: Vec<(String, String)>,
 }
@@ -132,6 +135,7 @@ impl Coordinator {
             data_dir,
             free_port(),
             extra.iter().map(|s| s.to_string()).collect(),
+            test_log_filter(),
             env.to_vec(),
         )
     }
@@ -153,19 +157,26 @@ impl Coordinator {
             peers.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start_on(data_dir, port, args, Vec::new())
+        Self::start_on(data_dir, port, args, test_log_filter(), Vec::new())
+    }
+
+    /// Where its stderr (the `tracing` log) goes: beside the data dir, appended to across
+    /// restarts.
+    pub fn log_path(&self) -> PathBuf {
+        log_path(&self.data_dir, self.port)
     }
 
     fn start_on(
         data_dir: &Path,
         port: u16,
         extra: Vec<String>,
+        log_filter: String,
         env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(data_dir.with_extension(format!("{port}.log")))?;
+            .open(log_path(data_dir, port))?;
         let mut command = Command::new(bin_path("venom-coordinator"));
         let child = with_env(&mut command, &env)
             .arg("--listen")
@@ -173,7 +184,7 @@ impl Coordinator {
             .arg("--data-dir")
             .arg(data_dir)
             .args(&extra)
-            .env("RUST_LOG", test_log_filter())
+            .env("RUST_LOG", &log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -187,6 +198,7 @@ impl Coordinator {
             port,
             data_dir: data_dir.to_path_buf(),
             extra,
+            log_filter,
             env,
         })
     }
@@ -198,11 +210,16 @@ impl Coordinator {
             &self.data_dir,
             self.port,
             self.extra.clone(),
+            self.log_filter.clone(),
             self.env.clone(),
         )?;
         *self = again;
         Ok(())
     }
+}
+
+fn log_path(data_dir: &Path, port: u16) -> PathBuf {
+    data_dir.with_extension(format!("{port}.log"))
 }
 
 /// Starts a worker process.
@@ -392,7 +409,8 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// One line a micro-task wrote to its record file: `task index node start_ns end_ns`.
+/// One line a micro-task wrote to its record file: `task index node attempt start_ns end_ns`.
+/// A task that is not an array records index 0 (every micro-task sees `VENOM_TASK_INDEX`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub task: String,
@@ -457,4 +475,467 @@ pub fn max_concurrency(records: &[Record], node: &str) -> usize {
         max = max.max(now);
     }
     max as usize
+}
+
+/// `GET http://ADDR/metrics` over a plain socket; the response body.
+pub fn scrape(addr: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no end of headers")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("scrape of {addr} answered {head}");
+    }
+    if !head
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain; version=0.0.4")
+    {
+        bail!("not the Prometheus text format: {head}");
+    }
+    Ok(body.to_string())
+}
+
+/// Labels of one series, sorted by name.
+type LabelSet = Vec<(String, String)>;
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text format (0.0.4) strictly: every sample's family has a `# TYPE`
+/// line before it, names and label names are valid, label values are quoted and escaped,
+/// values are floats, and each histogram's buckets are cumulative with `+Inf` equal to
+/// `_count`.
+pub fn parse_prometheus(text: &str) -> anyhow::Result<Vec<Sample>> {
+    fn valid_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let kind = parts.next().unwrap_or_default();
+            let name = parts.next().unwrap_or_default();
+            if !valid_name(name) {
+                bail!("line {n}: bad metric name in {line:?}");
+            }
+            if kind == "TYPE" {
+                let t = parts.next().unwrap_or_default();
+                if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&t) {
+                    bail!("line {n}: bad type {t:?}");
+                }
+                if types.insert(name.to_string(), t.to_string()).is_some() {
+                    bail!("line {n}: second TYPE for {name}");
+                }
+            }
+            continue;
+        }
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => bail!("line {n}: no value in {line:?}"),
+        };
+        if !valid_name(name) {
+            bail!("line {n}: bad metric name {name:?}");
+        }
+        let mut labels = BTreeMap::new();
+        let mut rest = rest;
+        if let Some(inner) = rest.strip_prefix('{') {
+            let mut chars = inner.char_indices().peekable();
+            let end;
+            loop {
+                let start = chars
+                    .peek()
+                    .map(|(i, _)| *i)
+                    .context("unterminated labels")?;
+                if inner[start..].starts_with('}') {
+                    end = start + 1;
+                    break;
+                }
+                let eq = inner[start..].find('=').context("label without =")? + start;
+                let key = &inner[start..eq];
+                if !valid_name(key) || key.contains(':') {
+                    bail!("line {n}: bad label name {key:?}");
+                }
+                if !inner[eq + 1..].starts_with('"') {
+                    bail!("line {n}: unquoted label value");
+                }
+                let mut value = String::new();
+                let mut i = eq + 2;
+                let bytes: Vec<char> = inner[i..].chars().collect();
+                let mut k = 0;
+                loop {
+                    let c = *bytes.get(k).context("unterminated label value")?;
+                    k += 1;
+                    match c {
+                        '\\' => {
+                            let e = *bytes.get(k).context("dangling escape")?;
+                            k += 1;
+                            value.push(match e {
+                                'n' => '\n',
+                                '\\' => '\\',
+                                '"' => '"',
+                                other => bail!("line {n}: bad escape \\{other}"),
+                            });
+                        }
+                        '"' => break,
+                        c => value.push(c),
+                    }
+                }
+                i += bytes[..k].iter().map(|c| c.len_utf8()).sum::<usize>();
+                labels.insert(key.to_string(), value);
+                while chars.peek().is_some_and(|(j, _)| *j < i) {
+                    chars.next();
+                }
+                if inner[i..].starts_with(',') {
+                    chars.next();
+                }
+            }
+            rest = &inner[end..];
+        }
+        let value_text = rest.trim().split(' ').next().unwrap_or_default();
+        let value: f64 = match value_text {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            other => other
+                .parse()
+                .with_context(|| format!("line {n}: bad value {other:?}"))?,
+        };
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                name.strip_suffix(suffix)
+                    .filter(|base| types.get(*base).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        if !types.contains_key(family) {
+            bail!("line {n}: sample {name} has no TYPE line before it");
+        }
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    // Histograms: cumulative buckets, +Inf == _count.
+    for (family, t) in &types {
+        if t != "histogram" {
+            continue;
+        }
+        let bucket = format!("{family}_bucket");
+        let count = format!("{family}_count");
+        let mut series: BTreeMap<LabelSet, Vec<(f64, f64)>> = BTreeMap::new();
+        for s in samples.iter().filter(|s| s.name == bucket) {
+            let le = s.labels.get("le").context("bucket without le")?;
+            let le: f64 = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse()?
+            };
+            let key: Vec<_> = s
+                .labels
+                .iter()
+                .filter(|(k, _)| *k != "le")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            series.entry(key).or_default().push((le, s.value));
+        }
+        for (key, mut buckets) in series {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if buckets.windows(2).any(|w| w[1].1 < w[0].1) {
+                bail!("{family}{key:?}: buckets are not cumulative");
+            }
+            let inf = buckets.last().map(|b| b.1).unwrap_or_default();
+            let total = samples
+                .iter()
+                .find(|s| {
+                    s.name == count
+                        && s.labels
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect::<Vec<_>>()
+                            == key
+                })
+                .map(|s| s.value)
+                .context("histogram without _count")?;
+            if (inf - total).abs() > f64::EPSILON {
+                bail!("{family}{key:?}: +Inf bucket {inf} != count {total}");
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// The value of the one sample named `name` whose labels include `labels`.
+pub fn sample_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+/// A string as a TOML literal (multi-line, no escapes), for shell bodies in wave files.
+pub fn toml_str(s: &str) -> String {
+    format!("'''{s}'''")
+}
+
+/// Shell snippet that only records that this micro-task ran (start and end written as 0):
+/// shell builtins only, so a micro-task costs one process. [`read_records`] reads it.
+pub fn record_only(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "echo \"$VENOM_TASK_ID ${{VENOM_TASK_INDEX:--}} $VENOM_NODE $VENOM_ATTEMPT 0 0\" \
+         > {d}/rec.$VENOM_TASK_ID.${{VENOM_TASK_INDEX:-x}}.$VENOM_ATTEMPT.$$"
+    )
+}
+
+/// One connection attempt with short timeouts (a killed member must not stall a test).
+pub async fn try_client(url: &str) -> Option<ClientServiceClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .ok()?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .ok()?;
+    Some(ClientServiceClient::new(channel))
+}
+
+/// `ClusterStatus` from one member; `None` when it cannot answer.
+pub async fn cluster_status(url: &str) -> Option<pb::ClusterStatusResponse> {
+    let mut c = try_client(url).await?;
+    c.cluster_status(pb::ClusterStatusRequest::default())
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// `GetWave` from one member; `None` when it cannot answer.
+pub async fn get_wave(url: &str, wave_id: u64) -> Option<pb::WaveSummary> {
+    let mut c = try_client(url).await?;
+    c.get_wave(pb::GetWaveRequest { wave_id })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// `ListTasks` from one member; `None` when it cannot answer.
+pub async fn list_tasks(url: &str, wave_id: u64) -> Option<Vec<pb::MicroTaskInfo>> {
+    let mut c = try_client(url).await?;
+    c.list_tasks(pb::ListTasksRequest { wave_id })
+        .await
+        .ok()
+        .map(|r| r.into_inner().tasks)
+}
+
+/// `ListWaves` from one member; `None` when it cannot answer.
+pub async fn list_waves(url: &str) -> Option<Vec<pb::WaveSummary>> {
+    let mut c = try_client(url).await?;
+    c.list_waves(pb::ListWavesRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner().waves)
+}
+
+/// A raft group of `venom-coordinator` processes on loopback, indexed by raft id − 1; a
+/// member is `None` while it is down.
+pub struct Group {
+    pub members: Vec<Option<Coordinator>>,
+    pub urls: Vec<String>,
+}
+
+impl Group {
+    /// Starts `n` members on ports chosen up front, each listing all of them as peers;
+    /// member `id` keeps its data in `root/c<id>` and gets `extra` flags.
+    pub fn start(root: &Path, n: usize, extra: &[&str]) -> anyhow::Result<Group> {
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let peers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, &port) in ports.iter().enumerate() {
+            let dir = root.join(format!("c{}", i + 1));
+            members.push(Some(Coordinator::start_member(
+                i as u64 + 1,
+                port,
+                &peers,
+                &dir,
+                extra,
+            )?));
+        }
+        let urls = members
+            .iter()
+            .flatten()
+            .map(Coordinator::url)
+            .collect::<Vec<_>>();
+        Ok(Group { members, urls })
+    }
+
+    pub fn url(&self, id: u64) -> &str {
+        &self.urls[(id - 1) as usize]
+    }
+
+    /// Every member's URL, comma-separated (what workers and clients are given).
+    pub fn all_urls(&self) -> String {
+        self.urls.join(",")
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        (1..=self.members.len() as u64).collect()
+    }
+
+    pub fn live_ids(&self) -> Vec<u64> {
+        self.ids()
+            .into_iter()
+            .filter(|id| self.members[(id - 1) as usize].is_some())
+            .collect()
+    }
+
+    /// Kills member `id` with SIGKILL; it stays down (and is returned) until
+    /// [`Group::restart`].
+    pub fn kill9(&mut self, id: u64) -> Coordinator {
+        let mut member = self.members[(id - 1) as usize]
+            .take()
+            .unwrap_or_else(|| panic!("member {id} is already down"));
+        member.proc.kill9();
+        member
+    }
+
+    /// Starts a killed member again on its port and data dir.
+    pub fn restart(&mut self, id: u64, mut member: Coordinator) -> anyhow::Result<()> {
+        member.kill9_and_restart()?;
+        self.members[(id - 1) as usize] = Some(member);
+        Ok(())
+    }
+
+    /// Waits until a live member other than `not` says it is the leader; returns its id.
+    pub async fn wait_leader(&self, not: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for id in self.live_ids() {
+                if id == not {
+                    continue;
+                }
+                if let Some(status) = cluster_status(self.url(id)).await {
+                    let own_role = status
+                        .members
+                        .iter()
+                        .find(|m| m.id == id)
+                        .map(|m| m.role.clone());
+                    if status.leader_id == id && own_role.as_deref() == Some("leader") {
+                        return id;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no member (other than {not}) became leader within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Asks the live members in turn; the first that knows the wave answers.
+    pub async fn wave(&self, wave_id: u64) -> Option<pb::WaveSummary> {
+        for id in self.live_ids() {
+            if let Some(w) = get_wave(self.url(id), wave_id).await {
+                return Some(w);
+            }
+        }
+        None
+    }
+
+    /// Waits until some live member reports the wave in a final state; returns it.
+    pub async fn wait_finished(&self, wave_id: u64, timeout: Duration) -> pb::WaveSummary {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(w) = self.wave(wave_id).await {
+                if matches!(w.state.as_str(), "succeeded" | "failed" | "cancelled") {
+                    return w;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wave {wave_id} did not finish within {timeout:?}: {:?}",
+                self.wave(wave_id).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the leader has recorded at least `n` succeeded micro-tasks.
+    pub async fn wait_succeeded(&self, leader: u64, wave_id: u64, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(w) = get_wave(self.url(leader), wave_id).await {
+                let done = w.counts.as_ref().map_or(0, |c| c.succeeded);
+                if done >= n {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leader {leader} did not reach {n} succeeded micro-tasks within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until member `id` follows `leader` and has applied what the leader had
+    /// committed when this was called.
+    pub async fn wait_caught_up(&self, id: u64, leader: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let target = loop {
+            if let Some(s) = cluster_status(self.url(leader)).await {
+                break s.commit_index;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leader {leader} stopped answering"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        loop {
+            if let Some(s) = cluster_status(self.url(id)).await {
+                if s.leader_id == leader && s.applied_index >= target {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member {id} did not rejoin leader {leader} and apply index {target} \
+                 within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

@@ -56,10 +56,6 @@ impl Cluster {
     }
 }
 
-fn toml_str(s: &str) -> String {
-    format!("'''{s}'''")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dag_order_and_per_node_concurrency_hold() {
     let cluster = Cluster::start(2, 2, &[], &["--throttle", "off"]).await;

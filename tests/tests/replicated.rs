@@ -11,9 +11,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tonic::transport::Channel;
-use venom_proto::v1 as pb;
-use venom_proto::v1::client_service_client::ClientServiceClient;
 use venom_tests::*;
 
 const N_MICRO_TASKS: u32 = 300;
@@ -21,149 +18,6 @@ const N_WORKERS: u32 = 2;
 const SLOTS: u32 = 2;
 const QUEUE_DEPTH: u32 = 4;
 const N_KILLS: usize = 2;
-
-/// One connection attempt with short timeouts (a killed member must not stall the test).
-async fn try_client(url: &str) -> Option<ClientServiceClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .ok()?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .ok()?;
-    Some(ClientServiceClient::new(channel))
-}
-
-async fn cluster_status(url: &str) -> Option<pb::ClusterStatusResponse> {
-    let mut c = try_client(url).await?;
-    c.cluster_status(pb::ClusterStatusRequest::default())
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
-async fn get_wave(url: &str, wave_id: u64) -> Option<pb::WaveSummary> {
-    let mut c = try_client(url).await?;
-    c.get_wave(pb::GetWaveRequest { wave_id })
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
-async fn list_tasks(url: &str, wave_id: u64) -> Option<Vec<pb::MicroTaskInfo>> {
-    let mut c = try_client(url).await?;
-    c.list_tasks(pb::ListTasksRequest { wave_id })
-        .await
-        .ok()
-        .map(|r| r.into_inner().tasks)
-}
-
-/// The three members, indexed by raft id − 1; `None` while killed.
-struct Group {
-    members: Vec<Option<Coordinator>>,
-    urls: Vec<String>,
-}
-
-impl Group {
-    fn url(&self, id: u64) -> &str {
-        &self.urls[(id - 1) as usize]
-    }
-
-    fn live_ids(&self) -> Vec<u64> {
-        (1..=self.members.len() as u64)
-            .filter(|id| self.members[(id - 1) as usize].is_some())
-            .collect()
-    }
-
-    /// Waits until a live member other than `not` says it is the leader; returns its id.
-    async fn wait_leader(&self, not: u64, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            for id in self.live_ids() {
-                if id == not {
-                    continue;
-                }
-                if let Some(status) = cluster_status(self.url(id)).await {
-                    let own_role = status
-                        .members
-                        .iter()
-                        .find(|m| m.id == id)
-                        .map(|m| m.role.clone());
-                    if status.leader_id == id && own_role.as_deref() == Some("leader") {
-                        return id;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no member (other than {not}) became leader within {timeout:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Asks the live members in turn; the first that knows the wave answers.
-    async fn wave(&self, wave_id: u64) -> Option<pb::WaveSummary> {
-        for id in self.live_ids() {
-            if let Some(w) = get_wave(self.url(id), wave_id).await {
-                return Some(w);
-            }
-        }
-        None
-    }
-
-    /// Waits until the leader has recorded at least `n` succeeded micro-tasks.
-    async fn wait_succeeded(&self, leader: u64, wave_id: u64, n: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(w) = get_wave(self.url(leader), wave_id).await {
-                let done = w.counts.as_ref().map_or(0, |c| c.succeeded);
-                if done >= n {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "leader {leader} did not reach {n} succeeded micro-tasks within {timeout:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until member `id` follows `leader` and has applied what the leader had
-    /// committed when this was called.
-    async fn wait_caught_up(&self, id: u64, leader: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let target = loop {
-            if let Some(s) = cluster_status(self.url(leader)).await {
-                break s.commit_index;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "leader {leader} stopped answering"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        loop {
-            if let Some(s) = cluster_status(self.url(id)).await {
-                if s.leader_id == leader && s.applied_index >= target {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "restarted member {id} did not rejoin leader {leader} and apply index \
-                 {target} within {timeout:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-fn toml_str(s: &str) -> String {
-    format!("'''{s}'''")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wave_survives_two_leader_kills_and_members_converge() {
@@ -181,32 +35,8 @@ async fn wave_survives_two_leader_kills_and_members_converge() {
     std::fs::create_dir_all(&work).unwrap();
 
     // 1. Three members on ports chosen up front, each listing all three as peers.
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let members: Vec<Option<Coordinator>> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, &port)| {
-            Some(
-                Coordinator::start_member(
-                    i as u64 + 1,
-                    port,
-                    &peers,
-                    &root.join(format!("c{}", i + 1)),
-                    &[],
-                )
-                .unwrap(),
-            )
-        })
-        .collect();
-    let urls: Vec<String> = members.iter().map(|m| m.as_ref().unwrap().url()).collect();
-    let mut group = Group { members, urls };
-    let all_urls = group.urls.join(",");
+    let mut group = Group::start(&root, 3, &[]).unwrap();
+    let all_urls = group.all_urls();
     let _workers: Vec<Proc> = (1..=N_WORKERS)
         .map(|i| {
             start_worker(
@@ -290,17 +120,14 @@ run = {after}
         let at_kill = summary.counts.as_ref().map_or(0, |c| c.succeeded);
         progress_at_kill.push(at_kill);
 
-        let index = (leader - 1) as usize;
-        let mut victim = group.members[index].take().unwrap();
-        victim.proc.kill9();
+        let victim = group.kill9(leader);
         let t_kill = Instant::now();
         killed.push(leader);
         let new_leader = group.wait_leader(leader, Duration::from_secs(20)).await;
         failover_ms.push(t_kill.elapsed().as_millis());
         assert_ne!(new_leader, leader);
 
-        victim.kill9_and_restart().unwrap();
-        group.members[index] = Some(victim);
+        group.restart(leader, victim).unwrap();
         let t_restart = Instant::now();
         // The restarted member catches up while the workers find the new leader and the
         // wave moves on (more than the few results that could have reached the old

@@ -42,6 +42,7 @@ use crate::config::WorkerConfig;
 use crate::executor::{
     cancel_pair, spawn_attempt, AttemptKey, AttemptOutcome, CancelHandle, CancelToken,
 };
+use crate::metrics::WorkerMetrics;
 use crate::scan::HardwareProfile;
 use crate::theta::{ThetaMonitor, ThetaSnapshot, DEFAULT_SAMPLE_INTERVAL};
 
@@ -86,6 +87,11 @@ pub enum AgentError {
     NoCoordinator,
     #[error("invalid coordinator URL `{url}`: {reason}")]
     InvalidCoordinatorUrl { url: String, reason: String },
+    #[error("--metrics-listen: cannot listen on {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// What an attempt's runner records in the [`AgentState`].
@@ -545,6 +551,7 @@ struct Shared {
     wake: Notify,
     node_name: Arc<str>,
     max_output_bytes: usize,
+    metrics: Arc<WorkerMetrics>,
     /// The latest θ sample (`f64` bits), recorded on attempt spans.
     theta_bits: AtomicU64,
 }
@@ -587,7 +594,7 @@ macro_rules! attempt_span {
 }
 
 /// Joins the wave's trace and records what is known as the attempt starts.
-fn record_start(
+fn trace_start(
     span: &tracing::Span,
     shared: &Shared,
     assignment: &Assignment,
@@ -605,7 +612,7 @@ fn record_start(
 }
 
 /// Records how the attempt ended; anything but exit code 0 is an error.
-fn record_outcome(span: &tracing::Span, outcome: &AttemptOutcome) {
+fn trace_outcome(span: &tracing::Span, outcome: &AttemptOutcome) {
     if let Some(code) = outcome.exit_code {
         span.record("process.exit.code", code);
     }
@@ -669,11 +676,11 @@ fn run_slot(shared: Arc<Shared>, first: NextAttempt) {
             attempt_span!(module_path!(), assignment)
         };
         if traced {
-            record_start(&span, &shared, &assignment, received_at);
+            trace_start(&span, &shared, &assignment, received_at);
         }
         let outcome = span.in_scope(|| execute(&shared, &assignment, cancel));
         if traced {
-            record_outcome(&span, &outcome);
+            trace_outcome(&span, &outcome);
         }
         drop(span);
         let mut state = shared.state();
@@ -692,6 +699,7 @@ fn execute(shared: &Shared, assignment: &Assignment, cancel: CancelToken) -> Att
         return AttemptOutcome::cancelled_before_start(attempt);
     }
     let started_ms = crate::unix_now_ms();
+    let spawning = std::time::Instant::now();
     let outcome = match spawn_attempt(
         assignment,
         &shared.node_name,
@@ -699,6 +707,10 @@ fn execute(shared: &Shared, assignment: &Assignment, cancel: CancelToken) -> Att
         cancel,
     ) {
         Ok(running) => {
+            shared
+                .metrics
+                .spawn_seconds
+                .observe(spawning.elapsed().as_secs_f64());
             let started = TaskStarted {
                 attempt: Some(attempt.to_proto()),
                 started_ms: running.started_ms(),
@@ -713,6 +725,7 @@ fn execute(shared: &Shared, assignment: &Assignment, cancel: CancelToken) -> Att
             AttemptOutcome::failed_to_start(attempt, started_ms, &error)
         }
     };
+    record_outcome(&shared.metrics, &outcome);
     tracing::debug!(
         exit_code = ?outcome.exit_code,
         signal = ?outcome.signal,
@@ -721,6 +734,26 @@ fn execute(shared: &Shared, assignment: &Assignment, cancel: CancelToken) -> Att
         "attempt finished"
     );
     outcome
+}
+
+/// Counts a finished attempt by outcome and records its run time.
+fn record_outcome(metrics: &WorkerMetrics, outcome: &AttemptOutcome) {
+    let label = if outcome.cancelled {
+        "cancelled"
+    } else if outcome.timed_out {
+        "timed_out"
+    } else if outcome.error.is_some() && outcome.exit_code.is_none() && outcome.signal.is_none() {
+        "not_started"
+    } else if outcome.exit_code == Some(0) && outcome.signal.is_none() {
+        "succeeded"
+    } else {
+        "failed"
+    };
+    metrics.attempts.with_label_values(&[label]).inc();
+    if label != "not_started" {
+        let run_ms = outcome.finished_ms.saturating_sub(outcome.started_ms);
+        metrics.run_seconds.observe(run_ms as f64 / 1_000.0);
+    }
 }
 
 /// Waits for room on the outbound channel; never completes without a channel.
@@ -826,6 +859,7 @@ impl Agent {
         self.outbound = None;
         self.pending_outbound = None;
         self.link = Link::idle_for(delay);
+        self.shared.metrics.connected.set(0);
     }
 
     fn on_link_event(&mut self, event: LinkEvent) {
@@ -849,6 +883,7 @@ impl Agent {
                 }
                 if message.registered {
                     self.backoff.reset();
+                    self.shared.metrics.connected.set(1);
                     tracing::info!(
                         url = %self.current_url,
                         name = %self.identity.name,
@@ -876,6 +911,7 @@ impl Agent {
         self.shared
             .theta_bits
             .store(snapshot.theta.to_bits(), Ordering::Relaxed);
+        self.shared.metrics.set_theta(&snapshot);
         if self.outbound.is_none() {
             return;
         }
@@ -1011,13 +1047,40 @@ pub async fn run(
     );
 
     let fallback_theta = theta_from_profile(&profile);
+    let metrics = Arc::new(WorkerMetrics::new());
     let shared = Arc::new(Shared {
         state: Mutex::new(AgentState::new(slots)),
         wake: Notify::new(),
         node_name: Arc::clone(&identity.name),
         max_output_bytes: config.max_output_bytes,
         theta_bits: AtomicU64::new(fallback_theta.theta.to_bits()),
+        metrics: Arc::clone(&metrics),
     });
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::MetricsListen { addr, source })?;
+            tracing::info!(%addr, "metrics served at /metrics");
+            let for_scrape = Arc::clone(&shared);
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::new(move || {
+                    let state = for_scrape.state();
+                    let m = &for_scrape.metrics;
+                    m.running
+                        .set(i64::try_from(state.n_running()).unwrap_or(i64::MAX));
+                    m.queued
+                        .set(i64::try_from(state.n_queued()).unwrap_or(i64::MAX));
+                    m.slots_limit.set(i64::from(state.slots_limit()));
+                    drop(state);
+                    for_scrape.metrics.render()
+                }),
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval());
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut agent = Agent {
@@ -1056,6 +1119,9 @@ pub async fn run(
         agent.flush();
     }
 
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     // Shutdown: close the stream first (the coordinator re-queues this node's work when it
     // notices), then kill every process group and wait, bounded, for the attempts to end.
     let running = agent.state().n_running();

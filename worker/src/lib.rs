@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod config;
 pub mod executor;
+pub mod metrics;
 pub mod scan;
 pub mod theta;
 

@@ -54,7 +54,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Cluster { action } => remote::cluster(&ctx, action).await,
         Command::Scan => machine::scan(&ctx).await,
         Command::Compress { hours } => machine::compress(&ctx, hours).await,
-        Command::Monitor { duration } => machine::monitor(&ctx, duration).await,
+        Command::Monitor {
+            duration,
+            cluster: false,
+        } => machine::monitor(&ctx, duration).await,
+        Command::Monitor {
+            duration,
+            cluster: true,
+        } => remote::monitor_cluster(&ctx, duration).await,
         Command::Config => machine::config(&ctx).await,
         Command::Benchmark(args) => crate::bench::run(&ctx, &args).await,
         Command::Completions { shell } => {

@@ -371,6 +371,76 @@ pub async fn nodes(ctx: &Context) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// `venomctl monitor --cluster DURATION`: every node's health from the coordinator, once a
+/// second (θ as last reported by each worker's heartbeat).
+pub async fn monitor_cluster(ctx: &Context, duration: std::time::Duration) -> anyhow::Result<u8> {
+    #[derive(Serialize)]
+    struct Sample<'a> {
+        t_s: u64,
+        nodes: &'a [NodeView],
+    }
+    let mut client = ctx.client()?;
+    let started = std::time::Instant::now();
+    let interval = std::time::Duration::from_secs(1);
+    let mut tick = 1u32;
+    if !ctx.json() {
+        println!(
+            "{:>6}  {:<16} {:<9} {:>6}  {:>6}  {:>6}  {:>6}  {:<10}  {:>7}  {:>7}  {:>6}",
+            "T",
+            "NODE",
+            "STATE",
+            "θ",
+            "H_CPU",
+            "H_MEM",
+            "H_TERM",
+            "MODE",
+            "SLOTS",
+            "RUNNING",
+            "QUEUED"
+        );
+    }
+    loop {
+        let next = started + interval * tick;
+        tokio::time::sleep(next.saturating_duration_since(std::time::Instant::now())).await;
+        let mut nodes: Vec<NodeView> = list_nodes(&mut client)
+            .await?
+            .iter()
+            .map(NodeView::from)
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let t_s = started.elapsed().as_secs();
+        if ctx.json() {
+            // JSON lines: one compact document per sample, so it can be streamed.
+            println!("{}", serde_json::to_string(&Sample { t_s, nodes: &nodes })?);
+        } else {
+            if nodes.is_empty() {
+                println!("{t_s:>5}s  (no nodes registered)");
+            }
+            for n in &nodes {
+                println!(
+                    "{:>5}s  {:<16} {:<9} {:>6.3}  {:>6.3}  {:>6.3}  {:>6.3}  {:<10}  {:>7}  {:>7}  {:>6}",
+                    t_s,
+                    n.name,
+                    n.state,
+                    n.theta,
+                    n.h_cpu,
+                    n.h_mem,
+                    n.h_term,
+                    n.mode,
+                    format!("{}/{}", n.throttled_slots, n.slots),
+                    n.running,
+                    n.queued
+                );
+            }
+        }
+        std::io::stdout().flush()?;
+        if started.elapsed() + std::time::Duration::from_millis(10) >= duration {
+            return Ok(0);
+        }
+        tick += 1;
+    }
+}
+
 /// The coordinator's node list.
 pub async fn list_nodes(client: &mut Client) -> anyhow::Result<Vec<pb::NodeInfo>> {
     Ok(client

@@ -1,0 +1,1195 @@
+//! Deterministic simulation of a coordinator cluster inside one process: three or five
+//! [`Replica`]s, each on its own sled directory, exchange raft messages over a simulated
+//! network and are driven turn by turn from one seeded random generator on a virtual
+//! clock — no threads, no sleeps, no wall clock, so a seed replays exactly.
+//!
+//! The network loses, reorders and duplicates messages; faults split the cluster (at
+//! random, or with the leader in the minority), cut single links one way, and crash
+//! replicas (the value is dropped with no shutdown; its directory stays) to restart them
+//! later from disk. A minority at most is down at a time. After every step a checker
+//! asserts at most one leader per term and that every replica applies the same entry at
+//! each index (across restarts too); at the end the faults heal, the cluster must
+//! converge, every acknowledged wave must be present on every replica and all replicas
+//! must hold the same replicated state — once after the faults and once more after every
+//! replica was crashed and restarted together.
+//!
+//! `VENOM_SIM_SEEDS=<n>` sets how many seeds each test runs; `VENOM_SIM_SEED=<seed>`
+//! runs exactly that seed (a failure prints the command that replays it);
+//! `VENOM_SIM_STEPS=<n>` lengthens (or shortens) the faulty phase of every seed.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use raft::eraftpb::{Message as RaftMessage, MessageType};
+use raft::StateRole;
+use tokio::sync::oneshot;
+use tokio::sync::oneshot::error::TryRecvError;
+
+use crate::mobius::ThrottlePolicy;
+use crate::replica::{Clock, Event, ProposeError, Replica, ReplicaConfig};
+use crate::state::{Command, NodeSpec, Outcome, State, StateSnapshot, WaveId};
+use crate::storage::Store;
+use crate::transport::Transport;
+use crate::wave::{parse_wave, Format, WaveLimits};
+
+/// Virtual time per step of the faulty phase.
+const STEP_US: u64 = 10_000;
+/// Virtual time per round of the settling phase (one tick of every replica).
+const SETTLE_ROUND_US: u64 = 100_000;
+/// Rounds the healed cluster gets to converge (a lost snapshot is resent after 10 s).
+const SETTLE_MAX_ROUNDS: u64 = 1_500;
+/// Where the virtual clock starts (µs since the epoch: 2023-11-14).
+const EPOCH_US: u64 = 1_700_000_000_000_000;
+
+/// splitmix64: small, fast, and the same on every platform.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+
+    /// True with probability `per_mille` / 1000.
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1_000) < per_mille
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> Option<T> {
+        if items.is_empty() {
+            None
+        } else {
+            Some(items[self.below(items.len() as u64) as usize])
+        }
+    }
+}
+
+/// Time as the harness sets it.
+struct VirtualClock(Arc<AtomicU64>);
+
+impl Clock for VirtualClock {
+    fn now_us(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Messages in flight, shared by every replica's transport.
+type Wire = Arc<Mutex<Vec<RaftMessage>>>;
+
+struct SimTransport {
+    wire: Wire,
+}
+
+impl Transport for SimTransport {
+    fn send(&mut self, messages: Vec<RaftMessage>) {
+        self.wire.lock().unwrap().extend(messages);
+    }
+}
+
+/// How one seed's run behaves (drawn from the seed).
+#[derive(Debug, Clone)]
+struct Params {
+    steps: u64,
+    compact_after: u64,
+    max_entry_bytes: usize,
+    drop_pm: u64,
+    dup_pm: u64,
+    fault_pm: u64,
+    propose_pm: u64,
+    tick_pm: u64,
+}
+
+/// What a run did, summed over seeds for the printed summary.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Stats {
+    seeds: u64,
+    steps: u64,
+    settle_rounds: u64,
+    /// Terms in which some replica was leader.
+    leaders: u64,
+    crashes: u64,
+    partitions: u64,
+    one_way_cuts: u64,
+    heals: u64,
+    messages_delivered: u64,
+    messages_dropped: u64,
+    messages_duplicated: u64,
+    snapshots_delivered: u64,
+    snapshots_installed: u64,
+    proposed: u64,
+    acknowledged: u64,
+    refused_by_followers: u64,
+    failed: u64,
+    lost_in_crash: u64,
+    rejected: u64,
+    final_applied: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.seeds += o.seeds;
+        self.steps += o.steps;
+        self.settle_rounds += o.settle_rounds;
+        self.leaders += o.leaders;
+        self.crashes += o.crashes;
+        self.partitions += o.partitions;
+        self.one_way_cuts += o.one_way_cuts;
+        self.heals += o.heals;
+        self.messages_delivered += o.messages_delivered;
+        self.messages_dropped += o.messages_dropped;
+        self.messages_duplicated += o.messages_duplicated;
+        self.snapshots_delivered += o.snapshots_delivered;
+        self.snapshots_installed += o.snapshots_installed;
+        self.proposed += o.proposed;
+        self.acknowledged += o.acknowledged;
+        self.refused_by_followers += o.refused_by_followers;
+        self.failed += o.failed;
+        self.lost_in_crash += o.lost_in_crash;
+        self.rejected += o.rejected;
+        self.final_applied += o.final_applied;
+    }
+}
+
+/// A proposal whose answer has not arrived yet.
+struct Pending {
+    node: u64,
+    life: u64,
+    /// The wave's name, for a submission.
+    wave: Option<String>,
+    rx: oneshot::Receiver<Result<Outcome, ProposeError>>,
+}
+
+struct SimNode {
+    id: u64,
+    dir: PathBuf,
+    replica: Option<Replica<SimTransport>>,
+    /// Events were handled since the last turn.
+    needs_turn: bool,
+    /// Incremented at every start.
+    life: u64,
+    /// The applied index as of the last check, in this life.
+    applied: u64,
+    /// This life's election timeout, in ticks.
+    election_ticks: usize,
+}
+
+/// The result of one run: what it did, a digest of every step and of the final state.
+#[derive(Debug, PartialEq, Eq)]
+struct Report {
+    stats: Stats,
+    trace: Vec<u64>,
+    final_digest: u64,
+}
+
+struct Sim {
+    seed: u64,
+    n: u64,
+    rng: Rng,
+    params: Params,
+    now_us: Arc<AtomicU64>,
+    wire: Wire,
+    members: BTreeMap<u64, String>,
+    nodes: Vec<SimNode>,
+    /// Partition side of each replica (index `id - 1`); links between sides are down.
+    side: Vec<bool>,
+    /// One-way cuts: messages `from → to` are lost.
+    cuts: BTreeSet<(u64, u64)>,
+    /// Every applied index → (term, data hash, first replica seen applying it).
+    applied_log: BTreeMap<u64, (u64, u64, u64)>,
+    /// Term → the replica that was leader in it.
+    leaders: BTreeMap<u64, u64>,
+    pending: Vec<Pending>,
+    /// Acknowledged submissions: wave name → wave id.
+    acked: BTreeMap<String, WaveId>,
+    next_wave: u64,
+    stats: Stats,
+    trace: Vec<u64>,
+    /// Holds every replica's directory; removed with the run.
+    root: tempfile::TempDir,
+}
+
+fn mix(h: u64, v: u64) -> u64 {
+    (h ^ v).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(17)
+}
+
+fn hash_bytes(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The sled directories live in memory when possible (an fsync per raft `Ready` is free).
+fn sim_dir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new()
+            .prefix("venom-sim-")
+            .tempdir_in(shm)
+        {
+            return dir;
+        }
+    }
+    tempfile::Builder::new()
+        .prefix("venom-sim-")
+        .tempdir()
+        .unwrap()
+}
+
+/// Copies a directory tree (a sled database) file by file.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn role_name(role: StateRole) -> &'static str {
+    match role {
+        StateRole::Leader => "leader",
+        StateRole::Follower => "follower",
+        StateRole::Candidate => "candidate",
+        StateRole::PreCandidate => "pre-candidate",
+    }
+}
+
+/// The replicated part of a replica's state, as a snapshot would carry it.
+fn replicated(state: &State) -> StateSnapshot {
+    StateSnapshot {
+        members: state.members.clone(),
+        waves: state.waves.values().cloned().collect(),
+        nodes: state.nodes.values().cloned().collect(),
+        next_wave_id: state.next_wave_id,
+        stale_results: state.stale_results,
+    }
+}
+
+impl Sim {
+    fn new(n: u64, seed: u64, steps: u64) -> Self {
+        let mut rng = Rng::new(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ n);
+        let compact_after = if rng.chance(600) {
+            20 + rng.below(31)
+        } else {
+            100_000
+        };
+        let max_entry_bytes = if rng.chance(250) { 1_000 } else { 4 << 20 };
+        let params = Params {
+            steps,
+            compact_after,
+            max_entry_bytes,
+            drop_pm: rng.below(150),
+            dup_pm: rng.below(20),
+            fault_pm: 5 + rng.below(25),
+            propose_pm: 100 + rng.below(300),
+            tick_pm: 100,
+        };
+        let dir = sim_dir();
+        let members: BTreeMap<u64, String> =
+            (1..=n).map(|id| (id, format!("sim://{id}"))).collect();
+        let nodes = (1..=n)
+            .map(|id| SimNode {
+                id,
+                dir: dir.path().join(id.to_string()),
+                replica: None,
+                needs_turn: false,
+                life: 0,
+                applied: 0,
+                election_ticks: 0,
+            })
+            .collect();
+        Self {
+            seed,
+            n,
+            rng,
+            params,
+            now_us: Arc::new(AtomicU64::new(EPOCH_US)),
+            wire: Arc::new(Mutex::new(Vec::new())),
+            members,
+            nodes,
+            side: vec![false; n as usize],
+            cuts: BTreeSet::new(),
+            applied_log: BTreeMap::new(),
+            leaders: BTreeMap::new(),
+            pending: Vec::new(),
+            acked: BTreeMap::new(),
+            next_wave: 0,
+            stats: Stats {
+                seeds: 1,
+                ..Stats::default()
+            },
+            trace: Vec::new(),
+            root: dir,
+        }
+    }
+
+    /// The whole run; returns the digest of the final state.
+    fn run(&mut self) -> Result<u64, String> {
+        for id in 1..=self.n {
+            self.start(id)?;
+        }
+        for _ in 0..self.params.steps {
+            self.step()?;
+        }
+        self.settle("after the faults")?;
+        self.check_states()?;
+        // Every replica loses power at once, then all come back from disk.
+        for id in 1..=self.n {
+            self.crash(id, true)?;
+        }
+        for id in 1..=self.n {
+            self.start(id)?;
+        }
+        self.settle("after every replica restarted at once")?;
+        let digest = self.check_states()?;
+        self.stats.final_applied = self.nodes[0].applied;
+        Ok(digest)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now_us.load(Ordering::Relaxed) / 1_000
+    }
+
+    fn live(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|n| n.replica.is_some())
+            .map(|n| n.id)
+            .collect()
+    }
+
+    fn role(&self, id: u64) -> Option<StateRole> {
+        self.nodes[(id - 1) as usize]
+            .replica
+            .as_ref()
+            .map(|r| r.raft().raft.state)
+    }
+
+    /// The live replicas that think they lead.
+    fn leaders_now(&self) -> Vec<u64> {
+        self.live()
+            .into_iter()
+            .filter(|&id| self.role(id) == Some(StateRole::Leader))
+            .collect()
+    }
+
+    /// Opens replica `id` on its directory (a new one bootstraps the cluster's members).
+    fn start(&mut self, id: u64) -> Result<(), String> {
+        let idx = (id - 1) as usize;
+        let store = Store::open(&self.nodes[idx].dir)
+            .map_err(|e| format!("replica {id}: cannot open its store: {e}"))?;
+        // raft draws the election timeout from [min, max) with its own random generator:
+        // a one-tick range keeps the run reproducible. Live replicas get different
+        // timeouts, or equal ones could split the vote in lockstep forever.
+        let taken: BTreeSet<usize> = self
+            .nodes
+            .iter()
+            .filter(|n| n.replica.is_some() && n.id != id)
+            .map(|n| n.election_ticks)
+            .collect();
+        let free: Vec<usize> = (10..20).filter(|t| !taken.contains(t)).collect();
+        let ticks = self.rng.pick(&free).unwrap_or(10);
+        let config = ReplicaConfig {
+            id,
+            members: self.members.clone(),
+            join: false,
+            election_ticks: (ticks, ticks + 1),
+            tick: Duration::from_millis(100),
+            heartbeat_ttl_ms: 3_000,
+            max_entry_bytes: self.params.max_entry_bytes,
+            compact_after_entries: self.params.compact_after,
+        };
+        let clock: Arc<dyn Clock> = Arc::new(VirtualClock(self.now_us.clone()));
+        let transport = SimTransport {
+            wire: self.wire.clone(),
+        };
+        let mut replica = Replica::new(
+            config,
+            store,
+            State::new(WaveLimits::default()),
+            transport,
+            clock,
+            self.rng.next(),
+        )
+        .map_err(|e| format!("replica {id}: cannot start: {e}"))?;
+        replica.applied_trace = Some(Vec::new());
+        let applied = replica.shared().status.read().unwrap().applied;
+        let node = &mut self.nodes[idx];
+        node.replica = Some(replica);
+        node.needs_turn = true;
+        node.life += 1;
+        node.applied = applied;
+        node.election_ticks = ticks;
+        Ok(())
+    }
+
+    /// Drops replica `id` with no shutdown (what it applied is checked first).
+    ///
+    /// Dropping a sled database writes out what it buffered, as if the process died just
+    /// after the operating system took every write. A `hard` crash instead restarts from
+    /// a copy of the directory taken before the drop: only what sled had written by
+    /// then survives — everything since the last flush is lost, as when the process is
+    /// killed.
+    fn crash(&mut self, id: u64, hard: bool) -> Result<(), String> {
+        self.check_replica(id)?;
+        let node = &mut self.nodes[(id - 1) as usize];
+        if hard && node.replica.is_some() {
+            let copy = self.root.path().join(format!("{id}.{}", node.life));
+            copy_dir(&node.dir, &copy)
+                .map_err(|e| format!("replica {id}: cannot copy its directory: {e}"))?;
+            node.replica = None;
+            let old = std::mem::replace(&mut node.dir, copy);
+            std::fs::remove_dir_all(&old)
+                .map_err(|e| format!("replica {id}: cannot remove {}: {e}", old.display()))?;
+        }
+        node.replica = None;
+        Ok(())
+    }
+
+    fn turn(&mut self, id: u64, tick: bool) -> Result<(), String> {
+        let node = &mut self.nodes[(id - 1) as usize];
+        if let Some(replica) = node.replica.as_mut() {
+            replica
+                .turn(tick)
+                .map_err(|e| format!("replica {id} failed a turn: {e}"))?;
+            node.needs_turn = false;
+        }
+        Ok(())
+    }
+
+    fn blocked(&self, from: u64, to: u64) -> bool {
+        let side = |id: u64| self.side.get((id - 1) as usize).copied().unwrap_or(false);
+        side(from) != side(to) || self.cuts.contains(&(from, to))
+    }
+
+    /// Hands one message to its destination, unless the network loses it.
+    fn deliver(&mut self, msg: RaftMessage, lossy: bool) {
+        let to = msg.to;
+        let from = msg.from;
+        let live = (1..=self.n).contains(&to) && self.nodes[(to - 1) as usize].replica.is_some();
+        if !live || (lossy && (self.blocked(from, to) || self.rng.chance(self.params.drop_pm))) {
+            self.stats.messages_dropped += 1;
+            return;
+        }
+        if lossy && self.rng.chance(self.params.dup_pm) {
+            self.wire.lock().unwrap().push(msg.clone());
+            self.stats.messages_duplicated += 1;
+        }
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            self.stats.snapshots_delivered += 1;
+        }
+        let node = &mut self.nodes[(to - 1) as usize];
+        if let Some(replica) = node.replica.as_mut() {
+            replica.handle(Event::Raft(vec![msg]));
+            node.needs_turn = true;
+            self.stats.messages_delivered += 1;
+        }
+    }
+
+    /// Takes one random message off the wire.
+    fn take_random(&mut self) -> Option<RaftMessage> {
+        let mut wire = self.wire.lock().unwrap();
+        if wire.is_empty() {
+            return None;
+        }
+        let i = self.rng.below(wire.len() as u64) as usize;
+        Some(wire.swap_remove(i))
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        self.stats.steps += 1;
+        self.now_us.fetch_add(STEP_US, Ordering::Relaxed);
+        let mut action = 0;
+        if self.rng.chance(self.params.fault_pm) {
+            action = self.fault()?;
+        }
+        let queued = self.wire.lock().unwrap().len() as u64;
+        let count = self.rng.below(2 * self.n + 1) + queued / 50;
+        for _ in 0..count {
+            let Some(msg) = self.take_random() else { break };
+            self.deliver(msg, true);
+        }
+        for id in self.live() {
+            if self.rng.chance(self.params.tick_pm) {
+                self.turn(id, true)?;
+            } else if self.nodes[(id - 1) as usize].needs_turn && self.rng.chance(800) {
+                self.turn(id, false)?;
+            }
+        }
+        if self.rng.chance(self.params.propose_pm) {
+            self.propose()?;
+        }
+        self.observe()?;
+        self.record(action);
+        Ok(())
+    }
+
+    /// One fault (or repair); returns a code for the step trace.
+    fn fault(&mut self) -> Result<u64, String> {
+        let n = self.n;
+        let max_down = (n - 1) / 2;
+        let roll = self.rng.below(100);
+        if roll < 15 {
+            self.side = (0..n).map(|_| self.rng.chance(500)).collect();
+            self.stats.partitions += 1;
+            return Ok(1);
+        }
+        if roll < 30 {
+            // The leader (when there is one) ends up in a minority.
+            let Some(leader) = self.rng.pick(&self.leaders_now()) else {
+                return Ok(0);
+            };
+            let size = 1 + self.rng.below(max_down);
+            let mut minority = BTreeSet::from([leader]);
+            while (minority.len() as u64) < size {
+                minority.insert(1 + self.rng.below(n));
+            }
+            self.side = (1..=n).map(|id| minority.contains(&id)).collect();
+            self.stats.partitions += 1;
+            return Ok(2);
+        }
+        if roll < 45 {
+            // One direction of one link, often one of the leader's.
+            let a = match self.rng.pick(&self.leaders_now()) {
+                Some(leader) if self.rng.chance(600) => leader,
+                _ => 1 + self.rng.below(n),
+            };
+            let mut b = 1 + self.rng.below(n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (from, to) = if self.rng.chance(500) { (a, b) } else { (b, a) };
+            self.cuts.insert((from, to));
+            self.stats.one_way_cuts += 1;
+            return Ok(3);
+        }
+        if roll < 65 {
+            self.side = vec![false; n as usize];
+            self.cuts.clear();
+            self.stats.heals += 1;
+            return Ok(4);
+        }
+        let live = self.live();
+        let down: Vec<u64> = (1..=n).filter(|id| !live.contains(id)).collect();
+        if roll < 83 {
+            if (down.len() as u64) < max_down {
+                // Prefer the leader now and then.
+                let victim = match self.rng.pick(&self.leaders_now()) {
+                    Some(leader) if self.rng.chance(400) => leader,
+                    _ => self.rng.pick(&live).unwrap_or(1),
+                };
+                let hard = self.rng.chance(500);
+                self.crash(victim, hard)?;
+                self.stats.crashes += 1;
+                return Ok(5);
+            }
+            return Ok(0);
+        }
+        if let Some(id) = self.rng.pick(&down) {
+            self.start(id)?;
+            return Ok(6);
+        }
+        Ok(0)
+    }
+
+    /// A command for replica `id`: mostly a new wave, sometimes a cancellation or a node.
+    fn command(&mut self, id: u64) -> Result<(Command, Option<String>), String> {
+        let now_ms = self.now_ms();
+        let roll = self.rng.below(100);
+        if roll < 80 {
+            let name = format!("w{}", self.next_wave);
+            self.next_wave += 1;
+            let array = 1 + self.rng.below(3);
+            let text = format!(
+                "name = \"{name}\"\n[[task]]\nid = \"a\"\narray = {array}\nrun = \"true\"\n\
+                 [[task]]\nid = \"b\"\ndeps = [\"a\"]\nrun = \"true\"\n"
+            );
+            let spec = parse_wave(text.as_bytes(), Format::Toml, &WaveLimits::default())
+                .map_err(|e| format!("wave spec: {e}"))?;
+            let command = Command::SubmitWave {
+                spec,
+                traceparent: String::new(),
+                now_ms,
+            };
+            return Ok((command, Some(name)));
+        }
+        if roll < 90 {
+            let next = self.nodes[(id - 1) as usize]
+                .replica
+                .as_ref()
+                .map_or(1, |r| r.shared().state.read().unwrap().next_wave_id);
+            let wave_id = 1 + self.rng.below(next);
+            return Ok((Command::CancelWave { wave_id, now_ms }, None));
+        }
+        let slots = 1 + self.rng.below(4) as u32;
+        let spec = NodeSpec {
+            name: format!("n{}", self.rng.below(3)),
+            slots,
+            labels: BTreeMap::new(),
+            policy: ThrottlePolicy::Adaptive,
+            physical_cores: slots,
+            logical_cores: slots,
+            memory_total_bytes: 1 << 34,
+            gpus: 0,
+            queue_depth: 0,
+            profile: Vec::new(),
+        };
+        let command = Command::RegisterNode {
+            spec,
+            running: Vec::new(),
+            now_ms,
+        };
+        Ok((command, None))
+    }
+
+    /// Proposes one to three commands on a leader (or, sometimes, on a follower, which
+    /// must refuse them within the turn).
+    fn propose(&mut self) -> Result<(), String> {
+        let leaders = self.leaders_now();
+        if leaders.is_empty() && self.rng.chance(700) {
+            return Ok(());
+        }
+        let id = match self.rng.pick(&leaders) {
+            Some(leader) if self.rng.chance(800) => leader,
+            _ => match self.rng.pick(&self.live()) {
+                Some(id) => id,
+                None => return Ok(()),
+            },
+        };
+        let was_leader = self.role(id) == Some(StateRole::Leader);
+        let count = 1 + self.rng.below(3);
+        let mut sent = Vec::new();
+        for _ in 0..count {
+            let (command, wave) = self.command(id)?;
+            let (reply, rx) = oneshot::channel();
+            if let Some(replica) = self.nodes[(id - 1) as usize].replica.as_mut() {
+                replica.handle(Event::Propose {
+                    command,
+                    reply: Some(reply),
+                });
+            }
+            self.stats.proposed += 1;
+            sent.push((wave, rx));
+        }
+        self.turn(id, false)?;
+        let life = self.nodes[(id - 1) as usize].life;
+        for (wave, mut rx) in sent {
+            if was_leader {
+                self.pending.push(Pending {
+                    node: id,
+                    life,
+                    wave,
+                    rx,
+                });
+                continue;
+            }
+            match rx.try_recv() {
+                Ok(Err(ProposeError::NotLeader { .. })) => self.stats.refused_by_followers += 1,
+                other => {
+                    return Err(format!(
+                        "replica {id} is not leader, yet answered a proposal with {other:?} \
+                         instead of refusing it at once"
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-step checks: leaders per term, applied entries, answers to proposals.
+    fn observe(&mut self) -> Result<(), String> {
+        for id in self.live() {
+            let raft = &self.nodes[(id - 1) as usize]
+                .replica
+                .as_ref()
+                .unwrap()
+                .raft()
+                .raft;
+            if raft.state == StateRole::Leader {
+                let term = raft.term;
+                match self.leaders.get(&term) {
+                    None => {
+                        self.leaders.insert(term, id);
+                        self.stats.leaders += 1;
+                    }
+                    Some(&other) if other != id => {
+                        return Err(format!(
+                            "election safety violated: replicas {other} and {id} were both \
+                             leader in term {term}"
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            self.check_replica(id)?;
+        }
+        self.poll_proposals()
+    }
+
+    /// Checks the entries replica `id` applied since the last check against what every
+    /// other replica (and earlier lives of this one) applied at the same indexes.
+    fn check_replica(&mut self, id: u64) -> Result<(), String> {
+        let node = &mut self.nodes[(id - 1) as usize];
+        let Some(replica) = node.replica.as_mut() else {
+            return Ok(());
+        };
+        let trace = replica
+            .applied_trace
+            .replace(Vec::new())
+            .unwrap_or_default();
+        let applied = replica.shared().status.read().unwrap().applied;
+        let mut last = node.applied;
+        for (index, term, hash) in trace {
+            if index <= last {
+                return Err(format!(
+                    "replica {id} applied index {index} again (it had applied up to {last})"
+                ));
+            }
+            if index > last + 1 {
+                // Indexes skipped: a snapshot was installed in between.
+                self.stats.snapshots_installed += 1;
+            }
+            match self.applied_log.get(&index) {
+                None => {
+                    self.applied_log.insert(index, (term, hash, id));
+                }
+                Some(&(t, h, first)) if (t, h) != (term, hash) => {
+                    return Err(format!(
+                        "state machine safety violated at index {index}: replica {first} \
+                         applied (term {t}, data hash {h:016x}), replica {id} applied \
+                         (term {term}, data hash {hash:016x})"
+                    ));
+                }
+                Some(_) => {}
+            }
+            last = index;
+        }
+        if applied < last {
+            return Err(format!(
+                "replica {id} reports applied index {applied} below the {last} it applied"
+            ));
+        }
+        if applied > last {
+            // Applied moved with no entries: a snapshot was installed.
+            self.stats.snapshots_installed += 1;
+        }
+        node.applied = applied;
+        Ok(())
+    }
+
+    fn poll_proposals(&mut self) -> Result<(), String> {
+        let mut error = None;
+        let nodes = &self.nodes;
+        let stats = &mut self.stats;
+        let acked = &mut self.acked;
+        self.pending.retain_mut(|p| match p.rx.try_recv() {
+            Err(TryRecvError::Empty) => true,
+            Err(TryRecvError::Closed) => {
+                let node = &nodes[(p.node - 1) as usize];
+                if node.replica.is_some() && node.life == p.life {
+                    error = Some(format!(
+                        "replica {} dropped a proposal without answering it",
+                        p.node
+                    ));
+                }
+                stats.lost_in_crash += 1;
+                false
+            }
+            Ok(Ok(Outcome::WaveSubmitted { wave_id, .. })) if p.wave.is_some() => {
+                let name = p.wave.take().unwrap_or_default();
+                acked.insert(name, wave_id);
+                stats.acknowledged += 1;
+                false
+            }
+            Ok(Ok(Outcome::Rejected(_))) => {
+                stats.rejected += 1;
+                false
+            }
+            Ok(Ok(_)) => {
+                stats.acknowledged += 1;
+                false
+            }
+            Ok(Err(_)) => {
+                stats.failed += 1;
+                false
+            }
+        });
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Appends a digest of this step (the action, every replica's raft position, the
+    /// wire) to the run's trace.
+    fn record(&mut self, action: u64) {
+        let mut h = mix(0, action);
+        for node in &self.nodes {
+            match node.replica.as_ref() {
+                None => h = mix(h, u64::MAX),
+                Some(r) => {
+                    let raft = &r.raft().raft;
+                    h = mix(h, raft.state as u64);
+                    h = mix(h, raft.term);
+                    h = mix(h, raft.leader_id);
+                    h = mix(h, raft.raft_log.committed);
+                    h = mix(h, raft.raft_log.last_index());
+                    h = mix(h, node.applied);
+                }
+            }
+        }
+        h = mix(h, self.wire.lock().unwrap().len() as u64);
+        self.trace.push(h);
+    }
+
+    /// Whether one leader has committed its whole log and every replica applied it, with
+    /// no proposal left unanswered.
+    fn converged(&self) -> bool {
+        let live = self.live();
+        if live.len() as u64 != self.n || !self.pending.is_empty() {
+            return false;
+        }
+        let leaders = self.leaders_now();
+        let [leader] = leaders.as_slice() else {
+            return false;
+        };
+        let raft = &self.nodes[(leader - 1) as usize]
+            .replica
+            .as_ref()
+            .unwrap()
+            .raft()
+            .raft;
+        let commit = raft.raft_log.committed;
+        commit == raft.raft_log.last_index() && self.nodes.iter().all(|n| n.applied == commit)
+    }
+
+    fn describe(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            match node.replica.as_ref() {
+                None => out.push_str(&format!("\n  replica {}: down", node.id)),
+                Some(r) => {
+                    let raft = &r.raft().raft;
+                    out.push_str(&format!(
+                        "\n  replica {}: {} term {} leader {} commit {} last {} applied {}",
+                        node.id,
+                        role_name(raft.state),
+                        raft.term,
+                        raft.leader_id,
+                        raft.raft_log.committed,
+                        raft.raft_log.last_index(),
+                        node.applied
+                    ));
+                }
+            }
+        }
+        out.push_str(&format!(
+            "\n  {} proposals unanswered, {} messages in flight",
+            self.pending.len(),
+            self.wire.lock().unwrap().len()
+        ));
+        out
+    }
+
+    /// Heals the network, restarts every replica that is down and runs lossless rounds
+    /// (every message delivered, every replica ticked) until the cluster converges.
+    fn settle(&mut self, when: &str) -> Result<(), String> {
+        self.side = vec![false; self.n as usize];
+        self.cuts.clear();
+        for id in 1..=self.n {
+            if self.nodes[(id - 1) as usize].replica.is_none() {
+                self.start(id)?;
+            }
+        }
+        for _ in 0..SETTLE_MAX_ROUNDS {
+            self.stats.settle_rounds += 1;
+            self.now_us.fetch_add(SETTLE_ROUND_US, Ordering::Relaxed);
+            let mut batch = std::mem::take(&mut *self.wire.lock().unwrap());
+            // Random order (Fisher–Yates).
+            for i in (1..batch.len()).rev() {
+                let j = self.rng.below(i as u64 + 1) as usize;
+                batch.swap(i, j);
+            }
+            for msg in batch {
+                self.deliver(msg, false);
+            }
+            for id in 1..=self.n {
+                // Clocks drift a little: now and then a replica misses a tick.
+                let tick = self.rng.chance(900);
+                self.turn(id, tick)?;
+            }
+            self.observe()?;
+            self.record(7);
+            if self.converged() {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "the cluster did not converge {when} within {SETTLE_MAX_ROUNDS} rounds:{}",
+            self.describe()
+        ))
+    }
+
+    /// Every replica holds the same replicated state, which contains every acknowledged
+    /// wave; returns its digest.
+    fn check_states(&self) -> Result<u64, String> {
+        let mut first: Option<(u64, StateSnapshot, u64)> = None;
+        for node in &self.nodes {
+            let replica = node
+                .replica
+                .as_ref()
+                .ok_or_else(|| format!("replica {} is down at the end", node.id))?;
+            let state = replica.shared().state.read().unwrap();
+            for (name, wave_id) in &self.acked {
+                match state.waves.get(wave_id) {
+                    Some(w) if &w.header.spec.name == name => {}
+                    Some(w) => {
+                        return Err(format!(
+                            "acknowledged wave {name} (id {wave_id}) lost on replica {}: that \
+                             id holds wave {}",
+                            node.id, w.header.spec.name
+                        ))
+                    }
+                    None => {
+                        return Err(format!(
+                            "acknowledged wave {name} (id {wave_id}) is missing on replica {}",
+                            node.id
+                        ))
+                    }
+                }
+            }
+            let snapshot = replicated(&state);
+            let bytes = bincode::serialize(&snapshot).map_err(|e| format!("bincode: {e}"))?;
+            let digest = hash_bytes(&bytes);
+            match &first {
+                None => first = Some((node.id, snapshot, digest)),
+                Some((id, other, d)) if *d != digest => {
+                    return Err(format!(
+                        "replicas {id} and {} applied up to {} but hold different states: {}",
+                        node.id,
+                        node.applied,
+                        state_difference(other, &snapshot)
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(first.map_or(0, |(_, _, d)| d))
+    }
+
+    /// Summarises the step history for a failure message.
+    fn context(&self) -> String {
+        format!(
+            "seed {} on {} replicas, {:?}\nafter {} steps and {} settling rounds:{}",
+            self.seed,
+            self.n,
+            self.params,
+            self.stats.steps,
+            self.stats.settle_rounds,
+            self.describe()
+        )
+    }
+}
+
+/// Names what differs between two replicated states.
+fn state_difference(a: &StateSnapshot, b: &StateSnapshot) -> String {
+    let mut out = Vec::new();
+    if a.members != b.members {
+        out.push(format!("members {:?} vs {:?}", a.members, b.members));
+    }
+    if a.next_wave_id != b.next_wave_id {
+        out.push(format!(
+            "next_wave_id {} vs {}",
+            a.next_wave_id, b.next_wave_id
+        ));
+    }
+    if a.stale_results != b.stale_results {
+        out.push(format!(
+            "stale_results {} vs {}",
+            a.stale_results, b.stale_results
+        ));
+    }
+    let waves = |s: &StateSnapshot| -> BTreeMap<WaveId, String> {
+        s.waves
+            .iter()
+            .map(|w| (w.header.id, format!("{w:?}")))
+            .collect()
+    };
+    let (wa, wb) = (waves(a), waves(b));
+    for id in wa.keys().chain(wb.keys()).collect::<BTreeSet<_>>() {
+        match (wa.get(id), wb.get(id)) {
+            (Some(x), Some(y)) if x == y => {}
+            (x, y) => out.push(format!("wave {id}: {x:?} vs {y:?}")),
+        }
+    }
+    let nodes = |s: &StateSnapshot| -> BTreeMap<String, String> {
+        s.nodes
+            .iter()
+            .map(|n| (n.spec.name.clone(), format!("{n:?}")))
+            .collect()
+    };
+    let (na, nb) = (nodes(a), nodes(b));
+    for name in na.keys().chain(nb.keys()).collect::<BTreeSet<_>>() {
+        match (na.get(name), nb.get(name)) {
+            (Some(x), Some(y)) if x == y => {}
+            (x, y) => out.push(format!("node {name}: {x:?} vs {y:?}")),
+        }
+    }
+    let n = out.len();
+    let mut shown: Vec<String> = out
+        .into_iter()
+        .take(3)
+        .map(|d| d.chars().take(800).collect())
+        .collect();
+    if n > 3 {
+        shown.push(format!("and {} more differences", n - 3));
+    }
+    shown.join("\n  ")
+}
+
+/// Runs one seed; a failure (or a panic inside the replica) is reported with the seed and
+/// the command that replays it.
+fn run_seed(test: &str, n: u64, seed: u64, steps: u64) -> Report {
+    let steps_var = if steps == STEPS {
+        String::new()
+    } else {
+        format!("VENOM_SIM_STEPS={steps} ")
+    };
+    let replay = format!(
+        "replay: VENOM_SIM_SEED={seed} {steps_var}cargo test -p venom-coordinator --lib {test} \
+         -- --nocapture"
+    );
+    let outcome = std::panic::catch_unwind(|| {
+        let mut sim = Sim::new(n, seed, steps);
+        match sim.run() {
+            Ok(final_digest) => Ok(Report {
+                stats: sim.stats.clone(),
+                trace: std::mem::take(&mut sim.trace),
+                final_digest,
+            }),
+            Err(failure) => Err(format!("{failure}\n{}", sim.context())),
+        }
+    });
+    match outcome {
+        Ok(Ok(report)) => report,
+        Ok(Err(failure)) => panic!("{test} seed {seed} failed: {failure}\n{replay}"),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_default();
+            panic!("{test} seed {seed} panicked: {message}\n{replay}")
+        }
+    }
+}
+
+/// The seeds to run: `VENOM_SIM_SEED` alone, else `0..VENOM_SIM_SEEDS` (or `default`).
+fn seeds(default: u64) -> Vec<u64> {
+    if let Some(seed) = std::env::var("VENOM_SIM_SEED")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+    {
+        let seed = seed
+            .trim()
+            .parse()
+            .expect("VENOM_SIM_SEED must be a number");
+        return vec![seed];
+    }
+    let n = std::env::var("VENOM_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(default);
+    (0..n).collect()
+}
+
+fn run_cluster(test: &str, n: u64, default_seeds: u64) {
+    let steps = std::env::var("VENOM_SIM_STEPS")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(STEPS);
+    let started = std::time::Instant::now();
+    let mut total = Stats::default();
+    for seed in seeds(default_seeds) {
+        total.add(&run_seed(test, n, seed, steps).stats);
+    }
+    let s = &total;
+    println!(
+        "{test}: {} seeds, {} steps + {} settling rounds, {} terms with a leader, {} crashes, \
+         {} partitions, {} one-way cuts, {} heals, {} snapshots delivered / {} installed, \
+         messages {} delivered / {} dropped / {} duplicated, {} proposals: {} acknowledged, \
+         {} refused by followers, {} failed, {} lost in crashes, {} rejected; \
+         final applied index {} on average; {:.1} s",
+        s.seeds,
+        s.steps,
+        s.settle_rounds,
+        s.leaders,
+        s.crashes,
+        s.partitions,
+        s.one_way_cuts,
+        s.heals,
+        s.snapshots_delivered,
+        s.snapshots_installed,
+        s.messages_delivered,
+        s.messages_dropped,
+        s.messages_duplicated,
+        s.proposed,
+        s.acknowledged,
+        s.refused_by_followers,
+        s.failed,
+        s.lost_in_crash,
+        s.rejected,
+        s.final_applied / s.seeds.max(1),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Steps of the faulty phase per seed.
+const STEPS: u64 = 3_000;
+
+#[test]
+fn sim_three_nodes() {
+    run_cluster("sim_three_nodes", 3, 30);
+}
+
+#[test]
+fn sim_five_nodes() {
+    run_cluster("sim_five_nodes", 5, 20);
+}
+
+#[test]
+fn sim_same_seed_same_run() {
+    let a = run_seed("sim_same_seed_same_run", 3, 7, STEPS);
+    let b = run_seed("sim_same_seed_same_run", 3, 7, STEPS);
+    if let Some(step) = a.trace.iter().zip(&b.trace).position(|(x, y)| x != y) {
+        panic!("the runs of seed 7 diverged at step {step}");
+    }
+    assert_eq!(a, b, "two runs of seed 7 differ");
+}
