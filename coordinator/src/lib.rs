@@ -152,9 +152,10 @@ pub async fn run(
             .with_context(|| format!("--metrics-listen: cannot listen on {addr}"))?;
         let mut metrics_shutdown = shutdown_rx.clone();
         tracing::info!(%addr, "metrics served at /metrics");
-        tokio::spawn(metrics::serve(
+        let shared = handle.shared.clone();
+        tokio::spawn(venom_telemetry::metrics::serve(
             listener,
-            handle.shared.clone(),
+            std::sync::Arc::new(move || metrics::render_shared(&shared)),
             async move {
                 let _ = metrics_shutdown.wait_for(|s| *s).await;
             },

@@ -8,11 +8,11 @@
 //! attempt outcomes) is recorded as it is applied, on the leader only, so summing over
 //! members never counts anything twice.
 
-use prometheus::core::Collector;
 use prometheus::{
-    Encoder as _, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
+use venom_telemetry::metrics::{encode, register};
 
 use crate::mobius::{self, Mode};
 use crate::replica::RaftStatus;
@@ -47,61 +47,60 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let proposal_seconds = Histogram::with_opts(
-            HistogramOpts::new(
+        let latency = |name: &str, help: &str| {
+            HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())
+        };
+        let proposal_seconds = register(
+            &registry,
+            Histogram::with_opts(latency(
                 "venom_raft_proposal_duration_seconds",
-                "Time from a client or worker proposal to its commit and apply on the leader.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("static histogram options are valid");
-        let dispatch_seconds = Histogram::with_opts(
-            HistogramOpts::new(
+                "Time from a client proposal to its commit and apply on the leader.",
+            ))
+            .expect("static histogram options are valid"),
+        );
+        let dispatch_seconds = register(
+            &registry,
+            Histogram::with_opts(latency(
                 "venom_dispatch_latency_seconds",
                 "Time from a micro-task becoming ready to its process starting \
                  (leader clock to worker clock).",
+            ))
+            .expect("static histogram options are valid"),
+        );
+        let micro_task_seconds = register(
+            &registry,
+            HistogramVec::new(
+                latency(
+                    "venom_micro_task_duration_seconds",
+                    "End to end per finished attempt: ready to finished, by outcome.",
+                ),
+                &["outcome"],
             )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("static histogram options are valid");
-        let micro_task_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "venom_micro_task_duration_seconds",
-                "End to end per finished attempt: ready to finished, by outcome.",
+            .expect("static histogram options are valid"),
+        );
+        let wave_seconds = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "venom_wave_duration_seconds",
+                    "End to end per wave: submitted to finished, by final state.",
+                )
+                .buckets(WAVE_BUCKETS.to_vec()),
+                &["state"],
             )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["outcome"],
-        )
-        .expect("static histogram options are valid");
-        let wave_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "venom_wave_duration_seconds",
-                "End to end per wave: submitted to finished, by final state.",
+            .expect("static histogram options are valid"),
+        );
+        let attempts = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "venom_micro_task_attempts_total",
+                    "Finished micro-task attempts recorded by this leader, by outcome.",
+                ),
+                &["outcome"],
             )
-            .buckets(WAVE_BUCKETS.to_vec()),
-            &["state"],
-        )
-        .expect("static histogram options are valid");
-        let attempts = IntCounterVec::new(
-            Opts::new(
-                "venom_micro_task_attempts_total",
-                "Finished micro-task attempts recorded by this leader, by outcome.",
-            ),
-            &["outcome"],
-        )
-        .expect("static counter options are valid");
-        let collectors: [Box<dyn Collector>; 5] = [
-            Box::new(proposal_seconds.clone()),
-            Box::new(dispatch_seconds.clone()),
-            Box::new(micro_task_seconds.clone()),
-            Box::new(wave_seconds.clone()),
-            Box::new(attempts.clone()),
-        ];
-        for collector in collectors {
-            registry
-                .register(collector)
-                .expect("metric names are unique");
-        }
+            .expect("static counter options are valid"),
+        );
         Self {
             registry,
             proposal_seconds,
@@ -145,37 +144,29 @@ impl Metrics {
     pub fn render(&self, state: &State, status: &RaftStatus) -> String {
         let mut families = self.registry.gather();
         families.extend(state_gauges(state, status).gather());
-        families.sort_by(|a, b| a.get_name().cmp(b.get_name()));
-        let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
-            tracing::warn!(error = %e, "cannot encode metrics");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        encode(families)
     }
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-    let gauge = GaugeVec::new(Opts::new(name, help), labels).expect("valid gauge options");
-    registry
-        .register(Box::new(gauge.clone()))
-        .expect("metric names are unique");
-    gauge
+    register(
+        registry,
+        GaugeVec::new(Opts::new(name, help), labels).expect("valid gauge options"),
+    )
 }
 
 fn int_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let gauge = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge options");
-    registry
-        .register(Box::new(gauge.clone()))
-        .expect("metric names are unique");
-    gauge
+    register(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge options"),
+    )
 }
 
 fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let gauge = IntGauge::new(name, help).expect("valid gauge options");
-    registry
-        .register(Box::new(gauge.clone()))
-        .expect("metric names are unique");
-    gauge
+    register(
+        registry,
+        IntGauge::new(name, help).expect("valid gauge options"),
+    )
 }
 
 fn as_i64(n: u64) -> i64 {
@@ -240,14 +231,15 @@ fn state_gauges(state: &State, status: &RaftStatus) -> Registry {
         "Micro-tasks ready and waiting for a node.",
     )
     .set(as_i64(state.ready.len() as u64));
-    let stale = prometheus::IntCounter::new(
-        "venom_stale_results_total",
-        "Results ignored because they named an attempt that was no longer current.",
+    register(
+        &r,
+        prometheus::IntCounter::new(
+            "venom_stale_results_total",
+            "Results ignored because they named an attempt that was no longer current.",
+        )
+        .expect("valid counter options"),
     )
-    .expect("valid counter options");
-    stale.inc_by(state.stale_results);
-    r.register(Box::new(stale))
-        .expect("metric names are unique");
+    .inc_by(state.stale_results);
 
     let node_theta = gauge_vec(&r, "venom_node_theta", "Node health θ (0..1).", &["node"]);
     let node_health = gauge_vec(
@@ -379,30 +371,4 @@ pub fn render_shared(shared: &crate::replica::Shared) -> String {
         Err(poisoned) => poisoned.into_inner(),
     };
     shared.metrics.render(&state, &status)
-}
-
-/// Serves `GET /metrics` (Prometheus text format 0.0.4) on `listener` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: std::sync::Arc<crate::replica::Shared>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let shared = shared.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    render_shared(&shared),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }

@@ -1,4 +1,4 @@
-//! Logs and OpenTelemetry traces for Venom's three binaries (`venom-coordinator`,
+//! Logs, OpenTelemetry traces and Prometheus plumbing ([`metrics`]) for Venom's three binaries (`venom-coordinator`,
 //! `venom-worker`, `venomctl`), set up in one place.
 //!
 //! [`init`] installs the `tracing` subscriber: log lines on stderr (text or JSON, filtered by
@@ -21,6 +21,8 @@
 //! ([`inject_current`], [`traceparent_from_metadata`]) and, where a message outlives the call
 //! that carried it (a wave, an assignment), as a plain string ([`traceparent`], [`set_parent`],
 //! [`start_span`]).
+
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

@@ -1063,7 +1063,7 @@ pub async fn run(
                 .map_err(|source| AgentError::MetricsListen { addr, source })?;
             tracing::info!(%addr, "metrics served at /metrics");
             let for_scrape = Arc::clone(&shared);
-            Some(tokio::spawn(crate::metrics::serve(
+            Some(tokio::spawn(venom_telemetry::metrics::serve(
                 listener,
                 Arc::new(move || {
                     let state = for_scrape.state();
