@@ -939,3 +939,24 @@ impl Group {
         }
     }
 }
+
+/// A fresh directory for one test, removed afterwards unless `VENOM_KEEP_TEST_DIR` is set
+/// (then its path is printed and it stays, with the processes' data dirs and logs).
+#[derive(Debug)]
+pub struct TestDir {
+    pub path: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+pub fn test_dir(name: &str) -> anyhow::Result<TestDir> {
+    let temp = tempfile::tempdir()?;
+    let path = temp.path().to_path_buf();
+    let temp = if std::env::var_os("VENOM_KEEP_TEST_DIR").is_some() {
+        eprintln!("{name}: keeping {}", path.display());
+        let _ = temp.keep();
+        None
+    } else {
+        Some(temp)
+    };
+    Ok(TestDir { path, _temp: temp })
+}

@@ -117,15 +117,8 @@ async fn run_wave(urls: &BTreeMap<u64, String>, name: &str, work: &std::path::Pa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_added_and_removed_one_at_a_time_and_waves_keep_running() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let _dir = if std::env::var_os("VENOM_KEEP_TEST_DIR").is_some() {
-        eprintln!("keeping {}", root.display());
-        let _ = dir.keep();
-        None
-    } else {
-        Some(dir)
-    };
+    let dir = test_dir("membership").unwrap();
+    let root = dir.path.clone();
     let work = root.join("work");
     std::fs::create_dir_all(&work).unwrap();
 

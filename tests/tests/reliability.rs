@@ -46,7 +46,7 @@ struct Scenario {
     /// Every wave id a submit returned, with its record dir and expected micro-tasks.
     waves: Vec<Submitted>,
     /// Dropped last, after every process is gone.
-    _dir: Option<tempfile::TempDir>,
+    _dir: TestDir,
 }
 
 struct Submitted {
@@ -63,15 +63,8 @@ impl Scenario {
         worker_args: &[&str],
         queue_depth: u32,
     ) -> Scenario {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let dir = if std::env::var_os("VENOM_KEEP_TEST_DIR").is_some() {
-            eprintln!("{name}: keeping {}", root.display());
-            let _ = dir.keep();
-            None
-        } else {
-            Some(dir)
-        };
+        let dir = test_dir(name).unwrap();
+        let root = dir.path.clone();
         let group = Group::start(&root, 3, coordinator_args).unwrap();
         let queue = queue_depth.to_string();
         let mut args = vec!["--throttle", "off", "--queue-depth", &queue];

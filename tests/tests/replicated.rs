@@ -22,15 +22,8 @@ const N_KILLS: usize = 2;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wave_survives_two_leader_kills_and_members_converge() {
     let test_start = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let _dir = if std::env::var_os("VENOM_KEEP_TEST_DIR").is_some() {
-        eprintln!("keeping {}", root.display());
-        let _ = dir.keep();
-        None
-    } else {
-        Some(dir)
-    };
+    let dir = test_dir("replicated").unwrap();
+    let root = dir.path.clone();
     let work = root.join("work");
     std::fs::create_dir_all(&work).unwrap();
 
