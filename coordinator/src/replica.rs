@@ -1242,9 +1242,7 @@ impl<T: Transport> Replica<T> {
                 if round.span.is_some() {
                     assignment.traceparent.clone_from(&round.traceparent);
                     round.n_dispatched += 1;
-                    if !round.nodes.contains(node.as_str()) {
-                        round.nodes.insert(node.clone());
-                    }
+                    round.nodes.insert(node.clone());
                 }
             }
         }
@@ -1304,7 +1302,6 @@ impl<T: Transport> Replica<T> {
     }
 }
 
-/// A stable hash of an entry's payload (for the simulated cluster's checker).
 /// When the scheduling round in `command` was proposed, if it holds one.
 fn schedule_time_ms(command: &Command) -> Option<u64> {
     match command {
@@ -1314,6 +1311,7 @@ fn schedule_time_ms(command: &Command) -> Option<u64> {
     }
 }
 
+/// A stable hash of an entry's payload (for the simulated cluster's checker).
 fn data_hash(data: &[u8]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
