@@ -103,6 +103,7 @@ pub async fn run(
     });
     // Peers come and go with membership changes, so even a group of one has a transport.
     let transport = GrpcTransport::start(config.id, &members);
+    let routes = transport.routes();
     let replica_config = ReplicaConfig {
         id: config.id,
         members,
@@ -188,6 +189,7 @@ pub async fn run(
         .add_service(
             RaftServiceServer::new(server::RaftApi {
                 handle: handle.clone(),
+                routes,
             })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),

@@ -844,6 +844,7 @@ impl<T: Transport> Replica<T> {
                         let mut cc = ConfChange::default();
                         if cc.merge_from_bytes(&entry.data).is_ok() {
                             self.raw.apply_conf_change(&cc)?;
+                            step_down_if_removed(&mut self.raw, self.config.id);
                             let address = match cc.get_change_type() {
                                 ConfChangeType::RemoveNode => None,
                                 _ => Some(String::from_utf8_lossy(&cc.context).into_owned()),
@@ -1308,6 +1309,21 @@ fn schedule_time_ms(command: &Command) -> Option<u64> {
         Command::Schedule { now_ms, .. } => Some(*now_ms),
         Command::Batch(commands) => commands.iter().filter_map(schedule_time_ms).min(),
         _ => None,
+    }
+}
+
+/// A leader that applied its own removal (it won an election while the change, proposed
+/// by an earlier leader, was still uncommitted, then committed it) steps down at once,
+/// before raft sees anything else: raft-rs would keep it leading a configuration
+/// without it, and panic as soon as it looks up its own progress (persisted entries,
+/// an append response). The members elect a leader among themselves; this replica, no
+/// longer promotable, never campaigns again.
+fn step_down_if_removed(raw: &mut RawNode<Store>, id: u64) {
+    let raft = &mut raw.raft;
+    if raft.state == StateRole::Leader && !raft.prs().conf().voters().contains(id) {
+        tracing::warn!("removed from the cluster while leading; stepping down");
+        let term = raft.term;
+        raft.become_follower(term, raft::INVALID_ID);
     }
 }
 

@@ -802,6 +802,8 @@ async fn on_worker_message(
 #[derive(Debug, Clone)]
 pub struct RaftApi {
     pub handle: Handle,
+    /// Where a sender outside the membership is recorded, so the transport can answer it.
+    pub routes: crate::transport::Routes,
 }
 
 #[tonic::async_trait]
@@ -809,12 +811,16 @@ impl RaftService for RaftApi {
     async fn send(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
         let batch = request.into_inner();
         let members = self.handle.status().members;
-        if !members.contains_key(&batch.from) {
+        let stranger = !members.contains_key(&batch.from);
+        let refuse = || {
             tracing::warn!(from = batch.from, "raft batch from unknown node rejected");
-            return Err(Status::permission_denied(format!(
+            Err(Status::permission_denied(format!(
                 "node {} is not a member",
                 batch.from
-            )));
+            )))
+        };
+        if stranger && batch.from_address.is_empty() {
+            return refuse();
         }
         let mut messages = Vec::with_capacity(batch.messages.len());
         for bytes in &batch.messages {
@@ -831,6 +837,24 @@ impl RaftService for RaftApi {
                 ));
             }
             messages.push(m);
+        }
+        if stranger {
+            // A member added after the last change this coordinator applied: only its
+            // leader traffic is taken (this coordinator is behind and must catch up);
+            // anything else from outside the membership — a vote request from a removed
+            // coordinator — is refused.
+            let leader_traffic = messages.iter().all(|m| {
+                matches!(
+                    m.get_msg_type(),
+                    raft::eraftpb::MessageType::MsgAppend
+                        | raft::eraftpb::MessageType::MsgHeartbeat
+                        | raft::eraftpb::MessageType::MsgSnapshot
+                )
+            });
+            if !leader_traffic {
+                return refuse();
+            }
+            self.routes.learn(batch.from, batch.from_address.clone());
         }
         self.handle
             .tx

@@ -6,12 +6,20 @@
 //! The network loses, reorders and duplicates messages; faults split the cluster (at
 //! random, or with the leader in the minority), cut single links one way, and crash
 //! replicas (the value is dropped with no shutdown; its directory stays) to restart them
-//! later from disk. A minority at most is down at a time. After every step a checker
-//! asserts at most one leader per term and that every replica applies the same entry at
-//! each index (across restarts too); at the end the faults heal, the cluster must
-//! converge, every acknowledged wave must be present on every replica and all replicas
-//! must hold the same replicated state — once after the faults and once more after every
-//! replica was crashed and restarted together.
+//! later from disk. A minority of the voters at most is down at a time. In a third of the
+//! seeds the leader is also asked, now and then, to add a coordinator (a new replica
+//! started empty with `join`, which catches up by snapshot) or to remove one (the leader
+//! itself included: it hands leadership over first and the request is retried on the next
+//! leader), keeping three to five voters; a removed replica keeps running for a while.
+//!
+//! After every step a checker asserts at most one leader per term, that a removed replica
+//! never leads again in a later term, and that every replica applies the same entry at
+//! each index (across restarts and removals too). At the end the faults heal, the cluster
+//! (joiners included) must converge, every acknowledged wave must be present on every
+//! member, all members must hold the same replicated state, and their membership must be
+//! the founders changed by the committed changes in order (every acknowledged one among
+//! them) — once after the faults and once more after every replica was crashed and
+//! restarted together.
 //!
 //! `VENOM_SIM_SEEDS=<n>` sets how many seeds each test runs; `VENOM_SIM_SEED=<seed>`
 //! runs exactly that seed (a failure prints the command that replays it);
@@ -31,7 +39,7 @@ use tokio::sync::oneshot;
 use tokio::sync::oneshot::error::TryRecvError;
 
 use crate::mobius::ThrottlePolicy;
-use crate::replica::{Clock, Event, ProposeError, Replica, ReplicaConfig};
+use crate::replica::{Clock, Event, MemberChange, ProposeError, Replica, ReplicaConfig};
 use crate::state::{Command, NodeSpec, Outcome, State, StateSnapshot, WaveId};
 use crate::storage::Store;
 use crate::transport::Transport;
@@ -97,13 +105,28 @@ impl Clock for VirtualClock {
 /// Messages in flight, shared by every replica's transport.
 type Wire = Arc<Mutex<Vec<RaftMessage>>>;
 
+/// Like the gRPC transport, sends only to the replica's current members and to the
+/// senders it learned a route to (a message for anyone else is dropped at the sender).
 struct SimTransport {
     wire: Wire,
+    members: BTreeSet<u64>,
+    /// Senders whose address the replica learned from their batches.
+    learned: Arc<Mutex<BTreeSet<u64>>>,
 }
 
 impl Transport for SimTransport {
     fn send(&mut self, messages: Vec<RaftMessage>) {
-        self.wire.lock().unwrap().extend(messages);
+        let members = &self.members;
+        let learned = self.learned.lock().unwrap();
+        self.wire.lock().unwrap().extend(
+            messages
+                .into_iter()
+                .filter(|m| members.contains(&m.to) || learned.contains(&m.to)),
+        );
+    }
+
+    fn set_members(&mut self, members: &BTreeMap<u64, String>) {
+        self.members = members.keys().copied().collect();
     }
 }
 
@@ -118,6 +141,8 @@ struct Params {
     fault_pm: u64,
     propose_pm: u64,
     tick_pm: u64,
+    /// Chance per step of asking the leader for a membership change (0 in most seeds).
+    member_change_pm: u64,
 }
 
 /// What a run did, summed over seeds for the printed summary.
@@ -144,6 +169,18 @@ struct Stats {
     lost_in_crash: u64,
     rejected: u64,
     final_applied: u64,
+    member_changes_proposed: u64,
+    member_changes_acknowledged: u64,
+    /// Refused at once by a leader (leadership handed over, another change pending).
+    member_changes_refused: u64,
+    /// Asked of a replica that does not lead, which refused at once.
+    member_changes_refused_by_followers: u64,
+    /// Failed after raft took them (leadership lost, crash): decided later from the log.
+    member_changes_unanswered: u64,
+    /// Unanswered changes that turned out committed.
+    member_changes_committed_unanswered: u64,
+    joiners_caught_up: u64,
+    removed_dropped: u64,
 }
 
 impl Stats {
@@ -168,6 +205,14 @@ impl Stats {
         self.lost_in_crash += o.lost_in_crash;
         self.rejected += o.rejected;
         self.final_applied += o.final_applied;
+        self.member_changes_proposed += o.member_changes_proposed;
+        self.member_changes_acknowledged += o.member_changes_acknowledged;
+        self.member_changes_refused += o.member_changes_refused;
+        self.member_changes_refused_by_followers += o.member_changes_refused_by_followers;
+        self.member_changes_unanswered += o.member_changes_unanswered;
+        self.member_changes_committed_unanswered += o.member_changes_committed_unanswered;
+        self.joiners_caught_up += o.joiners_caught_up;
+        self.removed_dropped += o.removed_dropped;
     }
 }
 
@@ -192,6 +237,58 @@ struct SimNode {
     applied: u64,
     /// This life's election timeout, in ticks.
     election_ticks: usize,
+    /// For a replica added by a membership change: the addresses it starts with (the
+    /// members when it was added, itself included). `None` for a founder.
+    join: Option<BTreeMap<u64, String>>,
+    /// A joiner has installed its first snapshot.
+    caught_up: bool,
+    /// Stopped for good: removed from the cluster, or added by a change that never
+    /// committed.
+    gone: bool,
+    /// This life's transport's learned senders.
+    learned: Arc<Mutex<BTreeSet<u64>>>,
+}
+
+impl SimNode {
+    fn new(id: u64, dir: PathBuf, join: Option<BTreeMap<u64, String>>) -> Self {
+        Self {
+            id,
+            dir,
+            replica: None,
+            needs_turn: false,
+            life: 0,
+            applied: 0,
+            election_ticks: 0,
+            join,
+            caught_up: false,
+            gone: false,
+            learned: Arc::default(),
+        }
+    }
+}
+
+/// A membership change raft took, until the cluster's log decides it.
+struct ChangeInFlight {
+    change: MemberChange,
+    /// The replica it was proposed on, and that replica's life then.
+    node: u64,
+    life: u64,
+    /// The proposer's term: the change's entry, if it commits, is of this term.
+    term: u64,
+    /// The answer, until it comes. `None` once the proposer failed it (it lost leadership
+    /// or crashed): whether the change committed is then read from the applied state of a
+    /// leader of a later term once that leader committed an entry of its own term — by
+    /// then the change's entry is in its log (and applied) or can never commit.
+    rx: Option<oneshot::Receiver<Result<Outcome, ProposeError>>>,
+}
+
+/// A replica whose removal committed.
+struct Removed {
+    /// It may be leader in no term above this: the removal's term, or a later one it was
+    /// already seen leading before the removal was known to be committed.
+    last_term: u64,
+    /// The faulty-phase step after which it is stopped for good.
+    drop_at_step: u64,
 }
 
 /// The result of one run: what it did, a digest of every step and of the final state.
@@ -209,9 +306,15 @@ struct Sim {
     params: Params,
     now_us: Arc<AtomicU64>,
     wire: Wire,
+    /// The founding members (replicas `1..=n`).
+    founders: BTreeMap<u64, String>,
+    /// The current voters: the founders changed by every committed membership change in
+    /// order (exact while no change is in flight).
     members: BTreeMap<u64, String>,
+    /// Every replica ever started, at index `id - 1` (joiners get the next ids).
     nodes: Vec<SimNode>,
-    /// Partition side of each replica (index `id - 1`); links between sides are down.
+    /// Partition side of each replica (index `id - 1`, missing: `false`); links between
+    /// sides are down.
     side: Vec<bool>,
     /// One-way cuts: messages `from → to` are lost.
     cuts: BTreeSet<(u64, u64)>,
@@ -222,6 +325,16 @@ struct Sim {
     pending: Vec<Pending>,
     /// Acknowledged submissions: wave name → wave id.
     acked: BTreeMap<String, WaveId>,
+    /// The membership change raft took and the cluster has not decided yet (one at a time).
+    change: Option<ChangeInFlight>,
+    /// A removal the leader answered by handing leadership over: asked again next time.
+    retry: Option<MemberChange>,
+    /// The committed membership changes, in order.
+    committed_changes: Vec<MemberChange>,
+    /// Removed replicas, by id.
+    removed: BTreeMap<u64, Removed>,
+    /// Crashes, restarts and membership events with their step, for a failure report.
+    events: Vec<String>,
     next_wave: u64,
     stats: Stats,
     trace: Vec<u64>,
@@ -272,6 +385,11 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()>
     Ok(())
 }
 
+/// A replica's client address (the simulated transport routes by id).
+fn address(id: u64) -> String {
+    format!("sim://{id}")
+}
+
 fn role_name(role: StateRole) -> &'static str {
     match role {
         StateRole::Leader => "leader",
@@ -310,20 +428,12 @@ impl Sim {
             fault_pm: 5 + rng.below(25),
             propose_pm: 100 + rng.below(300),
             tick_pm: 100,
+            member_change_pm: if rng.chance(333) { 4 + rng.below(8) } else { 0 },
         };
         let dir = sim_dir();
-        let members: BTreeMap<u64, String> =
-            (1..=n).map(|id| (id, format!("sim://{id}"))).collect();
+        let members: BTreeMap<u64, String> = (1..=n).map(|id| (id, address(id))).collect();
         let nodes = (1..=n)
-            .map(|id| SimNode {
-                id,
-                dir: dir.path().join(id.to_string()),
-                replica: None,
-                needs_turn: false,
-                life: 0,
-                applied: 0,
-                election_ticks: 0,
-            })
+            .map(|id| SimNode::new(id, dir.path().join(id.to_string()), None))
             .collect();
         Self {
             seed,
@@ -332,6 +442,7 @@ impl Sim {
             params,
             now_us: Arc::new(AtomicU64::new(EPOCH_US)),
             wire: Arc::new(Mutex::new(Vec::new())),
+            founders: members.clone(),
             members,
             nodes,
             side: vec![false; n as usize],
@@ -340,6 +451,11 @@ impl Sim {
             leaders: BTreeMap::new(),
             pending: Vec::new(),
             acked: BTreeMap::new(),
+            change: None,
+            retry: None,
+            committed_changes: Vec::new(),
+            removed: BTreeMap::new(),
+            events: Vec::new(),
             next_wave: 0,
             stats: Stats {
                 seeds: 1,
@@ -361,16 +477,57 @@ impl Sim {
         self.settle("after the faults")?;
         self.check_states()?;
         // Every replica loses power at once, then all come back from disk.
-        for id in 1..=self.n {
+        for id in self.present() {
             self.crash(id, true)?;
         }
-        for id in 1..=self.n {
+        for id in self.present() {
             self.start(id)?;
         }
         self.settle("after every replica restarted at once")?;
         let digest = self.check_states()?;
-        self.stats.final_applied = self.nodes[0].applied;
+        self.stats.final_applied = self
+            .members
+            .keys()
+            .map(|&id| self.node(id).applied)
+            .max()
+            .unwrap_or(0);
         Ok(digest)
+    }
+
+    /// Notes an event for the failure report.
+    fn event(&mut self, what: String) {
+        let phase = if self.stats.settle_rounds > 0 {
+            format!("settling round {}", self.stats.settle_rounds)
+        } else {
+            format!("step {}", self.stats.steps)
+        };
+        self.events.push(format!("{phase}: {what}"));
+    }
+
+    fn node(&self, id: u64) -> &SimNode {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut SimNode {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// Every replica not stopped for good, running or down.
+    fn present(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|n| !n.gone)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// The present replicas that are down.
+    fn down(&self) -> BTreeSet<u64> {
+        self.nodes
+            .iter()
+            .filter(|n| !n.gone && n.replica.is_none())
+            .map(|n| n.id)
+            .collect()
     }
 
     fn now_ms(&self) -> u64 {
@@ -386,10 +543,7 @@ impl Sim {
     }
 
     fn role(&self, id: u64) -> Option<StateRole> {
-        self.nodes[(id - 1) as usize]
-            .replica
-            .as_ref()
-            .map(|r| r.raft().raft.state)
+        self.node(id).replica.as_ref().map(|r| r.raft().raft.state)
     }
 
     /// The live replicas that think they lead.
@@ -400,7 +554,8 @@ impl Sim {
             .collect()
     }
 
-    /// Opens replica `id` on its directory (a new one bootstraps the cluster's members).
+    /// Opens replica `id` on its directory (a new founder bootstraps the founding
+    /// members; a new joiner starts empty and waits for the leader's snapshot).
     fn start(&mut self, id: u64) -> Result<(), String> {
         let idx = (id - 1) as usize;
         let store = Store::open(&self.nodes[idx].dir)
@@ -416,10 +571,11 @@ impl Sim {
             .collect();
         let free: Vec<usize> = (10..20).filter(|t| !taken.contains(t)).collect();
         let ticks = self.rng.pick(&free).unwrap_or(10);
+        let join = self.nodes[idx].join.clone();
         let config = ReplicaConfig {
             id,
-            members: self.members.clone(),
-            join: false,
+            join: join.is_some(),
+            members: join.unwrap_or_else(|| self.founders.clone()),
             election_ticks: (ticks, ticks + 1),
             tick: Duration::from_millis(100),
             heartbeat_ttl_ms: 3_000,
@@ -427,8 +583,12 @@ impl Sim {
             compact_after_entries: self.params.compact_after,
         };
         let clock: Arc<dyn Clock> = Arc::new(VirtualClock(self.now_us.clone()));
+        let learned: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+        self.nodes[idx].learned = learned.clone();
         let transport = SimTransport {
             wire: self.wire.clone(),
+            members: BTreeSet::new(),
+            learned,
         };
         let mut replica = Replica::new(
             config,
@@ -459,6 +619,9 @@ impl Sim {
     /// killed.
     fn crash(&mut self, id: u64, hard: bool) -> Result<(), String> {
         self.check_replica(id)?;
+        if self.node(id).gone {
+            return Ok(());
+        }
         let node = &mut self.nodes[(id - 1) as usize];
         if hard && node.replica.is_some() {
             let copy = self.root.path().join(format!("{id}.{}", node.life));
@@ -489,12 +652,34 @@ impl Sim {
         side(from) != side(to) || self.cuts.contains(&(from, to))
     }
 
-    /// Hands one message to its destination, unless the network loses it.
+    /// Hands one message to its destination, unless the network loses it or (like the
+    /// gRPC raft service) the destination refuses it: a sender not among the members it
+    /// publishes gets only its leader traffic through (appends, heartbeats, snapshots),
+    /// and the destination learns the route back to it.
     fn deliver(&mut self, msg: RaftMessage, lossy: bool) {
         let to = msg.to;
         let from = msg.from;
-        let live = (1..=self.n).contains(&to) && self.nodes[(to - 1) as usize].replica.is_some();
-        if !live || (lossy && (self.blocked(from, to) || self.rng.chance(self.params.drop_pm))) {
+        let accepted = to >= 1
+            && to <= self.nodes.len() as u64
+            && self.nodes[(to - 1) as usize]
+                .replica
+                .as_ref()
+                .is_some_and(|r| {
+                    r.shared()
+                        .status
+                        .read()
+                        .unwrap()
+                        .members
+                        .contains_key(&from)
+                        || matches!(
+                            msg.get_msg_type(),
+                            MessageType::MsgAppend
+                                | MessageType::MsgHeartbeat
+                                | MessageType::MsgSnapshot
+                        )
+                });
+        if !accepted || (lossy && (self.blocked(from, to) || self.rng.chance(self.params.drop_pm)))
+        {
             self.stats.messages_dropped += 1;
             return;
         }
@@ -506,6 +691,7 @@ impl Sim {
             self.stats.snapshots_delivered += 1;
         }
         let node = &mut self.nodes[(to - 1) as usize];
+        node.learned.lock().unwrap().insert(from);
         if let Some(replica) = node.replica.as_mut() {
             replica.handle(Event::Raft(vec![msg]));
             node.needs_turn = true;
@@ -530,6 +716,7 @@ impl Sim {
         if self.rng.chance(self.params.fault_pm) {
             action = self.fault()?;
         }
+        self.drop_removed()?;
         let queued = self.wire.lock().unwrap().len() as u64;
         let count = self.rng.below(2 * self.n + 1) + queued / 50;
         for _ in 0..count {
@@ -539,26 +726,57 @@ impl Sim {
         for id in self.live() {
             if self.rng.chance(self.params.tick_pm) {
                 self.turn(id, true)?;
-            } else if self.nodes[(id - 1) as usize].needs_turn && self.rng.chance(800) {
+            } else if self.node(id).needs_turn && self.rng.chance(800) {
                 self.turn(id, false)?;
             }
         }
         if self.rng.chance(self.params.propose_pm) {
             self.propose()?;
         }
+        if self.params.member_change_pm > 0 && self.rng.chance(self.params.member_change_pm) {
+            action += 8 * self.change_membership()?;
+        }
         self.observe()?;
         self.record(action);
         Ok(())
     }
 
+    /// The voter sets the cluster may have: the members, and the members after the change
+    /// in flight, if any.
+    fn configs(&self) -> Vec<BTreeSet<u64>> {
+        let members: BTreeSet<u64> = self.members.keys().copied().collect();
+        let mut configs = vec![members.clone()];
+        if let Some(c) = &self.change {
+            configs.push(voters_after(&members, &c.change));
+        }
+        configs
+    }
+
+    /// Whether a majority of each of `configs` is up while `down` are down.
+    fn majority_up(down: &BTreeSet<u64>, configs: &[BTreeSet<u64>]) -> bool {
+        configs
+            .iter()
+            .all(|voters| voters.intersection(down).count() <= voters.len().saturating_sub(1) / 2)
+    }
+
+    /// Whether replica `id` may crash now: a majority of every voter set the cluster may
+    /// have stays up.
+    fn may_crash(&self, id: u64) -> bool {
+        let mut down = self.down();
+        down.insert(id);
+        Self::majority_up(&down, &self.configs())
+    }
+
     /// One fault (or repair); returns a code for the step trace.
     fn fault(&mut self) -> Result<u64, String> {
-        let n = self.n;
-        let max_down = (n - 1) / 2;
+        let present = self.present();
         let roll = self.rng.below(100);
         if roll < 15 {
-            self.side = (0..n).map(|_| self.rng.chance(500)).collect();
+            self.side = (0..self.nodes.len())
+                .map(|_| self.rng.chance(500))
+                .collect();
             self.stats.partitions += 1;
+            self.event(format!("partition {}", self.sides()));
             return Ok(1);
         }
         if roll < 30 {
@@ -566,57 +784,345 @@ impl Sim {
             let Some(leader) = self.rng.pick(&self.leaders_now()) else {
                 return Ok(0);
             };
+            let max_down = (self.members.len() as u64).saturating_sub(1) / 2;
             let size = 1 + self.rng.below(max_down);
             let mut minority = BTreeSet::from([leader]);
             while (minority.len() as u64) < size {
-                minority.insert(1 + self.rng.below(n));
+                minority.insert(self.rng.pick(&present).unwrap_or(leader));
             }
-            self.side = (1..=n).map(|id| minority.contains(&id)).collect();
+            self.side = self
+                .nodes
+                .iter()
+                .map(|n| minority.contains(&n.id))
+                .collect();
             self.stats.partitions += 1;
+            self.event(format!("leader {leader} in a minority: {}", self.sides()));
             return Ok(2);
         }
         if roll < 45 {
             // One direction of one link, often one of the leader's.
             let a = match self.rng.pick(&self.leaders_now()) {
                 Some(leader) if self.rng.chance(600) => leader,
-                _ => 1 + self.rng.below(n),
+                _ => self.rng.pick(&present).unwrap_or(1),
             };
-            let mut b = 1 + self.rng.below(n - 1);
-            if b >= a {
-                b += 1;
-            }
+            let others: Vec<u64> = present.iter().copied().filter(|&b| b != a).collect();
+            let Some(b) = self.rng.pick(&others) else {
+                return Ok(0);
+            };
             let (from, to) = if self.rng.chance(500) { (a, b) } else { (b, a) };
             self.cuts.insert((from, to));
             self.stats.one_way_cuts += 1;
+            self.event(format!("link {from} → {to} cut"));
             return Ok(3);
         }
         if roll < 65 {
-            self.side = vec![false; n as usize];
+            self.side = vec![false; self.nodes.len()];
             self.cuts.clear();
             self.stats.heals += 1;
+            self.event("network healed".into());
             return Ok(4);
         }
-        let live = self.live();
-        let down: Vec<u64> = (1..=n).filter(|id| !live.contains(id)).collect();
         if roll < 83 {
-            if (down.len() as u64) < max_down {
-                // Prefer the leader now and then.
-                let victim = match self.rng.pick(&self.leaders_now()) {
-                    Some(leader) if self.rng.chance(400) => leader,
-                    _ => self.rng.pick(&live).unwrap_or(1),
-                };
-                let hard = self.rng.chance(500);
-                self.crash(victim, hard)?;
-                self.stats.crashes += 1;
-                return Ok(5);
-            }
-            return Ok(0);
+            let allowed: Vec<u64> = self
+                .live()
+                .into_iter()
+                .filter(|&id| self.may_crash(id))
+                .collect();
+            // Prefer the leader now and then.
+            let victim = match self.rng.pick(&self.leaders_now()) {
+                Some(leader) if allowed.contains(&leader) && self.rng.chance(400) => leader,
+                _ => match self.rng.pick(&allowed) {
+                    Some(id) => id,
+                    None => return Ok(0),
+                },
+            };
+            let hard = self.rng.chance(500);
+            self.crash(victim, hard)?;
+            self.stats.crashes += 1;
+            let how = if hard { "hard crash" } else { "crash" };
+            self.event(format!("{how} of replica {victim}"));
+            return Ok(5);
         }
+        let down: Vec<u64> = self.down().into_iter().collect();
         if let Some(id) = self.rng.pick(&down) {
             self.start(id)?;
+            self.event(format!("replica {id} restarted"));
             return Ok(6);
         }
         Ok(0)
+    }
+
+    /// The two sides of the current partition, present replicas only.
+    fn sides(&self) -> String {
+        let (a, b): (Vec<u64>, Vec<u64>) = self
+            .present()
+            .into_iter()
+            .partition(|id| self.side.get((id - 1) as usize).copied().unwrap_or(false));
+        format!("{a:?} | {b:?}")
+    }
+
+    /// Stops for good the removed replicas whose time is up.
+    fn drop_removed(&mut self) -> Result<(), String> {
+        let steps = self.stats.steps;
+        let due: Vec<u64> = self
+            .removed
+            .iter()
+            .filter(|(&id, r)| r.drop_at_step <= steps && !self.node(id).gone)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            self.crash(id, false)?;
+            self.node_mut(id).gone = true;
+            self.stats.removed_dropped += 1;
+            self.event(format!("removed replica {id} stopped for good"));
+        }
+        Ok(())
+    }
+
+    /// Whether `change` keeps three to five voters and a majority of them up.
+    fn change_allowed(&self, change: &MemberChange) -> bool {
+        match change {
+            MemberChange::Add { .. } => self.members.len() < 5,
+            MemberChange::Remove { id } => {
+                let members: BTreeSet<u64> = self.members.keys().copied().collect();
+                members.len() > 3
+                    && members.contains(id)
+                    && Self::majority_up(&self.down(), &[voters_after(&members, change)])
+            }
+        }
+    }
+
+    /// The next change to ask `leader` for: a removal it handed leadership over for, else
+    /// a new replica or the removal of a member (now and then the leader itself).
+    fn next_change(&mut self, leader: u64) -> Option<MemberChange> {
+        if let Some(change) = self.retry.take() {
+            if self.change_allowed(&change) {
+                return Some(change);
+            }
+        }
+        let removable: Vec<u64> = self
+            .members
+            .keys()
+            .copied()
+            .filter(|&id| self.change_allowed(&MemberChange::Remove { id }))
+            .collect();
+        if self.members.len() < 5 && (removable.is_empty() || self.rng.chance(500)) {
+            let id = self.nodes.len() as u64 + 1;
+            return Some(MemberChange::Add {
+                id,
+                address: address(id),
+            });
+        }
+        let id = if removable.contains(&leader) && self.rng.chance(300) {
+            leader
+        } else {
+            self.rng.pick(&removable)?
+        };
+        Some(MemberChange::Remove { id })
+    }
+
+    /// Asks the replica that thinks it leads for one membership change (now and then a
+    /// follower instead, which must refuse it at once); a new replica is started empty
+    /// once raft took its addition. Returns a code for the step trace.
+    fn change_membership(&mut self) -> Result<u64, String> {
+        if self.change.is_some() {
+            return Ok(0);
+        }
+        let leaders = self.leaders_now();
+        let to_follower = leaders.is_empty() || self.rng.chance(100);
+        let (id, change) = if to_follower {
+            let followers: Vec<u64> = self
+                .live()
+                .into_iter()
+                .filter(|id| !leaders.contains(id))
+                .collect();
+            let members: Vec<u64> = self.members.keys().copied().collect();
+            match (self.rng.pick(&followers), self.rng.pick(&members)) {
+                (Some(id), Some(member)) => (id, MemberChange::Remove { id: member }),
+                _ => return Ok(0),
+            }
+        } else {
+            let Some(leader) = self.rng.pick(&leaders) else {
+                return Ok(0);
+            };
+            match self.next_change(leader) {
+                Some(change) => (leader, change),
+                None => return Ok(0),
+            }
+        };
+        let (reply, mut rx) = oneshot::channel();
+        let node = self.node_mut(id);
+        let life = node.life;
+        let Some(replica) = node.replica.as_mut() else {
+            return Ok(0);
+        };
+        let term = replica.raft().raft.term;
+        let role = role_name(replica.raft().raft.state);
+        replica.handle(Event::ChangeMembership {
+            change: change.clone(),
+            reply,
+        });
+        node.needs_turn = true;
+        self.stats.member_changes_proposed += 1;
+        let answer = rx.try_recv();
+        if !to_follower {
+            self.event(format!(
+                "{change:?} asked of replica {id} ({role}, term {term}): {}",
+                match &answer {
+                    Err(TryRecvError::Empty) => "taken".to_string(),
+                    other => format!("{other:?}"),
+                }
+            ));
+        }
+        match answer {
+            Err(TryRecvError::Empty) if !to_follower => {}
+            Ok(Err(ProposeError::NotLeader { .. })) if to_follower => {
+                self.stats.member_changes_refused_by_followers += 1;
+                return Ok(1);
+            }
+            Ok(Err(ProposeError::NotLeader { .. })) => {
+                // Leadership handed over (asked to remove itself) or moving: a client asks
+                // again later, at whichever replica leads then.
+                self.stats.member_changes_refused += 1;
+                if change == (MemberChange::Remove { id }) {
+                    self.retry = Some(change);
+                }
+                return Ok(1);
+            }
+            Ok(Err(ProposeError::Invalid(_))) if !to_follower => {
+                // Another change is still being committed (a new leader's log may hold one).
+                self.stats.member_changes_refused += 1;
+                return Ok(1);
+            }
+            other => {
+                return Err(format!(
+                    "replica {id} ({role}) answered membership change {change:?} with \
+                     {other:?}: a leader answers only once the change is applied, anyone \
+                     else refuses it at once as not leader"
+                ))
+            }
+        }
+        if let MemberChange::Add { id: joiner, .. } = &change {
+            let mut join = self.members.clone();
+            join.insert(*joiner, address(*joiner));
+            let dir = self.root.path().join(joiner.to_string());
+            self.nodes.push(SimNode::new(*joiner, dir, Some(join)));
+            self.start(*joiner)?;
+        }
+        self.change = Some(ChangeInFlight {
+            change,
+            node: id,
+            life,
+            term,
+            rx: Some(rx),
+        });
+        Ok(2)
+    }
+
+    /// Follows the membership change in flight: its answer, or, once the proposer failed
+    /// it, the applied state of a leader of a later term.
+    fn follow_change(&mut self) -> Result<(), String> {
+        let Some(mut c) = self.change.take() else {
+            return Ok(());
+        };
+        if let Some(rx) = c.rx.as_mut() {
+            match rx.try_recv() {
+                Err(TryRecvError::Empty) => {
+                    self.change = Some(c);
+                    return Ok(());
+                }
+                Ok(Ok(Outcome::Done)) => {
+                    self.stats.member_changes_acknowledged += 1;
+                    self.event(format!("{:?} acknowledged by replica {}", c.change, c.node));
+                    self.commit_change(c);
+                    return Ok(());
+                }
+                Ok(Ok(other)) => {
+                    return Err(format!(
+                        "replica {} answered membership change {:?} with {other:?}",
+                        c.node, c.change
+                    ))
+                }
+                Ok(Err(_)) => {}
+                Err(TryRecvError::Closed) => {
+                    let node = self.node(c.node);
+                    if node.replica.is_some() && node.life == c.life {
+                        return Err(format!(
+                            "replica {} dropped membership change {:?} without answering it",
+                            c.node, c.change
+                        ));
+                    }
+                }
+            }
+            c.rx = None;
+            self.stats.member_changes_unanswered += 1;
+            self.event(format!(
+                "{:?} failed on replica {}: undecided",
+                c.change, c.node
+            ));
+        }
+        let decided = self.live().into_iter().find_map(|id| {
+            let node = self.node(id);
+            let replica = node.replica.as_ref()?;
+            let raft = &replica.raft().raft;
+            if raft.state != StateRole::Leader
+                || raft.term <= c.term
+                || !raft.commit_to_current_term()
+                || node.applied < raft.raft_log.committed
+            {
+                return None;
+            }
+            let state = replica.shared().state.read().unwrap();
+            Some(match &c.change {
+                MemberChange::Add { id, .. } => state.members.contains_key(id),
+                MemberChange::Remove { id } => !state.members.contains_key(id),
+            })
+        });
+        match decided {
+            None => self.change = Some(c),
+            Some(true) => {
+                self.stats.member_changes_committed_unanswered += 1;
+                self.event(format!("{:?} found committed", c.change));
+                self.commit_change(c);
+            }
+            Some(false) => {
+                self.event(format!("{:?} found never committed", c.change));
+                if let MemberChange::Add { id, .. } = c.change {
+                    // Never a member: its replica has nothing to do.
+                    self.crash(id, false)?;
+                    self.node_mut(id).gone = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a committed membership change.
+    fn commit_change(&mut self, c: ChangeInFlight) {
+        match &c.change {
+            MemberChange::Add { id, address } => {
+                self.members.insert(*id, address.clone());
+            }
+            MemberChange::Remove { id } => {
+                self.members.remove(id);
+                let led = self
+                    .leaders
+                    .iter()
+                    .filter(|(_, &leader)| leader == *id)
+                    .map(|(&term, _)| term)
+                    .max()
+                    .unwrap_or(0);
+                let drop_at_step = self.stats.steps + 200 + self.rng.below(3_000);
+                self.removed.insert(
+                    *id,
+                    Removed {
+                        last_term: led.max(c.term),
+                        drop_at_step,
+                    },
+                );
+            }
+        }
+        self.committed_changes.push(c.change);
     }
 
     /// A command for replica `id`: mostly a new wave, sometimes a cancellation or a node.
@@ -723,7 +1229,8 @@ impl Sim {
         Ok(())
     }
 
-    /// The per-step checks: leaders per term, applied entries, answers to proposals.
+    /// The per-step checks: leaders per term (a removed replica never leads in a later
+    /// term), applied entries, answers to proposals and to the membership change.
     fn observe(&mut self) -> Result<(), String> {
         for id in self.live() {
             let raft = &self.nodes[(id - 1) as usize]
@@ -747,10 +1254,20 @@ impl Sim {
                     }
                     Some(_) => {}
                 }
+                if let Some(removed) = self.removed.get(&id) {
+                    if term > removed.last_term {
+                        return Err(format!(
+                            "replica {id} was removed from the cluster (its removal is of \
+                             term {} or it led until then) yet became leader in term {term}",
+                            removed.last_term
+                        ));
+                    }
+                }
             }
             self.check_replica(id)?;
         }
-        self.poll_proposals()
+        self.poll_proposals()?;
+        self.follow_change()
     }
 
     /// Checks the entries replica `id` applied since the last check against what every
@@ -799,6 +1316,10 @@ impl Sim {
         if applied > last {
             // Applied moved with no entries: a snapshot was installed.
             self.stats.snapshots_installed += 1;
+        }
+        if node.join.is_some() && !node.caught_up && applied > 0 {
+            node.caught_up = true;
+            self.stats.joiners_caught_up += 1;
         }
         node.applied = applied;
         Ok(())
@@ -869,44 +1390,81 @@ impl Sim {
         self.trace.push(h);
     }
 
-    /// Whether one leader has committed its whole log and every replica applied it, with
-    /// no proposal left unanswered.
+    /// Whether one leader, a member, has committed its whole log and every member applied
+    /// it, with no proposal left unanswered and no membership change undecided.
     fn converged(&self) -> bool {
-        let live = self.live();
-        if live.len() as u64 != self.n || !self.pending.is_empty() {
+        if !self.pending.is_empty()
+            || self.change.is_some()
+            || self
+                .members
+                .keys()
+                .any(|&id| self.node(id).replica.is_none())
+        {
             return false;
         }
         let leaders = self.leaders_now();
         let [leader] = leaders.as_slice() else {
             return false;
         };
-        let raft = &self.nodes[(leader - 1) as usize]
-            .replica
-            .as_ref()
-            .unwrap()
-            .raft()
-            .raft;
+        if !self.members.contains_key(leader) {
+            return false;
+        }
+        let raft = &self.node(*leader).replica.as_ref().unwrap().raft().raft;
         let commit = raft.raft_log.committed;
-        commit == raft.raft_log.last_index() && self.nodes.iter().all(|n| n.applied == commit)
+        commit == raft.raft_log.last_index()
+            && self
+                .members
+                .keys()
+                .all(|&id| self.node(id).applied == commit)
     }
 
     fn describe(&self) -> String {
         let mut out = String::new();
         for node in &self.nodes {
+            let what = if node.gone {
+                " (stopped for good)"
+            } else if self.removed.contains_key(&node.id) {
+                " (removed)"
+            } else if node.join.is_some() {
+                " (joiner)"
+            } else {
+                ""
+            };
             match node.replica.as_ref() {
-                None => out.push_str(&format!("\n  replica {}: down", node.id)),
+                None => out.push_str(&format!("\n  replica {}{what}: down", node.id)),
                 Some(r) => {
                     let raft = &r.raft().raft;
                     out.push_str(&format!(
-                        "\n  replica {}: {} term {} leader {} commit {} last {} applied {}",
+                        "\n  replica {}{what}: {} term {} leader {} commit {} last {} applied {} \
+                         members {:?}",
                         node.id,
                         role_name(raft.state),
                         raft.term,
                         raft.leader_id,
                         raft.raft_log.committed,
                         raft.raft_log.last_index(),
-                        node.applied
+                        node.applied,
+                        // A replica that panicked may have poisoned the lock.
+                        match r.shared().status.read() {
+                            Ok(status) => status.members.keys().copied().collect::<Vec<_>>(),
+                            Err(poisoned) =>
+                                poisoned.into_inner().members.keys().copied().collect(),
+                        }
                     ));
+                    if raft.state == StateRole::Leader {
+                        for (id, pr) in raft.prs().iter().collect::<BTreeMap<_, _>>() {
+                            out.push_str(&format!(
+                                "\n    progress of {id}: {:?} matched {} next {} pending \
+                                 snapshot {} paused {} recently active {}",
+                                pr.state,
+                                pr.matched,
+                                pr.next_idx,
+                                pr.pending_snapshot,
+                                pr.is_paused(),
+                                pr.recent_active
+                            ));
+                        }
+                    }
                 }
             }
         }
@@ -915,18 +1473,35 @@ impl Sim {
             self.pending.len(),
             self.wire.lock().unwrap().len()
         ));
+        out.push_str(&format!(
+            "\n  members {:?}; committed changes {:?}",
+            self.members.keys().collect::<Vec<_>>(),
+            self.committed_changes
+        ));
+        if let Some(c) = &self.change {
+            out.push_str(&format!(
+                "\n  change {:?} proposed on replica {} in term {}, {}",
+                c.change,
+                c.node,
+                c.term,
+                if c.rx.is_some() {
+                    "unanswered"
+                } else {
+                    "failed, not decided yet"
+                }
+            ));
+        }
         out
     }
 
     /// Heals the network, restarts every replica that is down and runs lossless rounds
     /// (every message delivered, every replica ticked) until the cluster converges.
     fn settle(&mut self, when: &str) -> Result<(), String> {
-        self.side = vec![false; self.n as usize];
+        self.event(format!("settling {when}"));
+        self.side = vec![false; self.nodes.len()];
         self.cuts.clear();
-        for id in 1..=self.n {
-            if self.nodes[(id - 1) as usize].replica.is_none() {
-                self.start(id)?;
-            }
+        for id in self.down() {
+            self.start(id)?;
         }
         for _ in 0..SETTLE_MAX_ROUNDS {
             self.stats.settle_rounds += 1;
@@ -940,7 +1515,7 @@ impl Sim {
             for msg in batch {
                 self.deliver(msg, false);
             }
-            for id in 1..=self.n {
+            for id in self.present() {
                 // Clocks drift a little: now and then a replica misses a tick.
                 let tick = self.rng.chance(900);
                 self.turn(id, tick)?;
@@ -957,16 +1532,49 @@ impl Sim {
         ))
     }
 
-    /// Every replica holds the same replicated state, which contains every acknowledged
-    /// wave; returns its digest.
+    /// Every member holds the same replicated state, which contains every acknowledged
+    /// wave, and whose members (raft's voters too) are the founders changed by the
+    /// committed membership changes in order; returns its digest.
     fn check_states(&self) -> Result<u64, String> {
+        let mut expected = self.founders.clone();
+        for change in &self.committed_changes {
+            match change {
+                MemberChange::Add { id, address } => expected.insert(*id, address.clone()),
+                MemberChange::Remove { id } => expected.remove(id),
+            };
+        }
+        let voters: BTreeSet<u64> = expected.keys().copied().collect();
         let mut first: Option<(u64, StateSnapshot, u64)> = None;
-        for node in &self.nodes {
+        for &id in expected.keys() {
+            let node = self.node(id);
             let replica = node
                 .replica
                 .as_ref()
                 .ok_or_else(|| format!("replica {} is down at the end", node.id))?;
+            let raft_voters: BTreeSet<u64> = replica
+                .raft()
+                .raft
+                .prs()
+                .conf()
+                .voters()
+                .ids()
+                .iter()
+                .collect();
+            if raft_voters != voters {
+                return Err(format!(
+                    "replica {id}: raft's voters are {raft_voters:?}, but the committed \
+                     membership changes {:?} give {voters:?}",
+                    self.committed_changes
+                ));
+            }
             let state = replica.shared().state.read().unwrap();
+            if state.members != expected {
+                return Err(format!(
+                    "replica {id} has members {:?}, but the committed membership changes \
+                     {:?} applied to the founders give {expected:?}",
+                    state.members, self.committed_changes
+                ));
+            }
             for (name, wave_id) in &self.acked {
                 match state.waves.get(wave_id) {
                     Some(w) if &w.header.spec.name == name => {}
@@ -1006,8 +1614,18 @@ impl Sim {
 
     /// Summarises the step history for a failure message.
     fn context(&self) -> String {
+        const SHOWN: usize = 40;
+        let skipped = self.events.len().saturating_sub(SHOWN);
+        let mut events = String::new();
+        if skipped > 0 {
+            events.push_str(&format!("\n  ({skipped} earlier events)"));
+        }
+        for e in &self.events[skipped..] {
+            events.push_str(&format!("\n  {e}"));
+        }
         format!(
-            "seed {} on {} replicas, {:?}\nafter {} steps and {} settling rounds:{}",
+            "seed {} on {} replicas, {:?}\nafter {} steps and {} settling rounds:{}\n\
+             crashes, restarts and membership changes:{events}",
             self.seed,
             self.n,
             self.params,
@@ -1016,6 +1634,16 @@ impl Sim {
             self.describe()
         )
     }
+}
+
+/// The voters after `change`.
+fn voters_after(voters: &BTreeSet<u64>, change: &MemberChange) -> BTreeSet<u64> {
+    let mut after = voters.clone();
+    match change {
+        MemberChange::Add { id, .. } => after.insert(*id),
+        MemberChange::Remove { id } => after.remove(id),
+    };
+    after
 }
 
 /// Names what differs between two replicated states.
@@ -1086,27 +1714,28 @@ fn run_seed(test: &str, n: u64, seed: u64, steps: u64) -> Report {
         "replay: VENOM_SIM_SEED={seed} {steps_var}cargo test -p venom-coordinator --lib {test} \
          -- --nocapture"
     );
-    let outcome = std::panic::catch_unwind(|| {
-        let mut sim = Sim::new(n, seed, steps);
-        match sim.run() {
-            Ok(final_digest) => Ok(Report {
-                stats: sim.stats.clone(),
-                trace: std::mem::take(&mut sim.trace),
-                final_digest,
-            }),
-            Err(failure) => Err(format!("{failure}\n{}", sim.context())),
-        }
-    });
+    let mut sim = Sim::new(n, seed, steps);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run()));
     match outcome {
-        Ok(Ok(report)) => report,
-        Ok(Err(failure)) => panic!("{test} seed {seed} failed: {failure}\n{replay}"),
+        Ok(Ok(final_digest)) => Report {
+            stats: sim.stats.clone(),
+            trace: std::mem::take(&mut sim.trace),
+            final_digest,
+        },
+        Ok(Err(failure)) => panic!(
+            "{test} seed {seed} failed: {failure}\n{}\n{replay}",
+            sim.context()
+        ),
         Err(panic) => {
             let message = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
                 .unwrap_or_default();
-            panic!("{test} seed {seed} panicked: {message}\n{replay}")
+            panic!(
+                "{test} seed {seed} panicked: {message}\n{}\n{replay}",
+                sim.context()
+            )
         }
     }
 }
@@ -1146,6 +1775,9 @@ fn run_cluster(test: &str, n: u64, default_seeds: u64) {
          {} partitions, {} one-way cuts, {} heals, {} snapshots delivered / {} installed, \
          messages {} delivered / {} dropped / {} duplicated, {} proposals: {} acknowledged, \
          {} refused by followers, {} failed, {} lost in crashes, {} rejected; \
+         membership changes: {} proposed, {} acknowledged, {} refused by the leader, {} \
+         refused by followers, {} unanswered ({} of them committed), {} joiners caught up, \
+         {} removed replicas stopped; \
          final applied index {} on average; {:.1} s",
         s.seeds,
         s.steps,
@@ -1166,6 +1798,14 @@ fn run_cluster(test: &str, n: u64, default_seeds: u64) {
         s.failed,
         s.lost_in_crash,
         s.rejected,
+        s.member_changes_proposed,
+        s.member_changes_acknowledged,
+        s.member_changes_refused,
+        s.member_changes_refused_by_followers,
+        s.member_changes_unanswered,
+        s.member_changes_committed_unanswered,
+        s.joiners_caught_up,
+        s.removed_dropped,
         s.final_applied / s.seeds.max(1),
         started.elapsed().as_secs_f64()
     );
@@ -1184,12 +1824,21 @@ fn sim_five_nodes() {
     run_cluster("sim_five_nodes", 5, 20);
 }
 
+/// A seed whose run adds and removes replicas, so the determinism check covers joiners.
+const DETERMINISM_SEED: u64 = 2;
+
 #[test]
 fn sim_same_seed_same_run() {
-    let a = run_seed("sim_same_seed_same_run", 3, 7, STEPS);
-    let b = run_seed("sim_same_seed_same_run", 3, 7, STEPS);
+    let seed = DETERMINISM_SEED;
+    let a = run_seed("sim_same_seed_same_run", 3, seed, STEPS);
+    let b = run_seed("sim_same_seed_same_run", 3, seed, STEPS);
     if let Some(step) = a.trace.iter().zip(&b.trace).position(|(x, y)| x != y) {
-        panic!("the runs of seed 7 diverged at step {step}");
+        panic!("the runs of seed {seed} diverged at step {step}");
     }
-    assert_eq!(a, b, "two runs of seed 7 differ");
+    assert_eq!(a, b, "two runs of seed {seed} differ");
+    assert!(
+        a.stats.member_changes_acknowledged > 0 && a.stats.joiners_caught_up > 0,
+        "seed {seed} no longer changes membership ({:?}): pick another for this test",
+        a.stats
+    );
 }

@@ -29,12 +29,34 @@ pub trait Transport: Send {
     }
 }
 
+/// Addresses of coordinators that are not (yet) in this one's applied membership, learned
+/// from their raft batches: a coordinator behind on the membership changes answers a
+/// leader added since through them, and so catches up.
+#[derive(Debug, Clone, Default)]
+pub struct Routes(Arc<Mutex<BTreeMap<u64, String>>>);
+
+impl Routes {
+    pub fn learn(&self, id: u64, address: String) {
+        if let Ok(mut routes) = self.0.lock() {
+            routes.insert(id, address);
+        }
+    }
+
+    fn get(&self, id: u64) -> Option<String> {
+        self.0.lock().ok()?.get(&id).cloned()
+    }
+}
+
 /// Raft over gRPC: one bounded queue and one sender task per peer. A peer's task ends
 /// when its queue is dropped (the peer left, or its address changed).
 #[derive(Debug)]
 pub struct GrpcTransport {
     from: u64,
+    /// This coordinator's address, sent with every batch.
+    own_address: String,
     peers: BTreeMap<u64, (String, mpsc::Sender<Vec<RaftMessage>>)>,
+    /// Routes to senders outside the membership (filled by the raft service).
+    routes: Routes,
     /// Peers whose snapshot was lost on the way, filled by the sender tasks.
     failed_snapshots: Arc<Mutex<BTreeSet<u64>>>,
 }
@@ -44,31 +66,46 @@ impl GrpcTransport {
     pub fn start(from: u64, members: &BTreeMap<u64, String>) -> Self {
         let mut transport = Self {
             from,
+            own_address: members.get(&from).cloned().unwrap_or_default(),
             peers: BTreeMap::new(),
+            routes: Routes::default(),
             failed_snapshots: Arc::default(),
         };
         transport.set_members(members);
         transport
     }
+
+    /// Where the raft service records the senders it does not know.
+    pub fn routes(&self) -> Routes {
+        self.routes.clone()
+    }
+
+    fn spawn_peer(&mut self, id: u64, addr: String) {
+        let (tx, rx) = mpsc::channel(1_024);
+        tokio::spawn(peer_sender(
+            self.from,
+            self.own_address.clone(),
+            id,
+            addr.clone(),
+            rx,
+            self.failed_snapshots.clone(),
+        ));
+        self.peers.insert(id, (addr, tx));
+    }
 }
 
 impl Transport for GrpcTransport {
     fn set_members(&mut self, members: &BTreeMap<u64, String>) {
+        if let Some(own) = members.get(&self.from) {
+            self.own_address.clone_from(own);
+        }
         self.peers
             .retain(|id, (addr, _)| members.get(id).is_some_and(|a| a == addr));
         for (&id, addr) in members {
             if id == self.from || self.peers.contains_key(&id) {
                 continue;
             }
-            let (tx, rx) = mpsc::channel(1_024);
-            tokio::spawn(peer_sender(
-                self.from,
-                id,
-                addr.clone(),
-                rx,
-                self.failed_snapshots.clone(),
-            ));
-            self.peers.insert(id, (addr.clone(), tx));
+            self.spawn_peer(id, addr.clone());
         }
     }
 
@@ -85,6 +122,11 @@ impl Transport for GrpcTransport {
             by_peer.entry(m.to).or_default().push(m);
         }
         for (to, batch) in by_peer {
+            if !self.peers.contains_key(&to) && to != self.from {
+                if let Some(addr) = self.routes.get(to) {
+                    self.spawn_peer(to, addr);
+                }
+            }
             match self.peers.get(&to) {
                 // Raft retries lost messages, so a full queue may drop.
                 Some((_, tx)) => {
@@ -120,6 +162,7 @@ fn has_snapshot(batch: &[RaftMessage]) -> bool {
 
 async fn peer_sender(
     from: u64,
+    from_address: String,
     to: u64,
     addr: String,
     mut rx: mpsc::Receiver<Vec<RaftMessage>>,
@@ -162,7 +205,12 @@ async fn peer_sender(
             .iter()
             .filter_map(|m| m.write_to_bytes().ok())
             .collect();
-        if c.send(pb::RaftBatch { from, messages }).await.is_err() {
+        let batch_out = pb::RaftBatch {
+            from,
+            messages,
+            from_address: from_address.clone(),
+        };
+        if c.send(batch_out).await.is_err() {
             note_failure(&batch);
             client = None;
         }

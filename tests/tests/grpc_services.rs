@@ -98,6 +98,7 @@ async fn raft_batches_from_unknown_peers_or_with_garbage_are_rejected_and_change
         .send(pb::RaftBatch {
             from: 99,
             messages: vec![Vec::new()],
+            from_address: String::new(),
         })
         .await
         .unwrap_err();
@@ -107,6 +108,7 @@ async fn raft_batches_from_unknown_peers_or_with_garbage_are_rejected_and_change
         .send(pb::RaftBatch {
             from: 1,
             messages: vec![vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]],
+            from_address: String::new(),
         })
         .await
         .unwrap_err();
