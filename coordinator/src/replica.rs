@@ -100,6 +100,8 @@ pub struct RaftStatus {
     pub members: BTreeMap<u64, String>,
     /// Peer id → matched index (known on the leader only).
     pub matched: BTreeMap<u64, u64>,
+    /// The cluster's identity (0 until its first leader set it).
+    pub cluster_id: u64,
 }
 
 /// State shared with the gRPC handlers (read-only for them).
@@ -280,6 +282,8 @@ pub(crate) struct Replica<T: Transport> {
     /// Current members' addresses (the replicated membership; before a joining replica
     /// receives its first snapshot, the addresses it was started with).
     members: BTreeMap<u64, String>,
+    /// The replicated cluster identity as last handed to the transport.
+    cluster_id: u64,
     /// Random per-boot prefix of proposal contexts, so ids never match entries of an
     /// earlier life of this replica.
     boot_nonce: u64,
@@ -410,6 +414,8 @@ impl<T: Transport> Replica<T> {
             state.members.clone()
         };
         transport.set_members(&members);
+        let cluster_id = state.cluster_id;
+        transport.set_cluster_id(cluster_id);
         let (applied_tx, _) = watch::channel(applied);
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
@@ -429,6 +435,7 @@ impl<T: Transport> Replica<T> {
             shared,
             transport,
             members,
+            cluster_id,
             boot_nonce,
             next_proposal: 1,
             pending: HashMap::new(),
@@ -701,6 +708,12 @@ impl<T: Transport> Replica<T> {
         }
         if !self.was_leader && is_leader {
             self.leader_since_ms = self.clock.now_ms();
+            if self.cluster_id == 0 {
+                // The first leader names the cluster; a random id from this life's nonce
+                // and the clock (never 0).
+                let cluster_id = (self.boot_nonce ^ self.clock.now_us().rotate_left(29)) | 1;
+                self.propose(Command::SetClusterId { cluster_id }, vec![None]);
+            }
         }
         self.was_leader = is_leader;
     }
@@ -923,7 +936,7 @@ impl<T: Transport> Replica<T> {
                 round_spans = self.schedule_spans(&state, &mut effects, proposed_ms);
             }
         }
-        if membership_changed {
+        if membership_changed || self.cluster_id == 0 {
             self.refresh_members();
         }
         for (node, message) in effects {
@@ -965,10 +978,17 @@ impl<T: Transport> Replica<T> {
     /// Takes the members' addresses from the replicated state after a conf change or a
     /// snapshot, and tells the transport.
     fn refresh_members(&mut self) {
-        let members = match self.shared.state.read() {
-            Ok(state) => state.members.clone(),
-            Err(poisoned) => poisoned.into_inner().members.clone(),
+        let (members, cluster_id) = match self.shared.state.read() {
+            Ok(state) => (state.members.clone(), state.cluster_id),
+            Err(poisoned) => {
+                let state = poisoned.into_inner();
+                (state.members.clone(), state.cluster_id)
+            }
         };
+        if cluster_id != self.cluster_id {
+            self.cluster_id = cluster_id;
+            self.transport.set_cluster_id(cluster_id);
+        }
         if !members.is_empty() && members != self.members {
             self.members = members;
             self.transport.set_members(&self.members);
@@ -1296,6 +1316,7 @@ impl<T: Transport> Replica<T> {
             last_index: raft.raft_log.last_index(),
             members: self.members.clone(),
             matched,
+            cluster_id: self.cluster_id,
         };
         if let Ok(mut s) = self.shared.status.write() {
             *s = status;

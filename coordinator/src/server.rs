@@ -810,7 +810,20 @@ pub struct RaftApi {
 impl RaftService for RaftApi {
     async fn send(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
         let batch = request.into_inner();
-        let members = self.handle.status().members;
+        let status = self.handle.status();
+        if batch.cluster_id != 0 && status.cluster_id != 0 && batch.cluster_id != status.cluster_id
+        {
+            tracing::warn!(
+                from = batch.from,
+                address = %batch.from_address,
+                "raft batch from another cluster rejected"
+            );
+            return Err(Status::permission_denied(format!(
+                "node {} belongs to another cluster ({:x}, this one is {:x})",
+                batch.from, batch.cluster_id, status.cluster_id
+            )));
+        }
+        let members = status.members;
         let stranger = !members.contains_key(&batch.from);
         let refuse = || {
             tracing::warn!(from = batch.from, "raft batch from unknown node rejected");

@@ -403,6 +403,7 @@ fn role_name(role: StateRole) -> &'static str {
 fn replicated(state: &State) -> StateSnapshot {
     StateSnapshot {
         members: state.members.clone(),
+        cluster_id: state.cluster_id,
         waves: state.waves.values().cloned().collect(),
         nodes: state.nodes.values().cloned().collect(),
         next_wave_id: state.next_wave_id,

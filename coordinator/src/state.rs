@@ -465,6 +465,10 @@ pub enum Command {
     },
     /// Group commit: several commands in one raft entry, applied in order.
     Batch(Vec<Command>),
+    /// The cluster's identity, proposed by its first leader; later ones change nothing.
+    SetClusterId {
+        cluster_id: u64,
+    },
 }
 
 /// What applying one command produced, for the proposer.
@@ -515,6 +519,9 @@ pub struct State {
     /// entries, so every replica's membership at an index is part of its state there:
     /// checkpoints, snapshots and restarts carry it with everything else.
     pub members: BTreeMap<u64, String>,
+    /// Random identity of this cluster, set once by its first leader (0 until then). Raft
+    /// batches carry it, so a coordinator never takes messages meant for another cluster.
+    pub cluster_id: u64,
     pub waves: BTreeMap<WaveId, Wave>,
     pub nodes: BTreeMap<String, Node>,
     pub next_wave_id: WaveId,
@@ -554,6 +561,7 @@ pub struct WaveLimitsState(pub WaveLimits);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateSnapshot {
     pub members: BTreeMap<u64, String>,
+    pub cluster_id: u64,
     pub waves: Vec<Wave>,
     pub nodes: Vec<Node>,
     pub next_wave_id: WaveId,
@@ -605,6 +613,7 @@ impl State {
     pub fn into_snapshot(self) -> StateSnapshot {
         StateSnapshot {
             members: self.members,
+            cluster_id: self.cluster_id,
             waves: self.waves.into_values().collect(),
             nodes: self.nodes.into_values().collect(),
             next_wave_id: self.next_wave_id,
@@ -617,6 +626,7 @@ impl State {
     /// every key is marked dirty, so the next checkpoint rewrites the whole state.
     pub fn restore(&mut self, snapshot: StateSnapshot) {
         self.members = snapshot.members;
+        self.cluster_id = snapshot.cluster_id;
         self.waves = snapshot
             .waves
             .into_iter()
@@ -707,6 +717,13 @@ impl State {
             }
             Command::MarkDown { node, now_ms } => self.on_mark_down(&node, now_ms),
             Command::Drain { node, drain } => self.on_drain(&node, drain),
+            Command::SetClusterId { cluster_id } => {
+                if self.cluster_id == 0 && cluster_id != 0 {
+                    self.cluster_id = cluster_id;
+                    self.dirty.members = true;
+                }
+                Outcome::Done
+            }
             Command::Schedule { now_ms, config } => {
                 let plan = crate::scheduler::schedule(self, now_ms, &config);
                 for node in plan.mark_down {

@@ -73,6 +73,7 @@ const APPLIED: &[u8] = b"m/applied";
 const NEXT_WAVE_ID: &[u8] = b"m/next_wave_id";
 const STALE_RESULTS: &[u8] = b"m/stale_results";
 const MEMBERS: &[u8] = b"m/members";
+const CLUSTER_ID: &[u8] = b"m/cluster_id";
 /// Set once the store holds a cluster's initial state (or a joiner's empty one).
 const INITIALIZED: &str = "initialized";
 /// The index (and term) of the initial snapshot every bootstrapped member starts from. A
@@ -460,6 +461,7 @@ impl Store {
         if dirty.members {
             let bytes = bincode::serialize(&state.members).map_err(|e| bincode_err(MEMBERS, e))?;
             batch.insert(MEMBERS, bytes);
+            batch.insert(CLUSTER_ID, &u64_key(state.cluster_id));
         }
         batch.insert(APPLIED, &u64_key(applied));
         batch.insert(NEXT_WAVE_ID, &u64_key(state.next_wave_id));
@@ -477,6 +479,7 @@ impl Store {
             .max(1);
         state.stale_results = self.state.get(STALE_RESULTS)?.map_or(0, |b| read_u64(&b));
         state.members = self.members()?;
+        state.cluster_id = self.state.get(CLUSTER_ID)?.map_or(0, |b| read_u64(&b));
         for item in self.state.scan_prefix(WAVE) {
             let (key, bytes) = item?;
             let header: WaveHeader =

@@ -5,6 +5,7 @@
 //! replica), reconnecting as needed; tests can supply a simulated network instead.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,9 @@ pub trait Transport: Send {
     /// The membership changed: `members` (id → address, this replica included) is who
     /// messages may be sent to from now on.
     fn set_members(&mut self, _members: &BTreeMap<u64, String>) {}
+
+    /// The cluster's identity, sent with every batch (0: not known yet).
+    fn set_cluster_id(&mut self, _cluster_id: u64) {}
 
     /// Peers a snapshot could not be delivered to since the last call (the replica tells
     /// raft, which sends another once the peer answers again).
@@ -57,6 +61,8 @@ pub struct GrpcTransport {
     peers: BTreeMap<u64, (String, mpsc::Sender<Vec<RaftMessage>>)>,
     /// Routes to senders outside the membership (filled by the raft service).
     routes: Routes,
+    /// The cluster's identity, read by the sender tasks for every batch.
+    cluster_id: Arc<AtomicU64>,
     /// Peers whose snapshot was lost on the way, filled by the sender tasks.
     failed_snapshots: Arc<Mutex<BTreeSet<u64>>>,
 }
@@ -69,6 +75,7 @@ impl GrpcTransport {
             own_address: members.get(&from).cloned().unwrap_or_default(),
             peers: BTreeMap::new(),
             routes: Routes::default(),
+            cluster_id: Arc::default(),
             failed_snapshots: Arc::default(),
         };
         transport.set_members(members);
@@ -85,6 +92,7 @@ impl GrpcTransport {
         tokio::spawn(peer_sender(
             self.from,
             self.own_address.clone(),
+            self.cluster_id.clone(),
             id,
             addr.clone(),
             rx,
@@ -95,6 +103,10 @@ impl GrpcTransport {
 }
 
 impl Transport for GrpcTransport {
+    fn set_cluster_id(&mut self, cluster_id: u64) {
+        self.cluster_id.store(cluster_id, Ordering::Relaxed);
+    }
+
     fn set_members(&mut self, members: &BTreeMap<u64, String>) {
         if let Some(own) = members.get(&self.from) {
             self.own_address.clone_from(own);
@@ -163,6 +175,7 @@ fn has_snapshot(batch: &[RaftMessage]) -> bool {
 async fn peer_sender(
     from: u64,
     from_address: String,
+    cluster_id: Arc<AtomicU64>,
     to: u64,
     addr: String,
     mut rx: mpsc::Receiver<Vec<RaftMessage>>,
@@ -209,6 +222,7 @@ async fn peer_sender(
             from,
             messages,
             from_address: from_address.clone(),
+            cluster_id: cluster_id.load(Ordering::Relaxed),
         };
         if c.send(batch_out).await.is_err() {
             note_failure(&batch);

@@ -99,6 +99,7 @@ async fn raft_batches_from_unknown_peers_or_with_garbage_are_rejected_and_change
             from: 99,
             messages: vec![Vec::new()],
             from_address: String::new(),
+            cluster_id: 0,
         })
         .await
         .unwrap_err();
@@ -109,10 +110,40 @@ async fn raft_batches_from_unknown_peers_or_with_garbage_are_rejected_and_change
             from: 1,
             messages: vec![vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]],
             from_address: String::new(),
+            cluster_id: 0,
         })
         .await
         .unwrap_err();
     assert_eq!(garbage.code(), tonic::Code::InvalidArgument, "{garbage:?}");
+
+    // A batch from a member id of another cluster (its first leader named it differently)
+    // is refused once this cluster has its identity (set by its first leader at once).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let other_cluster = loop {
+        let result = raft
+            .send(pb::RaftBatch {
+                from: 1,
+                messages: Vec::new(),
+                from_address: "http://127.0.0.1:1".into(),
+                cluster_id: 0x5eed_5eed_5eed_5eed,
+            })
+            .await;
+        match result {
+            Err(status) => break status,
+            Ok(_) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cluster never got its identity"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(other_cluster.code(), tonic::Code::PermissionDenied);
+    assert!(
+        other_cluster.message().contains("another cluster"),
+        "{other_cluster:?}"
+    );
 
     // The coordinator keeps working: same leader and term, and it still takes waves.
     let after = c
