@@ -37,7 +37,7 @@ use crate::storage::Store;
 use crate::transport::GrpcTransport;
 use crate::wave::WaveLimits;
 
-/// Parses `--peers` entries (`ID=HOST:PORT`) into id → address, adding this node.
+/// Parses `--peers` entries (`ID=HOST:PORT`) into id → URL, adding this node.
 pub fn parse_members(
     id: u64,
     own_addr: &str,
@@ -53,7 +53,7 @@ pub fn parse_members(
             .parse()
             .with_context(|| format!("--peers: `{pid}` in `{peer}` is not a node id"))?;
         anyhow::ensure!(pid >= 1, "--peers: node ids start at 1 (`{peer}`)");
-        members.insert(pid, addr.trim().to_string());
+        members.insert(pid, transport::peer_url(addr));
     }
     members.entry(id).or_insert_with(|| own_addr.to_string());
     Ok(members)
@@ -80,17 +80,6 @@ pub async fn run(
     let store = Store::open(&data_dir)
         .with_context(|| format!("cannot open sled database in {}", data_dir.display()))?;
     let members = parse_members(config.id, &format!("http://{local}"), &config.peers)?;
-    let members: BTreeMap<u64, String> = members
-        .into_iter()
-        .map(|(id, a)| {
-            let url = if a.starts_with("http") {
-                a
-            } else {
-                format!("http://{a}")
-            };
-            (id, url)
-        })
-        .collect();
     let limits = WaveLimits {
         max_spec_bytes: config.max_spec_bytes,
         max_micro_tasks: config.max_micro_tasks,

@@ -337,29 +337,40 @@ fn state_gauges(state: &State, status: &RaftStatus) -> Registry {
         cluster.with_label_values(&["s_total"]).set(model.s_total);
     }
 
-    int_gauge(&r, "venom_raft_term", "Raft term this member is in.").set(as_i64(status.term));
-    int_gauge(
-        &r,
-        "venom_raft_leader_id",
-        "Raft id of the leader this member follows (0: none known).",
-    )
-    .set(as_i64(status.leader_id));
-    int_gauge(&r, "venom_raft_is_leader", "1 on the leader.")
-        .set(i64::from(status.role == "leader"));
-    int_gauge(
-        &r,
-        "venom_raft_commit_index",
-        "Highest committed raft index known here.",
-    )
-    .set(as_i64(status.commit));
-    int_gauge(
-        &r,
-        "venom_raft_applied_index",
-        "Highest raft index applied here.",
-    )
-    .set(as_i64(status.applied));
-    int_gauge(&r, "venom_raft_members", "Members of the raft group.")
-        .set(as_i64(status.members.len() as u64));
+    for (name, help, value) in [
+        (
+            "venom_raft_term",
+            "Raft term this member is in.",
+            as_i64(status.term),
+        ),
+        (
+            "venom_raft_leader_id",
+            "Raft id of the leader this member follows (0: none known).",
+            as_i64(status.leader_id),
+        ),
+        (
+            "venom_raft_is_leader",
+            "1 on the leader.",
+            i64::from(status.role == "leader"),
+        ),
+        (
+            "venom_raft_commit_index",
+            "Highest committed raft index known here.",
+            as_i64(status.commit),
+        ),
+        (
+            "venom_raft_applied_index",
+            "Highest raft index applied here.",
+            as_i64(status.applied),
+        ),
+        (
+            "venom_raft_members",
+            "Members of the raft group.",
+            as_i64(status.members.len() as u64),
+        ),
+    ] {
+        int_gauge(&r, name, help).set(value);
+    }
     r
 }
 

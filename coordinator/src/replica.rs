@@ -312,6 +312,7 @@ pub(crate) struct Replica<T: Transport> {
     reads_waiting: Vec<(u64, oneshot::Sender<Result<(), ProposeError>>)>,
     /// Every applied entry as (index, term, hash of its data), when a test asks for it
     /// (the simulated cluster's checker compares these across replicas).
+    #[cfg(test)]
     pub(crate) applied_trace: Option<Vec<(u64, u64, u64)>>,
 }
 
@@ -454,6 +455,7 @@ impl<T: Transport> Replica<T> {
             snapshot_since_us: BTreeMap::new(),
             reads_sent: HashMap::new(),
             reads_waiting: Vec::new(),
+            #[cfg(test)]
             applied_trace: None,
             config,
         })
@@ -849,6 +851,7 @@ impl<T: Transport> Replica<T> {
             };
             for entry in entries {
                 let index = entry.index;
+                #[cfg(test)]
                 if let Some(trace) = self.applied_trace.as_mut() {
                     trace.push((index, entry.term, data_hash(&entry.data)));
                 }
@@ -935,8 +938,9 @@ impl<T: Transport> Replica<T> {
                 let proposed_ms = round_proposed_ms.unwrap_or_else(|| self.clock.now_ms());
                 round_spans = self.schedule_spans(&state, &mut effects, proposed_ms);
             }
+            membership_changed |= state.cluster_id != self.cluster_id;
         }
-        if membership_changed || self.cluster_id == 0 {
+        if membership_changed {
             self.refresh_members();
         }
         for (node, message) in effects {
@@ -1349,6 +1353,7 @@ fn step_down_if_removed(raw: &mut RawNode<Store>, id: u64) {
 }
 
 /// A stable hash of an entry's payload (for the simulated cluster's checker).
+#[cfg(test)]
 fn data_hash(data: &[u8]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();

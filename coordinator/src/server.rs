@@ -442,11 +442,7 @@ impl ClientService for ClientApi {
                 "address: `{address}` is not HOST:PORT"
             )));
         }
-        let url = if address.starts_with("http") {
-            address.to_string()
-        } else {
-            format!("http://{address}")
-        };
+        let url = crate::transport::peer_url(address);
         self.handle
             .change_membership(MemberChange::Add {
                 id: request.id,

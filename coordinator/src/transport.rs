@@ -15,6 +15,16 @@ use tokio::sync::mpsc;
 use venom_proto::v1 as pb;
 use venom_proto::v1::raft_service_client::RaftServiceClient;
 
+/// A coordinator's address as a URL: `HOST:PORT` gets `http://`, a URL stays as it is.
+pub fn peer_url(address: &str) -> String {
+    let address = address.trim();
+    if address.starts_with("http") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    }
+}
+
 /// Delivers raft messages to peers. Must not block.
 pub trait Transport: Send {
     fn send(&mut self, messages: Vec<RaftMessage>);
@@ -189,11 +199,7 @@ async fn peer_sender(
             }
         }
     };
-    let url = if addr.starts_with("http") {
-        addr
-    } else {
-        format!("http://{addr}")
-    };
+    let url = peer_url(&addr);
     let mut client: Option<RaftServiceClient<tonic::transport::Channel>> = None;
     while let Some(mut batch) = rx.recv().await {
         while let Ok(more) = rx.try_recv() {

@@ -738,17 +738,7 @@ fn execute(shared: &Shared, assignment: &Assignment, cancel: CancelToken) -> Att
 
 /// Counts a finished attempt by outcome and records its run time.
 fn record_outcome(metrics: &WorkerMetrics, outcome: &AttemptOutcome) {
-    let label = if outcome.cancelled {
-        "cancelled"
-    } else if outcome.timed_out {
-        "timed_out"
-    } else if outcome.error.is_some() && outcome.exit_code.is_none() && outcome.signal.is_none() {
-        "not_started"
-    } else if outcome.exit_code == Some(0) && outcome.signal.is_none() {
-        "succeeded"
-    } else {
-        "failed"
-    };
+    let label = outcome.label();
     metrics.attempts.with_label_values(&[label]).inc();
     if label != "not_started" {
         let run_ms = outcome.finished_ms.saturating_sub(outcome.started_ms);

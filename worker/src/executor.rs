@@ -151,6 +151,22 @@ impl AttemptOutcome {
     pub fn succeeded(&self) -> bool {
         self.exit_code == Some(0) && !self.timed_out && !self.cancelled && self.error.is_none()
     }
+
+    /// How it ended, in one word: `succeeded`, `failed`, `timed_out`, `cancelled` or
+    /// `not_started` (the process could not be started).
+    pub fn label(&self) -> &'static str {
+        if self.cancelled {
+            "cancelled"
+        } else if self.timed_out {
+            "timed_out"
+        } else if self.error.is_some() && self.exit_code.is_none() && self.signal.is_none() {
+            "not_started"
+        } else if self.succeeded() {
+            "succeeded"
+        } else {
+            "failed"
+        }
+    }
 }
 
 impl From<AttemptOutcome> for venom_proto::TaskFinished {
