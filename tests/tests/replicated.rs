@@ -145,20 +145,7 @@ run = {after}
     assert_ne!(killed[0], killed[1], "two different leaders were killed");
 
     // 4. The wave finishes; read it from any live member.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let summary = loop {
-        if let Some(w) = group.wave(wave_id).await {
-            if matches!(w.state.as_str(), "succeeded" | "failed" | "cancelled") {
-                break w;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "wave {wave_id} did not finish: {:?}",
-            group.wave(wave_id).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let summary = group.wait_finished(wave_id, Duration::from_secs(60)).await;
     assert_eq!(summary.state, "succeeded", "{summary:?}");
     assert_eq!(summary.n_micro_tasks, u64::from(N_MICRO_TASKS) + 1);
 
