@@ -28,6 +28,14 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "VENOM_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
 
+    /// Found a new cluster (this coordinator and `--peers`) if the data dir holds no
+    /// cluster state yet; ignored once it does. Without it, or `--join`, a coordinator
+    /// refuses to start on an empty data dir: it never creates a cluster on its own. A
+    /// founding member that finds its peers already running a cluster it took part in
+    /// refuses too (it lost its data).
+    #[arg(long, env = "VENOM_BOOTSTRAP", conflicts_with = "join")]
+    pub bootstrap: bool,
+
     /// Join an existing cluster instead of founding one: start with an empty data dir and
     /// wait for the leader to send a snapshot. Run `venomctl cluster add ID ADDR` first;
     /// `--peers` must name the current members so this coordinator accepts their messages.
@@ -65,14 +73,16 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
-    /// A single-node coordinator on `listen` storing its data in `data_dir`,
-    /// with every other setting at its default (used by `venomctl dev` and tests).
+    /// A single-node coordinator on `listen` storing its data in `data_dir` (founding its
+    /// cluster there if it is empty), with every other setting at its default (used by
+    /// `venomctl dev` and tests).
     pub fn single_node(listen: SocketAddr, data_dir: PathBuf) -> Self {
         Self {
             id: 1,
             listen,
             data_dir: Some(data_dir),
             peers: Vec::new(),
+            bootstrap: true,
             join: false,
             metrics_listen: None,
             heartbeat_ttl_ms: 5_000,

@@ -4,6 +4,8 @@
 
 pub mod config;
 pub mod convert;
+pub mod datadir;
+pub mod durable;
 pub mod metrics;
 pub mod mobius;
 pub mod replica;
@@ -31,6 +33,7 @@ use venom_proto::v1::client_service_server::ClientServiceServer;
 use venom_proto::v1::raft_service_server::RaftServiceServer;
 use venom_proto::v1::worker_service_server::WorkerServiceServer;
 
+use crate::datadir::{Contents, DataDirError, Found};
 use crate::replica::ReplicaConfig;
 use crate::state::State;
 use crate::storage::Store;
@@ -59,6 +62,103 @@ pub fn parse_members(
     Ok(members)
 }
 
+/// How long the startup checks wait for each peer's view of the cluster.
+const PEER_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Opens this coordinator's data directory and decides whether it may start on it
+/// (see [`datadir`]): an empty directory needs `--bootstrap` or `--join`, and is refused
+/// before anything is written to it; a founding member whose peers record it as having
+/// taken part already lost its data. Returns the store and its cluster id (0 if none yet).
+async fn open_data_dir(
+    config: &CoordinatorConfig,
+    data_dir: &std::path::Path,
+    members: &BTreeMap<u64, String>,
+) -> anyhow::Result<(Store, u64)> {
+    let empty = || DataDirError::Empty {
+        dir: data_dir.to_path_buf(),
+    };
+    let configured_peers: BTreeMap<u64, String> = members
+        .iter()
+        .filter(|(&id, _)| id != config.id)
+        .map(|(&id, address)| (id, address.clone()))
+        .collect();
+    if datadir::inspect(data_dir, config.id)? == Found::Nothing {
+        if !config.bootstrap && !config.join {
+            return Err(empty().into());
+        }
+        if config.bootstrap {
+            let views = peer_views(&configured_peers).await;
+            let took_part = views
+                .iter()
+                .find(|(_, view)| view.members.iter().any(|m| m.id == config.id && m.started));
+            if let Some((peer, view)) = took_part {
+                return Err(DataDirError::AlreadyStarted {
+                    dir: data_dir.to_path_buf(),
+                    member_id: config.id,
+                    peer: *peer,
+                    cluster_id: view.cluster_id,
+                }
+                .into());
+            }
+        }
+    }
+    let (store, contents) = datadir::open(data_dir, config.id)?;
+    match contents {
+        Contents::Empty if !config.bootstrap && !config.join => Err(empty().into()),
+        Contents::Empty => Ok((store, 0)),
+        Contents::Member { cluster_id } => Ok((store, cluster_id)),
+    }
+}
+
+/// A member whose every peer that answers belongs to another cluster holds another
+/// cluster's data dir. Checked beside the start, not before it (peers that are starting
+/// too may take a moment to answer, and until then nothing can mix: raft batches carry
+/// the cluster id and each side refuses the other's).
+async fn check_peers_cluster(
+    member_id: u64,
+    data_dir: std::path::PathBuf,
+    cluster_id: u64,
+    peers: BTreeMap<u64, String>,
+) -> Result<(), DataDirError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let views = peer_views(&peers).await;
+        let named: Vec<&(u64, venom_proto::v1::ClusterStatusResponse)> =
+            views.iter().filter(|(_, v)| v.cluster_id != 0).collect();
+        match named.first() {
+            Some(_) if named.iter().any(|(_, v)| v.cluster_id == cluster_id) => return Ok(()),
+            Some((peer, view)) => {
+                return Err(DataDirError::OtherCluster {
+                    dir: data_dir,
+                    member_id,
+                    recorded: cluster_id,
+                    other: view.cluster_id,
+                    source_of_other: format!("coordinator {peer} (every peer that answered)"),
+                })
+            }
+            // Nobody answered with a cluster yet: ask again for a while.
+            None if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+/// The views of the peers that answer within [`PEER_CHECK_TIMEOUT`] (asked at once).
+async fn peer_views(
+    peers: &BTreeMap<u64, String>,
+) -> Vec<(u64, venom_proto::v1::ClusterStatusResponse)> {
+    let asks = peers.iter().map(|(&id, address)| async move {
+        (id, server::member_view(address, PEER_CHECK_TIMEOUT).await)
+    });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .filter_map(|(id, view)| Some((id, view?)))
+        .collect()
+}
+
 /// Binds the configured listen address.
 pub async fn bind(config: &CoordinatorConfig) -> anyhow::Result<TcpListener> {
     TcpListener::bind(config.listen)
@@ -75,21 +175,45 @@ pub async fn run(
     anyhow::ensure!(config.id >= 1, "--id must be at least 1");
     let local = listener.local_addr().context("listener address")?;
     let data_dir = config.data_dir();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    let store = Store::open(&data_dir)
-        .with_context(|| format!("cannot open sled database in {}", data_dir.display()))?;
     let members = parse_members(config.id, &format!("http://{local}"), &config.peers)?;
+    let (store, cluster_id) = open_data_dir(&config, &data_dir, &members).await?;
+    // Everyone this member could be clustered with: its recorded membership and --peers.
+    let mut known_peers = store.members()?;
+    known_peers.extend(members.iter().map(|(&id, a)| (id, a.clone())));
+    known_peers.remove(&config.id);
     let limits = WaveLimits {
         max_spec_bytes: config.max_spec_bytes,
         max_micro_tasks: config.max_micro_tasks,
         ..WaveLimits::default()
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = shutdown_tx.send(true);
-    });
+    // A refusal found after the start (see `check_peers_cluster`) stops the coordinator
+    // and becomes its error.
+    let refusal: std::sync::Arc<std::sync::Mutex<Option<DataDirError>>> = Default::default();
+    let refused = std::sync::Arc::new(tokio::sync::Notify::new());
+    {
+        let refused = refused.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = refused.notified() => {}
+            }
+            let _ = shutdown_tx.send(true);
+        });
+    }
+    if cluster_id != 0 && !known_peers.is_empty() {
+        let (refusal, refused) = (refusal.clone(), refused.clone());
+        let (id, dir) = (config.id, data_dir.clone());
+        tokio::spawn(async move {
+            if let Err(e) = check_peers_cluster(id, dir, cluster_id, known_peers).await {
+                tracing::error!("{e}");
+                if let Ok(mut slot) = refusal.lock() {
+                    *slot = Some(e);
+                }
+                refused.notify_one();
+            }
+        });
+    }
     // Peers come and go with membership changes, so even a group of one has a transport.
     let transport = GrpcTransport::start(config.id, &members);
     let routes = transport.routes();
@@ -97,6 +221,7 @@ pub async fn run(
         id: config.id,
         members,
         join: config.join,
+        bootstrap: config.bootstrap,
         election_ticks: (10, 20),
         tick: Duration::from_millis(config.tick_ms.max(1)),
         heartbeat_ttl_ms: config.heartbeat_ttl_ms,
@@ -202,6 +327,9 @@ pub async fn run(
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server error"),
         Ok(_) => {}
         Err(_) => tracing::info!("gRPC server did not drain in 3 s; closing"),
+    }
+    if let Some(refusal) = refusal.lock().ok().and_then(|mut slot| slot.take()) {
+        return Err(refusal.into());
     }
     replica_result.context("raft replica failed")?;
     Ok(())

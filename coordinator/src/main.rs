@@ -43,8 +43,25 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Exit status when the data dir may not be used (sysexits' EX_CONFIG): the process must
+/// not be restarted as it is (systemd: `RestartPreventExitStatus=78`).
+const EXIT_DATA_DIR_REFUSED: u8 = 78;
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("venom-coordinator: {e:#}");
+            let refused = e
+                .downcast_ref::<venom_coordinator::datadir::DataDirError>()
+                .is_some();
+            std::process::ExitCode::from(if refused { EXIT_DATA_DIR_REFUSED } else { 1 })
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = venom_telemetry::init(venom_telemetry::Config {
         service_name: "venom-coordinator",

@@ -31,7 +31,7 @@ use crate::convert;
 use crate::metrics::Metrics;
 use crate::scheduler::{self, SchedulerConfig};
 use crate::state::{Command, Effect, Outcome, State};
-use crate::storage::{Store, StoreError};
+use crate::storage::{Store, StoreError, BOOTSTRAP_INDEX};
 use crate::transport::Transport;
 
 /// Why a proposal did not commit.
@@ -219,6 +219,9 @@ pub struct ReplicaConfig {
     /// Start empty and wait for the leader's snapshot (the coordinator was added with
     /// `venomctl cluster add`) instead of bootstrapping a new cluster.
     pub join: bool,
+    /// Found a new cluster of `members` when the store is empty. Without it (or `join`),
+    /// an empty store is an error: a coordinator never creates a cluster on its own.
+    pub bootstrap: bool,
     /// Election timeout range in ticks, `[min, max)`: raft picks a random timeout in it
     /// after each election. The simulated cluster uses a one-tick range so runs repeat.
     pub election_ticks: (usize, usize),
@@ -236,6 +239,8 @@ pub struct ReplicaConfig {
 pub enum ReplicaError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0} holds no cluster state and neither bootstrap nor join was asked for")]
+    Uninitialized(std::path::PathBuf),
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
 }
@@ -310,6 +315,10 @@ pub(crate) struct Replica<T: Transport> {
     reads_sent: HashMap<u64, oneshot::Sender<Result<(), ProposeError>>>,
     /// Reads whose index is known, waiting for `applied` to reach it.
     reads_waiting: Vec<(u64, oneshot::Sender<Result<(), ProposeError>>)>,
+    /// Members this leader has proposed as started (see `propose_members_started`).
+    started_proposed: BTreeSet<u64>,
+    /// (member, term) pairs already reported as having lost acknowledged entries.
+    lost_data_reported: BTreeSet<(u64, u64)>,
     /// Every applied entry as (index, term, hash of its data), when a test asks for it
     /// (the simulated cluster's checker compares these across replicas).
     #[cfg(test)]
@@ -369,8 +378,8 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
 }
 
 impl<T: Transport> Replica<T> {
-    /// Opens raft on `store` (bootstrapping a new one from `config.members` unless
-    /// joining) with the state checkpointed there. `boot_nonce` must differ between lives
+    /// Opens raft on `store` (an empty one is bootstrapped with `config.members`, or left
+    /// empty for the leader's snapshot when joining) with the state checkpointed there. `boot_nonce` must differ between lives
     /// of the same replica (it tells this life's proposals from an earlier one's).
     pub(crate) fn new(
         config: ReplicaConfig,
@@ -383,12 +392,18 @@ impl<T: Transport> Replica<T> {
         if store.is_new()? {
             let founders = if config.join {
                 BTreeMap::new()
-            } else {
+            } else if config.bootstrap {
                 config.members.clone()
+            } else {
+                return Err(ReplicaError::Uninitialized(store.dir().to_path_buf()));
             };
-            store.bootstrap(&founders)?;
+            store.bootstrap(&founders, config.id)?;
         }
         let applied = store.load_state(&mut state)?;
+        if state.cluster_id != 0 {
+            // The identity file may not have been updated before a crash.
+            store.record_cluster_id(config.id, state.cluster_id)?;
+        }
         let raft_config = raft::Config {
             id: config.id,
             election_tick: 10,
@@ -455,13 +470,37 @@ impl<T: Transport> Replica<T> {
             snapshot_since_us: BTreeMap::new(),
             reads_sent: HashMap::new(),
             reads_waiting: Vec::new(),
+            started_proposed: BTreeSet::new(),
+            lost_data_reported: BTreeSet::new(),
             #[cfg(test)]
             applied_trace: None,
             config,
         })
     }
 
+    /// Runs the loop until shutdown or a failure. After a storage failure (a write or sync
+    /// the disk refused) the database is never touched again: a sync that failed may have
+    /// lost the pages it was writing, so nothing may be acknowledged on top of them, and
+    /// sled's own drop would sync once more (and panic on the same error). The process
+    /// ends with the error; a restart recovers from what the disk kept.
     async fn run(
+        self,
+        rx: mpsc::Receiver<Event>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), ReplicaError> {
+        let store = self.store.clone();
+        let result = self.run_loop(rx, shutdown).await;
+        match &result {
+            Err(ReplicaError::Store(e)) => {
+                tracing::error!(error = %e, "storage failed; stopping without touching it again");
+                std::mem::forget(store);
+            }
+            _ => drop(store),
+        }
+        result
+    }
+
+    async fn run_loop(
         mut self,
         mut rx: mpsc::Receiver<Event>,
         shutdown: impl std::future::Future<Output = ()> + Send,
@@ -552,6 +591,7 @@ impl<T: Transport> Replica<T> {
         if tick_due && self.raw.raft.state == StateRole::Leader {
             // Heartbeat expiry and anything else time alone changes.
             self.schedule_if_needed();
+            self.propose_members_started();
             self.retry_lost_snapshots();
             self.on_ready()?;
         }
@@ -594,6 +634,7 @@ impl<T: Transport> Replica<T> {
             }
             Event::Raft(messages) => {
                 for m in messages {
+                    self.check_acknowledged_log(&m);
                     if let Err(e) = self.raw.step(m) {
                         tracing::warn!(error = %e, "raft message rejected");
                     }
@@ -707,6 +748,7 @@ impl<T: Transport> Replica<T> {
             let err = self.not_leader();
             self.fail_pending(err);
             self.workers.clear();
+            self.started_proposed.clear();
         }
         if !self.was_leader && is_leader {
             self.leader_since_ms = self.clock.now_ms();
@@ -718,6 +760,70 @@ impl<T: Transport> Replica<T> {
             }
         }
         self.was_leader = is_leader;
+    }
+
+    /// On the leader: records in the replicated state every member that has made the log
+    /// durable past the founding point, so that one found later with an empty data dir
+    /// is known to have lost its data (it refuses to found the cluster again).
+    fn propose_members_started(&mut self) {
+        let ids: Vec<u64> = {
+            let Ok(state) = self.shared.state.read() else {
+                return;
+            };
+            self.raw
+                .raft
+                .prs()
+                .iter()
+                .filter(|(id, pr)| {
+                    pr.matched > BOOTSTRAP_INDEX
+                        && state.members.contains_key(*id)
+                        && !state.members_started.contains(*id)
+                        && !self.started_proposed.contains(*id)
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        if ids.is_empty() {
+            return;
+        }
+        self.started_proposed.extend(ids.iter().copied());
+        let mut ids = ids;
+        ids.sort_unstable();
+        self.propose(Command::MembersStarted { ids }, vec![None]);
+    }
+
+    /// On the leader: a follower that answers an append with a log ending below an index
+    /// it had acknowledged lost entries it made durable (a disk that did not keep its
+    /// writes, or a data dir replaced). raft counted those acknowledgements towards
+    /// commits, so this is logged as an error, once per member and term, with the way out.
+    fn check_acknowledged_log(&mut self, m: &RaftMessage) {
+        use raft::eraftpb::MessageType;
+        if !m.reject
+            || m.get_msg_type() != MessageType::MsgAppendResponse
+            || self.raw.raft.state != StateRole::Leader
+        {
+            return;
+        }
+        let Some(matched) = self.raw.raft.prs().get(m.from).map(|pr| pr.matched) else {
+            return;
+        };
+        // `index >= matched`: an answer to a current append (a late answer to an old one
+        // names an index below what the follower has acknowledged since).
+        if m.reject_hint < matched
+            && m.index >= matched
+            && self.lost_data_reported.insert((m.from, self.raw.raft.term))
+        {
+            tracing::error!(
+                member = m.from,
+                acknowledged = matched,
+                log_ends_at = m.reject_hint,
+                "coordinator {} lost log entries it had acknowledged (its disk did not keep \
+                 them, or its data dir was replaced); remove it with `venomctl cluster \
+                 remove {}`, wipe its data dir, add it back and start it with --join",
+                m.from,
+                m.from
+            );
+        }
     }
 
     /// The scheduler's inputs that only the leader knows.
@@ -941,7 +1047,7 @@ impl<T: Transport> Replica<T> {
             membership_changed |= state.cluster_id != self.cluster_id;
         }
         if membership_changed {
-            self.refresh_members();
+            self.refresh_members()?;
         }
         for (node, message) in effects {
             self.send_to_worker(&node, message);
@@ -974,14 +1080,15 @@ impl<T: Transport> Replica<T> {
         self.applied = index;
         self.persisted_applied = index;
         self.last_persist_us = self.clock.now_us();
-        self.refresh_members();
+        self.refresh_members()?;
         self.shared.applied.send_replace(index);
         Ok(())
     }
 
     /// Takes the members' addresses from the replicated state after a conf change or a
-    /// snapshot, and tells the transport.
-    fn refresh_members(&mut self) {
+    /// snapshot, and tells the transport; a cluster id seen for the first time is also
+    /// recorded in the data directory's identity file.
+    fn refresh_members(&mut self) -> Result<(), ReplicaError> {
         let (members, cluster_id) = match self.shared.state.read() {
             Ok(state) => (state.members.clone(), state.cluster_id),
             Err(poisoned) => {
@@ -992,11 +1099,13 @@ impl<T: Transport> Replica<T> {
         if cluster_id != self.cluster_id {
             self.cluster_id = cluster_id;
             self.transport.set_cluster_id(cluster_id);
+            blocking(|| self.store.record_cluster_id(self.config.id, cluster_id))?;
         }
         if !members.is_empty() && members != self.members {
             self.members = members;
             self.transport.set_members(&self.members);
         }
+        Ok(())
     }
 
     /// Proposes one membership change (raft's simple, one-member-at-a-time conf change:

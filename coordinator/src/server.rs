@@ -478,6 +478,7 @@ impl ClientApi {
             .filter(|n| n.state == crate::state::NodeState::Ready)
             .map(crate::state::Node::model_input)
             .collect();
+        let started = state.members_started.clone();
         drop(state);
         let model = mobius::cluster_model(&inputs);
         let leader_matched = status.matched.clone();
@@ -511,6 +512,7 @@ impl ClientApi {
                     },
                     reported: is_self,
                     leader_id: if is_self { status.leader_id } else { 0 },
+                    started: started.contains(&id),
                 }
             })
             .collect();
@@ -525,6 +527,7 @@ impl ClientApi {
             n_nodes_ready: inputs.len() as u32,
             commit_index: status.commit,
             applied_index: status.applied,
+            cluster_id: status.cluster_id,
         }
     }
 }
@@ -552,6 +555,7 @@ async fn gather_member_views(view: &mut pb::ClusterStatusResponse) {
             Some(Some(own)) if own.id == row.id => {
                 *row = pb::ClusterMember {
                     address: row.address.clone(),
+                    started: row.started,
                     ..own.clone()
                 };
             }
@@ -576,24 +580,27 @@ async fn gather_member_views(view: &mut pb::ClusterStatusResponse) {
 
 /// One member's own row, or `None` when it does not answer in time.
 async fn ask_member(address: &str) -> Option<pb::ClusterMember> {
+    let view = member_view(address, MEMBER_VIEW_TIMEOUT).await?;
+    view.members.into_iter().find(|m| m.reported)
+}
+
+/// A coordinator's own view of the cluster (`ClusterStatus` without asking the others),
+/// or `None` when it does not answer within `timeout` (connecting included).
+pub async fn member_view(address: &str, timeout: Duration) -> Option<pb::ClusterStatusResponse> {
     let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())
         .ok()?
-        .connect_timeout(MEMBER_VIEW_TIMEOUT)
-        .timeout(MEMBER_VIEW_TIMEOUT);
+        .connect_timeout(timeout)
+        .timeout(timeout);
     let ask = async {
         let channel = endpoint.connect().await.ok()?;
         let mut client = venom_proto::v1::client_service_client::ClientServiceClient::new(channel);
         let reply = client
             .cluster_status(pb::ClusterStatusRequest { all_members: false })
             .await
-            .ok()?
-            .into_inner();
-        reply.members.into_iter().find(|m| m.reported)
+            .ok()?;
+        Some(reply.into_inner())
     };
-    tokio::time::timeout(MEMBER_VIEW_TIMEOUT * 2, ask)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(timeout, ask).await.ok().flatten()
 }
 
 /// The worker-facing API: one bidirectional stream per worker.

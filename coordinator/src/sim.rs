@@ -404,6 +404,7 @@ fn replicated(state: &State) -> StateSnapshot {
     StateSnapshot {
         members: state.members.clone(),
         cluster_id: state.cluster_id,
+        members_started: state.members_started.clone(),
         waves: state.waves.values().cloned().collect(),
         nodes: state.nodes.values().cloned().collect(),
         next_wave_id: state.next_wave_id,
@@ -576,6 +577,8 @@ impl Sim {
         let config = ReplicaConfig {
             id,
             join: join.is_some(),
+            // A founder founds only on its first start; later starts must find its state.
+            bootstrap: join.is_none() && self.nodes[idx].life == 0,
             members: join.unwrap_or_else(|| self.founders.clone()),
             election_ticks: (ticks, ticks + 1),
             tick: Duration::from_millis(100),

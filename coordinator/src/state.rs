@@ -469,6 +469,11 @@ pub enum Command {
     SetClusterId {
         cluster_id: u64,
     },
+    /// These members have made this cluster's log durable past its founding point (the
+    /// leader proposes it when it first sees one acknowledge such an entry).
+    MembersStarted {
+        ids: Vec<u64>,
+    },
 }
 
 /// What applying one command produced, for the proposer.
@@ -522,6 +527,9 @@ pub struct State {
     /// Random identity of this cluster, set once by its first leader (0 until then). Raft
     /// batches carry it, so a coordinator never takes messages meant for another cluster.
     pub cluster_id: u64,
+    /// Members that have acknowledged entries of this cluster's log: one of them found
+    /// with an empty data dir lost its data, and must not found the cluster again.
+    pub members_started: BTreeSet<u64>,
     pub waves: BTreeMap<WaveId, Wave>,
     pub nodes: BTreeMap<String, Node>,
     pub next_wave_id: WaveId,
@@ -562,6 +570,7 @@ pub struct WaveLimitsState(pub WaveLimits);
 pub struct StateSnapshot {
     pub members: BTreeMap<u64, String>,
     pub cluster_id: u64,
+    pub members_started: BTreeSet<u64>,
     pub waves: Vec<Wave>,
     pub nodes: Vec<Node>,
     pub next_wave_id: WaveId,
@@ -614,6 +623,7 @@ impl State {
         StateSnapshot {
             members: self.members,
             cluster_id: self.cluster_id,
+            members_started: self.members_started,
             waves: self.waves.into_values().collect(),
             nodes: self.nodes.into_values().collect(),
             next_wave_id: self.next_wave_id,
@@ -627,6 +637,7 @@ impl State {
     pub fn restore(&mut self, snapshot: StateSnapshot) {
         self.members = snapshot.members;
         self.cluster_id = snapshot.cluster_id;
+        self.members_started = snapshot.members_started;
         self.waves = snapshot
             .waves
             .into_iter()
@@ -666,6 +677,8 @@ impl State {
             }
             None => {
                 self.members.remove(&id);
+                // Added back later, it starts from an empty data dir with --join.
+                self.members_started.remove(&id);
             }
         }
         self.dirty.members = true;
@@ -721,6 +734,14 @@ impl State {
                 if self.cluster_id == 0 && cluster_id != 0 {
                     self.cluster_id = cluster_id;
                     self.dirty.members = true;
+                }
+                Outcome::Done
+            }
+            Command::MembersStarted { ids } => {
+                for id in ids {
+                    if self.members.contains_key(&id) && self.members_started.insert(id) {
+                        self.dirty.members = true;
+                    }
                 }
                 Outcome::Done
             }

@@ -8,8 +8,10 @@
 //!   header, `t/<id><micro>` → micro-task, `n/<name>` → node (all bincode).
 //!
 //! Writes are cheap (sled buffers them); durability comes from [`Store::flush`], which the
-//! raft driver calls once per `Ready` — one fsync covers every entry of a group commit. The
-//! applied index is written in the same atomic batch as the state-machine keys it covers,
+//! raft driver calls once per `Ready`: sled writes out its buffers, then [`SledFiles::sync`]
+//! fdatasyncs its data file (plus any new blob file and changed directory), so one sync
+//! covers every entry of a group commit and nothing acknowledged rests on the page cache.
+//! The applied index is written in the same atomic batch as the state-machine keys it covers,
 //! so a restart resumes applying exactly after the last change it kept.
 //!
 //! Compaction ([`Store::compact`]) deletes log entries up to an index no later than that
@@ -21,8 +23,9 @@
 //! crash leaves either the old or the new log/state, never a mix.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -30,6 +33,8 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional as _};
 use thiserror::Error;
 
+use crate::datadir::{self, Identity};
+use crate::durable::SledFiles;
 use crate::state::{MicroTask, Node, State, StateSnapshot, Wave, WaveHeader};
 use crate::wave::WaveLimits;
 
@@ -47,12 +52,17 @@ pub enum StoreError {
     Bincode { key: String, source: bincode::Error },
     #[error("raft snapshot at index {index} does not decode: {source}")]
     SnapshotData { index: u64, source: bincode::Error },
+    #[error("syncing {dir}: {error}")]
+    Sync { dir: PathBuf, error: std::io::Error },
 }
 
 /// Handle on the coordinator's sled database. Cloning is cheap (sled trees are shared).
 #[derive(Clone)]
 pub struct Store {
+    dir: PathBuf,
     db: sled::Db,
+    /// sled's files, synced after every flush of sled's buffers.
+    files: Arc<Mutex<SledFiles>>,
     log: sled::Tree,
     meta: sled::Tree,
     state: sled::Tree,
@@ -74,6 +84,7 @@ const NEXT_WAVE_ID: &[u8] = b"m/next_wave_id";
 const STALE_RESULTS: &[u8] = b"m/stale_results";
 const MEMBERS: &[u8] = b"m/members";
 const CLUSTER_ID: &[u8] = b"m/cluster_id";
+const MEMBERS_STARTED: &[u8] = b"m/members_started";
 /// Set once the store holds a cluster's initial state (or a joiner's empty one).
 const INITIALIZED: &str = "initialized";
 /// The index (and term) of the initial snapshot every bootstrapped member starts from. A
@@ -135,18 +146,38 @@ impl Store {
                 Err(e) => return Err(e.into()),
             }
         };
+        let files = SledFiles::open(dir).map_err(|error| StoreError::Sync {
+            dir: dir.to_path_buf(),
+            error,
+        })?;
         Ok(Self {
+            dir: dir.to_path_buf(),
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
             state: db.open_tree("state")?,
             snapshot_wanted: Arc::new(AtomicBool::new(false)),
+            files: Arc::new(Mutex::new(files)),
             db,
         })
     }
 
-    /// Writes everything buffered to disk (fsync).
+    /// The directory the database lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes everything written so far durable: sled writes out its buffers, then its
+    /// files are synced (see [`SledFiles`]). When this returns, a power cut loses none of it.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
+        let mut files = match self.files.lock() {
+            Ok(files) => files,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        files.sync().map_err(|error| StoreError::Sync {
+            dir: self.dir.clone(),
+            error,
+        })?;
         Ok(())
     }
 
@@ -158,8 +189,13 @@ impl Store {
     /// First boot of a founding member: the state machine starts at
     /// [`BOOTSTRAP_INDEX`] holding the initial `members`, as if a snapshot had been
     /// installed there. With no members (a coordinator joining an existing cluster) the
-    /// store stays empty until the leader's snapshot arrives.
-    pub fn bootstrap(&self, members: &BTreeMap<u64, String>) -> Result<(), StoreError> {
+    /// store stays empty until the leader's snapshot arrives. Once that is durable, the
+    /// data directory's identity file records `member_id` (see [`crate::datadir`]).
+    pub fn bootstrap(
+        &self,
+        members: &BTreeMap<u64, String>,
+        member_id: u64,
+    ) -> Result<(), StoreError> {
         if !members.is_empty() {
             let mut state = State::default();
             for (&id, address) in members {
@@ -179,7 +215,28 @@ impl Store {
                 .insert("snapshot_term", &u64_key(BOOTSTRAP_INDEX))?;
         }
         self.meta.insert(INITIALIZED, &[1u8][..])?;
-        self.flush()
+        self.flush()?;
+        self.record_cluster_id(member_id, 0)
+    }
+
+    /// Records in the identity file which cluster this data directory belongs to.
+    pub fn record_cluster_id(&self, member_id: u64, cluster_id: u64) -> Result<(), StoreError> {
+        datadir::write_identity(
+            &self.dir,
+            Identity {
+                member_id,
+                cluster_id,
+            },
+        )
+        .map_err(|error| StoreError::Sync {
+            dir: self.dir.clone(),
+            error,
+        })
+    }
+
+    /// The cluster id as of the last checkpoint (0 before the first leader named it).
+    pub fn cluster_id(&self) -> Result<u64, StoreError> {
+        Ok(self.state.get(CLUSTER_ID)?.map_or(0, |b| read_u64(&b)))
     }
 
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StoreError> {
@@ -462,6 +519,9 @@ impl Store {
             let bytes = bincode::serialize(&state.members).map_err(|e| bincode_err(MEMBERS, e))?;
             batch.insert(MEMBERS, bytes);
             batch.insert(CLUSTER_ID, &u64_key(state.cluster_id));
+            let started = bincode::serialize(&state.members_started)
+                .map_err(|e| bincode_err(MEMBERS_STARTED, e))?;
+            batch.insert(MEMBERS_STARTED, started);
         }
         batch.insert(APPLIED, &u64_key(applied));
         batch.insert(NEXT_WAVE_ID, &u64_key(state.next_wave_id));
@@ -480,6 +540,10 @@ impl Store {
         state.stale_results = self.state.get(STALE_RESULTS)?.map_or(0, |b| read_u64(&b));
         state.members = self.members()?;
         state.cluster_id = self.state.get(CLUSTER_ID)?.map_or(0, |b| read_u64(&b));
+        if let Some(bytes) = self.state.get(MEMBERS_STARTED)? {
+            state.members_started =
+                bincode::deserialize(&bytes).map_err(|e| bincode_err(MEMBERS_STARTED, e))?;
+        }
         for item in self.state.scan_prefix(WAVE) {
             let (key, bytes) = item?;
             let header: WaveHeader =
@@ -646,7 +710,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).expect("open");
             assert!(store.is_new().expect("is_new"));
-            store.bootstrap(&BTreeMap::new()).expect("bootstrap");
+            store.bootstrap(&BTreeMap::new(), 1).expect("bootstrap");
             store
                 .append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
                 .expect("append");
@@ -751,7 +815,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open(dir.path()).expect("open");
-            store.bootstrap(&BTreeMap::new()).expect("bootstrap");
+            store.bootstrap(&BTreeMap::new(), 1).expect("bootstrap");
             let entries: Vec<Entry> = (1..=20)
                 .map(|i| entry(i, if i <= 10 { 1 } else { 2 }))
                 .collect();
@@ -804,7 +868,7 @@ mod tests {
             .collect();
         let dir = tempfile::tempdir().expect("tempdir");
         let founder = Store::open(dir.path()).expect("open");
-        founder.bootstrap(&members).expect("bootstrap");
+        founder.bootstrap(&members, 1).expect("bootstrap");
         assert!(!founder.is_new().expect("is_new"));
         assert_eq!(founder.first_index().expect("first"), BOOTSTRAP_INDEX + 1);
         assert_eq!(founder.last_index().expect("last"), BOOTSTRAP_INDEX);
@@ -841,7 +905,7 @@ mod tests {
 
         let joiner_dir = tempfile::tempdir().expect("tempdir");
         let joiner = Store::open(joiner_dir.path()).expect("open");
-        joiner.bootstrap(&BTreeMap::new()).expect("bootstrap");
+        joiner.bootstrap(&BTreeMap::new(), 1).expect("bootstrap");
         assert!(!joiner.is_new().expect("is_new"));
         assert!(joiner
             .initial_state()
@@ -875,7 +939,7 @@ mod tests {
     fn snapshot_round_trips_from_a_checkpoint_into_a_fresh_store() {
         let leader_dir = tempfile::tempdir().expect("tempdir");
         let leader = Store::open(leader_dir.path()).expect("open");
-        leader.bootstrap(&BTreeMap::new()).expect("bootstrap");
+        leader.bootstrap(&BTreeMap::new(), 1).expect("bootstrap");
         // No checkpoint yet: raft must be told to retry later, not handed an empty snapshot.
         assert!(matches!(
             leader.snapshot(0, 2),
@@ -911,7 +975,7 @@ mod tests {
         let follower_dir = tempfile::tempdir().expect("tempdir");
         {
             let follower = Store::open(follower_dir.path()).expect("open");
-            follower.bootstrap(&BTreeMap::new()).expect("bootstrap");
+            follower.bootstrap(&BTreeMap::new(), 1).expect("bootstrap");
             // A stale log and a stale key the snapshot must replace.
             follower
                 .append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
