@@ -8,6 +8,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod powercut;
+pub mod scenario;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -125,7 +128,8 @@ impl Coordinator {
         Self::start_with_env(data_dir, extra, &[])
     }
 
-    /// Starts a single-node coordinator on a free port with extra environment variables.
+    /// Starts a single-node coordinator on a free port with extra environment variables
+    /// (founding its cluster when `data_dir` is empty: `--bootstrap`).
     pub fn start_with_env(
         data_dir: &Path,
         extra: &[&str],
@@ -134,16 +138,37 @@ impl Coordinator {
         Self::start_on(
             data_dir,
             free_port(),
-            extra.iter().map(|s| s.to_string()).collect(),
+            std::iter::once("--bootstrap")
+                .chain(extra.iter().copied())
+                .map(str::to_string)
+                .collect(),
             test_log_filter(),
             env.to_vec(),
         )
     }
 
     /// Starts member `id` of a raft group on `port`; `peers` is the `--peers` value
-    /// (`ID=HOST:PORT,…`, every member included). [`Coordinator::kill9_and_restart`]
-    /// brings it back with the same id, port, peers and data dir.
+    /// (`ID=HOST:PORT,…`, every member included). A founding member gets `--bootstrap`
+    /// (unless `extra` holds `--join`). [`Coordinator::kill9_and_restart`] brings it back
+    /// with the same id, port, peers, flags and data dir.
     pub fn start_member(
+        id: u64,
+        port: u16,
+        peers: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut flags = Vec::new();
+        if !extra.contains(&"--join") {
+            flags.push("--bootstrap");
+        }
+        flags.extend_from_slice(extra);
+        Self::start_member_exact(id, port, peers, data_dir, &flags)
+    }
+
+    /// Like [`Coordinator::start_member`], with exactly the flags in `extra` (neither
+    /// `--bootstrap` nor `--join` unless given).
+    pub fn start_member_exact(
         id: u64,
         port: u16,
         peers: &str,
@@ -158,6 +183,19 @@ impl Coordinator {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::start_on(data_dir, port, args, test_log_filter(), Vec::new())
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its exit code, or `None`
+    /// if it is still running (or died of a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.proc.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Where its stderr (the `tracing` log) goes: beside the data dir, appended to across
@@ -259,6 +297,21 @@ pub fn start_worker_with_env(
         child,
         name: name.to_string(),
     })
+}
+
+/// Runs `venomctl --coordinator URLS ARGS…`; returns (success, stdout, stderr).
+pub fn venomctl(urls: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin_path("venomctl"))
+        .arg("--coordinator")
+        .arg(urls)
+        .args(args)
+        .output()
+        .expect("venomctl runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A gRPC client to a coordinator.
@@ -774,7 +827,13 @@ impl Group {
     /// Starts `n` members on ports chosen up front, each listing all of them as peers;
     /// member `id` keeps its data in `root/c<id>` and gets `extra` flags.
     pub fn start(root: &Path, n: usize, extra: &[&str]) -> anyhow::Result<Group> {
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let dirs: Vec<PathBuf> = (1..=n).map(|id| root.join(format!("c{id}"))).collect();
+        Self::start_in(&dirs, extra)
+    }
+
+    /// Starts one member per data dir (ids from 1, in order), as [`Group::start`] does.
+    pub fn start_in(data_dirs: &[PathBuf], extra: &[&str]) -> anyhow::Result<Group> {
+        let ports: Vec<u16> = data_dirs.iter().map(|_| free_port()).collect();
         let peers = ports
             .iter()
             .enumerate()
@@ -782,13 +841,12 @@ impl Group {
             .collect::<Vec<_>>()
             .join(",");
         let mut members = Vec::new();
-        for (i, &port) in ports.iter().enumerate() {
-            let dir = root.join(format!("c{}", i + 1));
+        for (i, (&port, dir)) in ports.iter().zip(data_dirs).enumerate() {
             members.push(Some(Coordinator::start_member(
                 i as u64 + 1,
                 port,
                 &peers,
-                &dir,
+                dir,
                 extra,
             )?));
         }
@@ -802,6 +860,16 @@ impl Group {
 
     pub fn url(&self, id: u64) -> &str {
         &self.urls[(id - 1) as usize]
+    }
+
+    /// The `--peers` value naming every member (`1=HOST:PORT,…`).
+    pub fn peers_arg(&self) -> String {
+        self.urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| format!("{}={}", i + 1, url.trim_start_matches("http://")))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Every member's URL, comma-separated (what workers and clients are given).

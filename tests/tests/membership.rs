@@ -11,7 +11,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
@@ -53,21 +52,6 @@ async fn find_leader(urls: &BTreeMap<u64, String>, timeout: Duration) -> u64 {
         assert!(Instant::now() < deadline, "no leader among {urls:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Runs `venomctl --coordinator URLS ARGS…`; returns (success, stdout, stderr).
-fn venomctl(urls: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin_path("venomctl"))
-        .arg("--coordinator")
-        .arg(urls)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 async fn wave_names(url: &str) -> Option<Vec<(u64, String, String)>> {
