@@ -5,7 +5,9 @@
 //! with the same parallelism (the spawn floor). The floor is measured here with the same
 //! spawn path a worker uses (`Command::process_group(0)`, no `pre_exec` hook), `slots`
 //! processes in flight for the array and one at a time for the chain (a chain can do no
-//! better than sequential spawns).
+//! better than sequential spawns). With `--dev` it also measures the disk under the dev
+//! cluster's data: the latency of one `fdatasync` after a small write, the least each
+//! durable group commit costs (a chain commits at least once per link).
 
 use std::io;
 use std::os::unix::process::CommandExt as _;
@@ -75,6 +77,38 @@ pub fn spawn_floor(program: &str, n: u32, slots: u32) -> io::Result<FloorRun> {
     })
 }
 
+/// The latency of `fdatasync` after a 4 KiB append, on the disk holding `dir`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SyncFloor {
+    pub n_samples: u32,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// Appends 4 KiB and fdatasyncs it `n` times in a scratch file in `dir` (removed after).
+pub fn sync_floor(dir: &std::path::Path, n: u32) -> io::Result<SyncFloor> {
+    use std::io::Write as _;
+
+    let scratch = tempfile::tempfile_in(dir)?;
+    let mut file = io::BufWriter::new(scratch);
+    let block = [0x5a_u8; 4096];
+    let mut samples = Vec::with_capacity(n as usize);
+    for _ in 0..n.max(1) {
+        let started = Instant::now();
+        file.write_all(&block)?;
+        file.flush()?;
+        file.get_ref().sync_data()?;
+        samples.push(started.elapsed().as_secs_f64() * 1_000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    Ok(SyncFloor {
+        n_samples: samples.len() as u32,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+    })
+}
+
 /// An array wave of `n` no-ops.
 pub fn array_wave(n: u32) -> String {
     format!(
@@ -121,6 +155,8 @@ struct BenchReport {
     dev: bool,
     slots: u32,
     rows: Vec<BenchRow>,
+    /// With `--dev`: the disk under the dev cluster's data.
+    sync_floor: Option<SyncFloor>,
 }
 
 /// Submits `spec` and waits for it; returns the summary and the submit-to-done time.
@@ -179,6 +215,17 @@ pub async fn run(ctx: &Context, args: &BenchArgs) -> anyhow::Result<u8> {
         ctx.client()?
     };
     let result = measure(ctx, &mut client, args).await;
+    let sync = match &dev {
+        Some(_) => {
+            let dir = std::env::temp_dir();
+            let measured = tokio::task::spawn_blocking(move || sync_floor(&dir, 200))
+                .await
+                .context("the sync floor thread failed")?
+                .context("measuring fdatasync latency in the temporary directory")?;
+            Some(measured)
+        }
+        None => None,
+    };
     let coordinator = client.current_url().unwrap_or("-").to_owned();
     if let Some(cluster) = dev {
         cluster.shutdown().await?;
@@ -190,6 +237,7 @@ pub async fn run(ctx: &Context, args: &BenchArgs) -> anyhow::Result<u8> {
         dev: args.dev,
         slots: args.slots,
         rows,
+        sync_floor: sync,
     };
     if ctx.json() {
         print_json(&report)?;
@@ -278,6 +326,13 @@ fn render(report: &BenchReport) -> String {
             ""
         }
     ));
+    if let Some(sync) = report.sync_floor {
+        out.push_str(&format!(
+            "Disk under the dev cluster's data: fdatasync after a 4 KiB write p50 {:.2} ms, \
+             p99 {:.2} ms ({} samples); every durable group commit costs at least one.\n",
+            sync.p50_ms, sync.p99_ms, sync.n_samples
+        ));
+    }
     out
 }
 
@@ -302,6 +357,19 @@ mod tests {
         let err = spawn_floor("false", 5, 2).expect_err("`false` fails");
         assert!(err.to_string().contains("false"), "{err}");
         assert!(spawn_floor("/nonexistent/venom-no-such-program", 1, 1).is_err());
+    }
+
+    #[test]
+    fn sync_floor_measures_every_sample() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let floor = sync_floor(dir.path(), 5).expect("fdatasync works here");
+        assert_eq!(floor.n_samples, 5);
+        assert!(
+            floor.p50_ms > 0.0 && floor.p99_ms >= floor.p50_ms,
+            "{floor:?}"
+        );
+        // The scratch file is gone.
+        assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0);
     }
 
     #[test]
