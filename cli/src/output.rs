@@ -719,6 +719,8 @@ pub struct AggregateView {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ClusterView {
+    /// The cluster's identity, hexadecimal as in data dirs' identity files ("" until named).
+    pub cluster_id: String,
     pub leader_id: u64,
     pub term: u64,
     pub commit_index: u64,
@@ -730,6 +732,11 @@ pub struct ClusterView {
 impl From<&pb::ClusterStatusResponse> for ClusterView {
     fn from(c: &pb::ClusterStatusResponse) -> Self {
         Self {
+            cluster_id: if c.cluster_id == 0 {
+                String::new()
+            } else {
+                format!("{:016x}", c.cluster_id)
+            },
             leader_id: c.leader_id,
             term: c.term,
             commit_index: c.commit_index,
@@ -772,7 +779,13 @@ pub fn render_cluster(cluster: &ClusterView) -> String {
     };
     let a = &cluster.aggregate;
     let mut out = String::from("cluster\n");
+    let id = if cluster.cluster_id.is_empty() {
+        "(not named yet)".to_owned()
+    } else {
+        cluster.cluster_id.clone()
+    };
     out.push_str(&render_fields(&[
+        ("cluster id", id),
         ("leader", leader),
         ("term", cluster.term.to_string()),
         ("commit index", cluster.commit_index.to_string()),
