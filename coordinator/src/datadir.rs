@@ -108,8 +108,8 @@ pub enum DataDirError {
     #[error(
         "coordinator {member_id}'s data dir {dir} is empty, but coordinator {peer} reports \
          that coordinator {member_id} already took part in cluster {cluster}: this member \
-         lost its data, and founding again would let it vote without the entries it \
-         acknowledged. {steps}",
+         lost its data, and starting it again under the same membership would let it vote \
+         without the entries it acknowledged. {steps}",
         cluster = cluster_name(*cluster_id),
         steps = rejoin_steps(*member_id, dir)
     )]
@@ -118,6 +118,21 @@ pub enum DataDirError {
         member_id: u64,
         peer: u64,
         cluster_id: u64,
+    },
+    #[error(
+        "data dir {dir} holds coordinator {member_id}'s raft log up to index {last_index}, but \
+         coordinator {peer} reports that it had acknowledged entries up to at least \
+         {acknowledged}: this data dir lost writes it had made durable (a restored backup or \
+         an old copy of the disk, or a disk that did not keep its writes). It must not take \
+         part as it is. {steps}",
+        steps = rejoin_steps(*member_id, dir)
+    )]
+    Behind {
+        dir: PathBuf,
+        member_id: u64,
+        peer: u64,
+        acknowledged: u64,
+        last_index: u64,
     },
     #[error(
         "data dir {dir}: sled's configuration file `conf` is {problem} while its data file \

@@ -34,7 +34,7 @@ use venom_proto::v1::raft_service_server::RaftServiceServer;
 use venom_proto::v1::worker_service_server::WorkerServiceServer;
 
 use crate::datadir::{Contents, DataDirError, Found};
-use crate::replica::ReplicaConfig;
+use crate::replica::{ReplicaConfig, ReplicaError};
 use crate::state::State;
 use crate::storage::Store;
 use crate::transport::GrpcTransport;
@@ -67,8 +67,9 @@ const PEER_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Opens this coordinator's data directory and decides whether it may start on it
 /// (see [`datadir`]): an empty directory needs `--bootstrap` or `--join`, and is refused
-/// before anything is written to it; a founding member whose peers record it as having
-/// taken part already lost its data. Returns the store and its cluster id (0 if none yet).
+/// before anything is written to it; a member whose peers record it as having taken part
+/// already (it acknowledged entries) lost its data, whichever flag it has — it must be
+/// removed and added back first. Returns the store and its cluster id (0 if none yet).
 async fn open_data_dir(
     config: &CoordinatorConfig,
     data_dir: &std::path::Path,
@@ -86,20 +87,18 @@ async fn open_data_dir(
         if !config.bootstrap && !config.join {
             return Err(empty().into());
         }
-        if config.bootstrap {
-            let views = peer_views(&configured_peers).await;
-            let took_part = views
-                .iter()
-                .find(|(_, view)| view.members.iter().any(|m| m.id == config.id && m.started));
-            if let Some((peer, view)) = took_part {
-                return Err(DataDirError::AlreadyStarted {
-                    dir: data_dir.to_path_buf(),
-                    member_id: config.id,
-                    peer: *peer,
-                    cluster_id: view.cluster_id,
-                }
-                .into());
+        let views = peer_views(&configured_peers).await;
+        let took_part = views
+            .iter()
+            .find(|(_, view)| view.members.iter().any(|m| m.id == config.id && m.started));
+        if let Some((peer, view)) = took_part {
+            return Err(DataDirError::AlreadyStarted {
+                dir: data_dir.to_path_buf(),
+                member_id: config.id,
+                peer: *peer,
+                cluster_id: view.cluster_id,
             }
+            .into());
         }
     }
     let (store, contents) = datadir::open(data_dir, config.id)?;
@@ -331,6 +330,8 @@ pub async fn run(
     if let Some(refusal) = refusal.lock().ok().and_then(|mut slot| slot.take()) {
         return Err(refusal.into());
     }
-    replica_result.context("raft replica failed")?;
-    Ok(())
+    match replica_result {
+        Err(ReplicaError::DataDir(refusal)) => Err(refusal.into()),
+        other => other.context("raft replica failed"),
+    }
 }

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use venom_proto::v1 as pb;
 
 use crate::convert;
+use crate::datadir::DataDirError;
 use crate::metrics::Metrics;
 use crate::scheduler::{self, SchedulerConfig};
 use crate::state::{Command, Effect, Outcome, State};
@@ -241,6 +242,8 @@ pub enum ReplicaError {
     Store(#[from] StoreError),
     #[error("{0} holds no cluster state and neither bootstrap nor join was asked for")]
     Uninitialized(std::path::PathBuf),
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
 }
@@ -317,8 +320,9 @@ pub(crate) struct Replica<T: Transport> {
     reads_waiting: Vec<(u64, oneshot::Sender<Result<(), ProposeError>>)>,
     /// Members this leader has proposed as started (see `propose_members_started`).
     started_proposed: BTreeSet<u64>,
-    /// (member, term) pairs already reported as having lost acknowledged entries.
-    lost_data_reported: BTreeSet<(u64, u64)>,
+    /// Set when a peer's message shows that this member lost acknowledged entries; the
+    /// next turn stops the replica with it.
+    lost_data: Option<DataDirError>,
     /// Every applied entry as (index, term, hash of its data), when a test asks for it
     /// (the simulated cluster's checker compares these across replicas).
     #[cfg(test)]
@@ -379,8 +383,9 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
 
 impl<T: Transport> Replica<T> {
     /// Opens raft on `store` (an empty one is bootstrapped with `config.members`, or left
-    /// empty for the leader's snapshot when joining) with the state checkpointed there. `boot_nonce` must differ between lives
-    /// of the same replica (it tells this life's proposals from an earlier one's).
+    /// empty for the leader's snapshot when joining) with the state checkpointed there.
+    /// `boot_nonce` must differ between lives of the same replica (it tells this life's
+    /// proposals from an earlier one's).
     pub(crate) fn new(
         config: ReplicaConfig,
         store: Store,
@@ -471,7 +476,7 @@ impl<T: Transport> Replica<T> {
             reads_sent: HashMap::new(),
             reads_waiting: Vec::new(),
             started_proposed: BTreeSet::new(),
-            lost_data_reported: BTreeSet::new(),
+            lost_data: None,
             #[cfg(test)]
             applied_trace: None,
             config,
@@ -574,6 +579,9 @@ impl<T: Transport> Replica<T> {
     /// propose what is queued, process raft's `Ready`, and (on the leader, on a tick) run
     /// the time-driven scheduling. The simulated cluster drives replicas through this.
     pub(crate) fn turn(&mut self, tick_due: bool) -> Result<(), ReplicaError> {
+        if let Some(lost) = self.lost_data.take() {
+            return Err(lost.into());
+        }
         if tick_due {
             self.raw.tick();
         }
@@ -634,7 +642,12 @@ impl<T: Transport> Replica<T> {
             }
             Event::Raft(messages) => {
                 for m in messages {
-                    self.check_acknowledged_log(&m);
+                    if self.lost_data.is_none() {
+                        self.lost_data = self.check_acknowledged_log(&m);
+                    }
+                    if self.lost_data.is_some() {
+                        continue;
+                    }
                     if let Err(e) = self.raw.step(m) {
                         tracing::warn!(error = %e, "raft message rejected");
                     }
@@ -792,38 +805,23 @@ impl<T: Transport> Replica<T> {
         self.propose(Command::MembersStarted { ids }, vec![None]);
     }
 
-    /// On the leader: a follower that answers an append with a log ending below an index
-    /// it had acknowledged lost entries it made durable (a disk that did not keep its
-    /// writes, or a data dir replaced). raft counted those acknowledgements towards
-    /// commits, so this is logged as an error, once per member and term, with the way out.
-    fn check_acknowledged_log(&mut self, m: &RaftMessage) {
+    /// A heartbeat's commit index is at most what this member acknowledged to its sender.
+    /// One beyond this member's last log index means the data dir lost entries it had made
+    /// durable (a restored backup, a disk that did not keep its writes): raft-rs would
+    /// panic on it, and taking part would let this member vote without them.
+    fn check_acknowledged_log(&mut self, m: &RaftMessage) -> Option<DataDirError> {
         use raft::eraftpb::MessageType;
-        if !m.reject
-            || m.get_msg_type() != MessageType::MsgAppendResponse
-            || self.raw.raft.state != StateRole::Leader
-        {
-            return;
+        let last_index = self.raw.raft.raft_log.last_index();
+        if m.get_msg_type() != MessageType::MsgHeartbeat || m.commit <= last_index {
+            return None;
         }
-        let Some(matched) = self.raw.raft.prs().get(m.from).map(|pr| pr.matched) else {
-            return;
-        };
-        // `index >= matched`: an answer to a current append (a late answer to an old one
-        // names an index below what the follower has acknowledged since).
-        if m.reject_hint < matched
-            && m.index >= matched
-            && self.lost_data_reported.insert((m.from, self.raw.raft.term))
-        {
-            tracing::error!(
-                member = m.from,
-                acknowledged = matched,
-                log_ends_at = m.reject_hint,
-                "coordinator {} lost log entries it had acknowledged (its disk did not keep \
-                 them, or its data dir was replaced); remove it with `venomctl cluster \
-                 remove {}`, wipe its data dir, add it back and start it with --join",
-                m.from,
-                m.from
-            );
-        }
+        Some(DataDirError::Behind {
+            dir: self.store.dir().to_path_buf(),
+            member_id: self.config.id,
+            peer: m.from,
+            acknowledged: m.commit,
+            last_index,
+        })
     }
 
     /// The scheduler's inputs that only the leader knows.

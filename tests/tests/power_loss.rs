@@ -7,8 +7,9 @@
 //! - all three members cut at once in the middle of a wave;
 //! - only the leader cut;
 //! - the power going in the middle of a sync, leaving a torn tail in the data file;
-//! - a known member restarted on an empty data dir (must refuse; then brought back the
-//!   documented way).
+//! - a known member restarted on an empty data dir, and one on another cluster's data dir
+//!   (must refuse; then brought back the documented way);
+//! - a member restored from an old copy of its data dir (must stop; then brought back).
 //!
 //! Each checks what clients were told before the cut against what the cluster says after
 //! it: acknowledged waves lost 0, results reported succeeded and lost (or recorded again)
@@ -487,6 +488,13 @@ async fn a_known_member_on_an_empty_data_dir_refuses_and_rejoins_the_documented_
     ] {
         assert!(log.contains(needle), "`{needle}` missing from:\n{log}");
     }
+    // With --join (as if it had just been added): its peers still count it as a member
+    // that took part, so it must be removed and added back first.
+    let mut joining =
+        Coordinator::start_member(victim_id, port, &peers, &data_dir, &["--join"]).unwrap();
+    let code = joining.wait_exit(Duration::from_secs(20));
+    let log = std::fs::read_to_string(joining.log_path()).unwrap();
+    assert_eq!(code, Some(78), "refused; log:\n{log}");
     // Without --bootstrap or --join: refused as an empty data dir.
     let mut plain =
         Coordinator::start_member_exact(victim_id, port, &peers, &data_dir, &[]).unwrap();
@@ -554,8 +562,85 @@ async fn a_known_member_on_an_empty_data_dir_refuses_and_rejoins_the_documented_
     s.finish(
         0,
         &format!(
-            "member {victim_id} on an empty data dir refused twice (exit 78); removed, wiped, \
+            "member {victim_id} on an empty data dir refused with --bootstrap, with --join and \
+             with neither, and on another cluster's data dir (exit 78 each); removed, wiped, \
              added back and joined: caught up in {caught_up_ms} ms"
+        ),
+        "",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restored_from_an_old_copy_of_its_data_dir_stops_and_rejoins() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut s = Scenario::start("restored copy", &[], &[], 4).await;
+    let first = submit_waves(&mut s, 1, 10, "0").await;
+    s.group
+        .wait_finished(first[0], Duration::from_secs(60))
+        .await;
+    let leader = s.group.wait_leader(0, Duration::from_secs(20)).await;
+    let victim_id = s.group.ids().into_iter().find(|&id| id != leader).unwrap();
+
+    // A copy of the follower's data dir, taken while it is stopped (a backup).
+    let victim = s.group.kill9(victim_id);
+    let backup = s.root.join("backup");
+    copy_dir(&victim.data_dir, &backup);
+    s.group.restart(victim_id, victim).unwrap();
+    s.group
+        .wait_caught_up(victim_id, leader, Duration::from_secs(30))
+        .await;
+    // It acknowledges more entries; then its disk is replaced with the old copy.
+    let later = submit_waves(&mut s, 3, 10, "0").await;
+    for id in &later {
+        s.group.wait_finished(*id, Duration::from_secs(60)).await;
+    }
+    s.group
+        .wait_caught_up(victim_id, leader, Duration::from_secs(30))
+        .await;
+    let victim = s.group.kill9(victim_id);
+    std::fs::remove_dir_all(&victim.data_dir).unwrap();
+    copy_dir(&backup, &victim.data_dir);
+    let mut victim = victim;
+    victim.kill9_and_restart().unwrap();
+    // The leader's heartbeat names a commit index beyond the restored log: the member stops.
+    let code = victim.wait_exit(Duration::from_secs(20));
+    let log = std::fs::read_to_string(victim.log_path()).unwrap();
+    assert_eq!(code, Some(78), "refused with EX_CONFIG; log:\n{log}");
+    assert!(
+        log.contains("lost writes it had made durable")
+            && log.contains(&format!("venomctl cluster remove {victim_id}")),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+
+    // The way out brings it back.
+    let urls = s.group.all_urls();
+    let (ok, out, err) = venomctl(&urls, &["cluster", "remove", &victim_id.to_string()]);
+    assert!(ok, "cluster remove: {out}{err}");
+    std::fs::remove_dir_all(&victim.data_dir).unwrap();
+    let address = format!("127.0.0.1:{}", victim.port);
+    let (ok, out, err) = venomctl(&urls, &["cluster", "add", &victim_id.to_string(), &address]);
+    assert!(ok, "cluster add: {out}{err}");
+    let joined = Coordinator::start_member(
+        victim_id,
+        victim.port,
+        &s.group.peers_arg(),
+        &victim.data_dir,
+        &["--join"],
+    )
+    .unwrap();
+    drop(victim);
+    s.group.members[(victim_id - 1) as usize] = Some(joined);
+    let leader = s.group.wait_leader(0, Duration::from_secs(20)).await;
+    s.group
+        .wait_caught_up(victim_id, leader, Duration::from_secs(30))
+        .await;
+    s.finish(
+        0,
+        &format!(
+            "member {victim_id} restored from an older copy of its data dir stopped with exit \
+             78 at the leader's first heartbeat; removed, wiped, added back and joined"
         ),
         "",
     )
