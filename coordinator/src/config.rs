@@ -31,8 +31,8 @@ pub struct CoordinatorConfig {
     /// Found a new cluster (this coordinator and `--peers`) if the data dir holds no
     /// cluster state yet; ignored once it does. Without it, or `--join`, a coordinator
     /// refuses to start on an empty data dir: it never creates a cluster on its own. A
-    /// founding member that finds its peers already running a cluster it took part in
-    /// refuses too (it lost its data).
+    /// member whose peers say it already took part refuses an empty data dir either way
+    /// (it lost its data: remove it, add it back, then `--join`).
     #[arg(long, env = "VENOM_BOOTSTRAP", conflicts_with = "join")]
     pub bootstrap: bool,
 

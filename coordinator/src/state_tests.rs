@@ -1661,3 +1661,36 @@ fn heartbeats_update_health_and_announce_slot_changes() {
     );
     assert!(state.nodes["n1"].throttle.paused);
 }
+
+#[test]
+fn members_started_records_current_members_once_and_removal_forgets_them() {
+    let mut state = State::new(WaveLimits::default());
+    for id in 1..=3 {
+        state.change_member(id, Some(format!("http://127.0.0.1:700{id}")));
+    }
+    state.dirty = Default::default();
+    // Member 9 is not a member: ignored.
+    assert_eq!(
+        state.apply(Command::MembersStarted { ids: vec![1, 2, 9] }),
+        Outcome::Done
+    );
+    assert_eq!(state.members_started, BTreeSet::from([1, 2]));
+    assert!(state.dirty.members, "the checkpoint must carry it");
+    // Again: nothing changes, nothing to write.
+    state.dirty = Default::default();
+    state.apply(Command::MembersStarted { ids: vec![2, 1] });
+    assert_eq!(state.members_started, BTreeSet::from([1, 2]));
+    assert!(!state.dirty.members);
+    // Removing member 2 forgets that it started: added back, it starts empty with --join.
+    state.change_member(2, None);
+    assert_eq!(state.members_started, BTreeSet::from([1]));
+    state.change_member(2, Some("http://127.0.0.1:7002".into()));
+    assert!(!state.members_started.contains(&2));
+    // Snapshots carry it.
+    let mut copy = State::new(WaveLimits::default());
+    copy.restore(State::new(WaveLimits::default()).into_snapshot());
+    assert!(copy.members_started.is_empty());
+    let started = state.members_started.clone();
+    copy.restore(std::mem::take(&mut state).into_snapshot());
+    assert_eq!(copy.members_started, started);
+}
