@@ -310,26 +310,13 @@ fn fusermount() -> Option<PathBuf> {
     })
 }
 
-/// A small seeded generator (SplitMix64) for torn cuts: deterministic for a given seed.
-struct SplitMix(u64);
+/// The seeded generator of torn cuts: the same seed on the same history tears the same way.
+type TornRng = rand::rngs::StdRng;
 
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `0..n` (0 when `n` is 0).
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
+/// A value in `0..=max`.
+fn pick_up_to(rng: &mut TornRng, max: u64) -> u64 {
+    use rand::Rng as _;
+    rng.gen_range(0..=max)
 }
 
 /// Writes `data` at `offset` into `buf`, growing it (with zeros in any gap) as needed.
@@ -407,7 +394,7 @@ impl Pending {
 
 /// How many bytes of a write at `offset` of `len` bytes a torn cut keeps: a random sector
 /// boundary strictly inside the write, or the whole write.
-fn tear_point(offset: u64, len: u64, rng: &mut SplitMix) -> u64 {
+fn tear_point(offset: u64, len: u64, rng: &mut TornRng) -> u64 {
     let end = offset.saturating_add(len);
     let first = (offset / SECTOR + 1) * SECTOR;
     let inside = if first < end {
@@ -415,7 +402,7 @@ fn tear_point(offset: u64, len: u64, rng: &mut SplitMix) -> u64 {
     } else {
         0
     };
-    let pick = rng.below(inside + 1);
+    let pick = pick_up_to(rng, inside);
     if pick == inside {
         len
     } else {
@@ -464,12 +451,12 @@ impl FileBody {
 
     /// Power cut: keeps a random prefix of the pending changes when `rng` is given (the
     /// last kept write torn), none otherwise; returns (bytes kept, bytes dropped).
-    fn revert(&mut self, rng: Option<SplitMix>) -> (u64, u64) {
+    fn revert(&mut self, rng: Option<TornRng>) -> (u64, u64) {
         let ops = std::mem::take(&mut self.pending);
         let total: u64 = ops.iter().map(Pending::write_len).sum();
         let mut kept = 0;
         if let Some(mut rng) = rng {
-            let count = usize::try_from(rng.below(ops.len() as u64 + 1)).unwrap_or(0);
+            let count = usize::try_from(pick_up_to(&mut rng, ops.len() as u64)).unwrap_or(0);
             for (i, op) in ops.iter().take(count).enumerate() {
                 let limit = match op {
                     Pending::Write { offset, data } if i + 1 == count => {
@@ -1174,8 +1161,11 @@ impl State {
             node.open = 0;
             match &mut node.body {
                 Body::File(file) if !file.pending.is_empty() => {
-                    let rng =
-                        seed.map(|seed| SplitMix(seed ^ ino.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+                    let rng = seed.map(|seed| {
+                        rand::SeedableRng::seed_from_u64(
+                            seed ^ ino.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                        )
+                    });
                     let (kept, dropped) = file.revert(rng);
                     report.files_reverted += 1;
                     report.bytes_kept_torn += kept;

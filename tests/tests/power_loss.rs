@@ -56,6 +56,20 @@ async fn start_on_disks(name: &'static str, n: u64, queue_depth: u32) -> Scenari
     s
 }
 
+/// Waits for `coordinator`, which must refuse its data dir: exit 78 (EX_CONFIG) within
+/// 20 s. Returns the refusal it printed last (its log is appended to across starts).
+fn refusal(mut coordinator: Coordinator) -> String {
+    let code = coordinator.wait_exit(Duration::from_secs(20));
+    let log = std::fs::read_to_string(coordinator.log_path()).unwrap();
+    assert_eq!(code, Some(78), "not refused with EX_CONFIG; log:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    log.lines()
+        .rev()
+        .find(|line| line.starts_with("venom-coordinator: "))
+        .unwrap_or_else(|| panic!("no refusal printed; log:\n{log}"))
+        .to_string()
+}
+
 /// Copies a directory tree.
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -476,10 +490,7 @@ async fn a_known_member_on_an_empty_data_dir_refuses_and_rejoins_the_documented_
     wipe(&data_dir);
 
     // Restarted as it always is (with --bootstrap): its peers know it took part.
-    let mut again = Coordinator::start_member(victim_id, port, &peers, &data_dir, &[]).unwrap();
-    let code = again.wait_exit(Duration::from_secs(20));
-    let log = std::fs::read_to_string(again.log_path()).unwrap();
-    assert_eq!(code, Some(78), "refused with EX_CONFIG; log:\n{log}");
+    let log = refusal(Coordinator::start_member(victim_id, port, &peers, &data_dir, &[]).unwrap());
     for needle in [
         "already took part",
         &format!("venomctl cluster remove {victim_id}"),
@@ -490,17 +501,13 @@ async fn a_known_member_on_an_empty_data_dir_refuses_and_rejoins_the_documented_
     }
     // With --join (as if it had just been added): its peers still count it as a member
     // that took part, so it must be removed and added back first.
-    let mut joining =
-        Coordinator::start_member(victim_id, port, &peers, &data_dir, &["--join"]).unwrap();
-    let code = joining.wait_exit(Duration::from_secs(20));
-    let log = std::fs::read_to_string(joining.log_path()).unwrap();
-    assert_eq!(code, Some(78), "refused; log:\n{log}");
+    let log = refusal(
+        Coordinator::start_member(victim_id, port, &peers, &data_dir, &["--join"]).unwrap(),
+    );
+    assert!(log.contains("already took part"), "{log}");
     // Without --bootstrap or --join: refused as an empty data dir.
-    let mut plain =
-        Coordinator::start_member_exact(victim_id, port, &peers, &data_dir, &[]).unwrap();
-    let code = plain.wait_exit(Duration::from_secs(20));
-    let log = std::fs::read_to_string(plain.log_path()).unwrap();
-    assert_eq!(code, Some(78), "refused; log:\n{log}");
+    let log =
+        refusal(Coordinator::start_member_exact(victim_id, port, &peers, &data_dir, &[]).unwrap());
     assert!(log.contains("holds no cluster state"), "{log}");
     // Refusing wrote nothing.
     let left: Vec<PathBuf> = std::fs::read_dir(&data_dir)
@@ -534,10 +541,7 @@ async fn a_known_member_on_an_empty_data_dir_refuses_and_rejoins_the_documented_
     }
     other.proc.kill9();
     copy_dir(&other_dir, &data_dir);
-    let mut foreign = Coordinator::start_member(victim_id, port, &peers, &data_dir, &[]).unwrap();
-    let code = foreign.wait_exit(Duration::from_secs(20));
-    let log = std::fs::read_to_string(foreign.log_path()).unwrap();
-    assert_eq!(code, Some(78), "refused; log:\n{log}");
+    let log = refusal(Coordinator::start_member(victim_id, port, &peers, &data_dir, &[]).unwrap());
     assert!(log.contains("belongs to cluster"), "{log}");
     assert!(log.contains("(every peer that answered)"), "{log}");
 
@@ -601,36 +605,34 @@ async fn a_member_restored_from_an_old_copy_of_its_data_dir_stops_and_rejoins() 
     let victim = s.group.kill9(victim_id);
     std::fs::remove_dir_all(&victim.data_dir).unwrap();
     copy_dir(&backup, &victim.data_dir);
-    let mut victim = victim;
-    victim.kill9_and_restart().unwrap();
+    let (port, data_dir) = (victim.port, victim.data_dir.clone());
+    drop(victim);
     // The leader's heartbeat names a commit index beyond the restored log: the member stops.
-    let code = victim.wait_exit(Duration::from_secs(20));
-    let log = std::fs::read_to_string(victim.log_path()).unwrap();
-    assert_eq!(code, Some(78), "refused with EX_CONFIG; log:\n{log}");
+    let log = refusal(
+        Coordinator::start_member(victim_id, port, &s.group.peers_arg(), &data_dir, &[]).unwrap(),
+    );
     assert!(
         log.contains("lost writes it had made durable")
             && log.contains(&format!("venomctl cluster remove {victim_id}")),
         "{log}"
     );
-    assert!(!log.contains("panicked"), "{log}");
 
     // The way out brings it back.
     let urls = s.group.all_urls();
     let (ok, out, err) = venomctl(&urls, &["cluster", "remove", &victim_id.to_string()]);
     assert!(ok, "cluster remove: {out}{err}");
-    std::fs::remove_dir_all(&victim.data_dir).unwrap();
-    let address = format!("127.0.0.1:{}", victim.port);
+    std::fs::remove_dir_all(&data_dir).unwrap();
+    let address = format!("127.0.0.1:{port}");
     let (ok, out, err) = venomctl(&urls, &["cluster", "add", &victim_id.to_string(), &address]);
     assert!(ok, "cluster add: {out}{err}");
     let joined = Coordinator::start_member(
         victim_id,
-        victim.port,
+        port,
         &s.group.peers_arg(),
-        &victim.data_dir,
+        &data_dir,
         &["--join"],
     )
     .unwrap();
-    drop(victim);
     s.group.members[(victim_id - 1) as usize] = Some(joined);
     let leader = s.group.wait_leader(0, Duration::from_secs(20)).await;
     s.group
