@@ -405,8 +405,12 @@ impl<T: Transport> Replica<T> {
             store.bootstrap(&founders, config.id)?;
         }
         let applied = store.load_state(&mut state)?;
-        if state.cluster_id != 0 {
-            // The identity file may not have been updated before a crash.
+        let recorded = crate::datadir::read_identity(store.dir())
+            .ok()
+            .flatten()
+            .map(|identity| identity.cluster_id);
+        if state.cluster_id != 0 && recorded != Some(state.cluster_id) {
+            // The identity file was not updated before a crash.
             store.record_cluster_id(config.id, state.cluster_id)?;
         }
         let raft_config = raft::Config {

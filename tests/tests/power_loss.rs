@@ -193,6 +193,18 @@ fn power_cut(s: &mut Scenario, id: u64) -> (Coordinator, CutReport) {
     (victim, report)
 }
 
+/// The single coordinator's machine after its power went: its workers went with it (they
+/// are killed now); the coordinator `victim` and the workers start again.
+fn machine_back_up(s: &mut Scenario, victim: Coordinator) {
+    for worker in s.workers.iter_mut().flatten() {
+        worker.kill9();
+    }
+    s.group.restart(1, victim).unwrap();
+    for i in 1..=N_WORKERS {
+        s.restart_worker(i);
+    }
+}
+
 /// After a cut: compares what clients were told with what the cluster says now, checks a
 /// new wave gets an id above every acknowledged one, and returns the summary text.
 async fn check_after_cut(s: &mut Scenario, before: &Reported, what: &str) -> String {
@@ -304,13 +316,7 @@ async fn one_coordinator_loses_power_after_n_acknowledged_waves() {
 
             // The whole machine: the coordinator and both workers lose power.
             let (victim, report) = power_cut(&mut s, 1);
-            for worker in s.workers.iter_mut().flatten() {
-                worker.kill9();
-            }
-            s.group.restart(1, victim).unwrap();
-            for i in 1..=N_WORKERS {
-                s.restart_worker(i);
-            }
+            machine_back_up(&mut s, victim);
             let what = format!("run {run}, {n_waves} waves");
             let summary = check_after_cut(&mut s, &before, &what).await;
             s.finish(1, &format!("{summary}; {report}"), "").await;
@@ -447,13 +453,7 @@ async fn the_power_goes_during_a_sync_leaving_a_torn_tail() {
                 "after a failed sync the coordinator kept running or exited 0: {exited:?}"
             );
             let victim = s.group.kill9(1);
-            for worker in s.workers.iter_mut().flatten() {
-                worker.kill9();
-            }
-            s.group.restart(1, victim).unwrap();
-            for i in 1..=N_WORKERS {
-                s.restart_worker(i);
-            }
+            machine_back_up(&mut s, victim);
             let what = format!("run {run}, seed {seed}");
             let summary = check_after_cut(&mut s, &before, &what).await;
             s.finish(
