@@ -9,9 +9,26 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use venom_core::mobius::ThrottlePolicy;
 
-/// Where `venomctl` looks for a coordinator when told nothing else.
-pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+/// Where `venomctl` looks for a coordinator when told nothing else: a coordinator on its
+/// default address ([`DEFAULT_DEV_LISTEN`]; a test checks that they agree).
+pub const DEFAULT_COORDINATOR: &str = venom_core::url::DEFAULT_COORDINATOR_URL;
+/// Where `venomctl dev` serves by default: the embedded coordinator's own default.
+pub const DEFAULT_DEV_LISTEN: &str = venom_coordinator::config::defaults::LISTEN;
+/// Throttling policy of the embedded worker of `dev` and `benchmark --dev`.
+pub const DEFAULT_DEV_THROTTLE: ThrottlePolicy = ThrottlePolicy::Adaptive;
+/// How long `monitor` samples when told nothing else.
+pub const DEFAULT_MONITOR_DURATION: &str = "10s";
+/// Longest duration [`parse_duration`] accepts: a week, far beyond any sensible monitoring
+/// run, which keeps the value finite.
+pub const MAX_DURATION_S: f64 = 7.0 * 86_400.0;
+/// Micro-tasks in the benchmark's array wave by default.
+pub const DEFAULT_BENCH_MICRO_TASKS: u32 = 10_000;
+/// Tasks in the benchmark's dependency chain by default.
+pub const DEFAULT_BENCH_CHAIN: u32 = 1_000;
+/// Processes in flight for the benchmark's spawn floor by default.
+pub const DEFAULT_BENCH_SLOTS: u32 = 2;
 
 /// Submit, watch and inspect Venom waves; run an embedded dev cluster.
 #[derive(Debug, Parser)]
@@ -38,10 +55,6 @@ pub struct GlobalArgs {
         value_name = "URL[,URL…]"
     )]
     pub coordinator: Vec<String>,
-
-    /// Client token, sent as `authorization: Bearer TOKEN`.
-    #[arg(long, global = true, env = "VENOM_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
 
     /// Output format: aligned tables for people, one pretty JSON document for scripts.
     #[arg(long, global = true, env = "VENOM_OUTPUT", value_enum, default_value_t = OutputFormat::Table)]
@@ -163,7 +176,7 @@ pub enum Command {
     /// Sample this machine's health θ every second.
     Monitor {
         /// How long to sample (e.g. `10s`, `2m`, `500ms`; a bare number is seconds).
-        #[arg(default_value = "10s", value_parser = parse_duration)]
+        #[arg(default_value = DEFAULT_MONITOR_DURATION, value_parser = parse_duration)]
         duration: Duration,
         /// Every node's θ, components, mode and load as the coordinator sees them, instead
         /// of this machine's.
@@ -194,7 +207,7 @@ pub struct DevArgs {
     pub data_dir: Option<PathBuf>,
 
     /// Address to serve on (`127.0.0.1:0` picks a free port).
-    #[arg(long, env = "VENOM_DEV_LISTEN", default_value = "127.0.0.1:7070")]
+    #[arg(long, env = "VENOM_DEV_LISTEN", default_value = DEFAULT_DEV_LISTEN)]
     pub listen: SocketAddr,
 
     /// Slots of the local worker (default: this machine's CPUs).
@@ -202,8 +215,8 @@ pub struct DevArgs {
     pub slots: Option<u32>,
 
     /// Throttling policy of the local worker (`conservative` backs off earlier).
-    #[arg(long, env = "VENOM_DEV_THROTTLE", value_enum, default_value_t = venom_worker::config::ThrottlePolicy::Adaptive)]
-    pub throttle: venom_worker::config::ThrottlePolicy,
+    #[arg(long, env = "VENOM_DEV_THROTTLE", value_enum, default_value_t = DEFAULT_DEV_THROTTLE)]
+    pub throttle: ThrottlePolicy,
 
     /// Keep the temporary data directory on exit (its path is printed).
     #[arg(long)]
@@ -227,15 +240,15 @@ pub struct SubmitArgs {
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Micro-tasks in the array wave (and processes in its spawn floor).
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_BENCH_MICRO_TASKS, value_parser = clap::value_parser!(u32).range(1..))]
     pub n: u32,
 
     /// Tasks in the dependency chain (0 skips the chain).
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = DEFAULT_BENCH_CHAIN)]
     pub chain: u32,
 
     /// Processes in flight for the spawn floor, and the dev worker's slots with `--dev`.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_BENCH_SLOTS, value_parser = clap::value_parser!(u32).range(1..))]
     pub slots: u32,
 
     /// Do not measure the spawn floors.
@@ -323,8 +336,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     let seconds = value * seconds_per_unit;
-    // A week is far beyond any sensible monitoring run and keeps the value finite.
-    if !seconds.is_finite() || seconds <= 0.0 || seconds > 7.0 * 86_400.0 {
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > MAX_DURATION_S {
         return Err(format!("`{text}`: must be above zero and at most a week"));
     }
     Ok(Duration::from_secs_f64(seconds))
@@ -421,6 +433,18 @@ mod tests {
         assert_eq!(cli.global.coordinator, vec!["http://a:1", "http://b:2"]);
         assert_eq!(cli.global.output, OutputFormat::Json);
         assert!(matches!(cli.command, Command::Waves));
+    }
+
+    #[test]
+    fn defaults_agree_and_no_token_flag_exists() {
+        // `venomctl dev` with no flags is reached by every other command with no flags.
+        assert_eq!(
+            venom_core::url::normalize_url(DEFAULT_DEV_LISTEN),
+            DEFAULT_COORDINATOR
+        );
+        assert!(parse_duration(DEFAULT_MONITOR_DURATION).is_ok());
+        // Nothing checks client tokens, so venomctl offers no flag that suggests otherwise.
+        assert!(Cli::try_parse_from(["venomctl", "--token", "t", "waves"]).is_err());
     }
 
     #[test]

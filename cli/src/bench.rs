@@ -15,19 +15,24 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use std::net::{Ipv4Addr, SocketAddr};
+
 use anyhow::Context as _;
 use serde::Serialize;
+use venom_core::WaveState;
 use venom_proto as pb;
 
-use crate::args::BenchArgs;
+use crate::args::{BenchArgs, DEFAULT_DEV_THROTTLE};
 use crate::client::{Client, Retry};
 use crate::commands::Context;
 use crate::dev::{DevCluster, DevOptions};
-use crate::output::{print_json, Table};
+use crate::output::{as_word, print_json, Table, WaveView};
 use crate::watch;
 
 /// The no-op every benchmark task runs (argv, no shell).
 const NOOP_PROGRAM: &str = "true";
+/// `fdatasync` samples taken for the sync floor.
+const SYNC_SAMPLES: u32 = 200;
 
 /// One measured spawn floor.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -139,7 +144,8 @@ pub struct BenchRow {
     pub work: String,
     pub n_micro_tasks: u32,
     pub wave_id: u64,
-    pub state: String,
+    #[serde(serialize_with = "as_word")]
+    pub state: WaveState,
     /// Submit to done, as this client saw it.
     pub venom_s: f64,
     /// The wave's own makespan (first start to last finish).
@@ -160,10 +166,7 @@ struct BenchReport {
 }
 
 /// Submits `spec` and waits for it; returns the summary and the submit-to-done time.
-async fn time_wave(
-    client: &mut Client,
-    spec: String,
-) -> anyhow::Result<(pb::WaveSummary, Duration)> {
+async fn time_wave(client: &mut Client, spec: String) -> anyhow::Result<(WaveView, Duration)> {
     let request = pb::SubmitWaveRequest {
         spec: spec.into_bytes(),
         format: "toml".to_owned(),
@@ -192,16 +195,15 @@ pub async fn run(ctx: &Context, args: &BenchArgs) -> anyhow::Result<u8> {
     let mut dev = None;
     let mut client = if args.dev {
         let cluster = DevCluster::start(DevOptions {
-            listen: "127.0.0.1:0"
-                .parse()
-                .expect("a valid socket address literal"),
+            // Any free port.
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             data_dir: None,
             slots: Some(args.slots),
-            throttle: venom_worker::config::ThrottlePolicy::Adaptive,
+            throttle: DEFAULT_DEV_THROTTLE,
             keep: false,
         })
         .await?;
-        let mut client = Client::new(&[cluster.url()], None)?;
+        let mut client = Client::new(&[cluster.url()])?;
         let ready = cluster.wait_ready(&mut client).await;
         dev = Some(cluster);
         if let Err(err) = ready {
@@ -218,7 +220,7 @@ pub async fn run(ctx: &Context, args: &BenchArgs) -> anyhow::Result<u8> {
     let sync = match &dev {
         Some(_) => {
             let dir = std::env::temp_dir();
-            let measured = tokio::task::spawn_blocking(move || sync_floor(&dir, 200))
+            let measured = tokio::task::spawn_blocking(move || sync_floor(&dir, SYNC_SAMPLES))
                 .await
                 .context("the sync floor thread failed")?
                 .context("measuring fdatasync latency in the temporary directory")?;
@@ -231,7 +233,7 @@ pub async fn run(ctx: &Context, args: &BenchArgs) -> anyhow::Result<u8> {
         cluster.shutdown().await?;
     }
     let rows = result?;
-    let all_succeeded = rows.iter().all(|row| row.state == "succeeded");
+    let all_succeeded = rows.iter().all(|row| row.state == WaveState::Succeeded);
     let report = BenchReport {
         coordinator,
         dev: args.dev,
@@ -286,7 +288,7 @@ async fn measure(
             work,
             n_micro_tasks: n,
             wave_id: summary.wave_id,
-            state: summary.state.clone(),
+            state: summary.state,
             venom_s,
             makespan_s: summary.makespan_ms as f64 / 1_000.0,
             floor_s,
@@ -312,7 +314,7 @@ fn render(report: &BenchReport) -> String {
             row.floor_s.map_or("-".to_owned(), |s| format!("{s:.3}")),
             row.ratio.map_or("-".to_owned(), |r| format!("{r:.2}×")),
             format!("{:.3}", row.makespan_s),
-            format!("{} ({})", row.wave_id, row.state),
+            format!("{} ({})", row.wave_id, row.state.as_str()),
         ]);
     }
     let mut out = table.render();
@@ -339,7 +341,8 @@ fn render(report: &BenchReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use venom_coordinator::wave::{parse_wave, Format, WaveLimits};
+    use crate::args::{DEFAULT_BENCH_CHAIN, DEFAULT_BENCH_MICRO_TASKS};
+    use venom_core::wave::{parse_wave, Format, WaveLimits};
 
     #[test]
     fn floor_spawns_every_process() {
@@ -374,13 +377,20 @@ mod tests {
 
     #[test]
     fn benchmark_waves_are_valid() {
+        // The default sizes pass a coordinator's default limits.
         let limits = WaveLimits::default();
-        let array =
-            parse_wave(array_wave(10_000).as_bytes(), Format::Toml, &limits).expect("valid");
-        assert_eq!(array.n_micro_tasks(), 10_000);
-        let chain = parse_wave(chain_wave(1_000).as_bytes(), Format::Toml, &limits).expect("valid");
-        assert_eq!(chain.tasks.len(), 1_000);
-        assert_eq!(chain.tasks[999].deps, vec![998]);
+        let n = DEFAULT_BENCH_MICRO_TASKS;
+        let array = parse_wave(array_wave(n).as_bytes(), Format::Toml, &limits).expect("valid");
+        assert_eq!(array.n_micro_tasks(), u64::from(n));
+        let n = DEFAULT_BENCH_CHAIN as usize;
+        let chain = parse_wave(
+            chain_wave(DEFAULT_BENCH_CHAIN).as_bytes(),
+            Format::Toml,
+            &limits,
+        )
+        .expect("valid");
+        assert_eq!(chain.tasks.len(), n);
+        assert_eq!(chain.tasks[n - 1].deps, vec![n - 2]);
         assert!(chain.tasks[0].deps.is_empty());
     }
 }

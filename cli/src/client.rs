@@ -2,23 +2,25 @@
 //!
 //! The user names any members (`--coordinator URL[,URL…]`). [`Client`] connects to the
 //! first one that answers and runs each RPC through [`Client::call`], which follows a
-//! `not leader … leader=URL` refusal to the leader, waits out an election (a refusal
-//! without a leader), and — for requests that are safe to repeat — moves on to the next
-//! member when the current one stops answering. Every failure names the URLs tried so
-//! that the one-line error a user sees says where Venom looked.
+//! not-leader refusal ([`venom_proto::leader`]: its error detail, never its text) to the
+//! leader it names, waits out an election (a refusal without a leader), and — for requests
+//! that are safe to repeat — moves on to the next member when the current one stops
+//! answering. Every failure names the URLs tried so that the one-line error a user sees
+//! says where Venom looked.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
+use venom_core::url::normalize_url;
 use venom_proto::client_service_client::ClientServiceClient;
+use venom_proto::leader::{is_not_leader, leader_hint};
 
-/// A client stub with the bearer token and the trace context attached to every request.
-pub type Rpc = ClientServiceClient<InterceptedService<Channel, Outgoing>>;
+/// A client stub with the trace context attached to every request.
+pub type Rpc = ClientServiceClient<InterceptedService<Channel, TraceContext>>;
 
 /// How long connecting to one member may take before the next is tried.
 const CONNECT_TIMEOUT_MS: u64 = 3_000;
@@ -43,20 +45,13 @@ pub enum Retry {
     RefusalsOnly,
 }
 
-/// Adds `authorization: Bearer TOKEN` to every request when a token is configured, and the
-/// current span's W3C trace context (`traceparent`) when traces are exported.
-#[derive(Clone, Debug)]
-pub struct Outgoing {
-    header: Option<MetadataValue<Ascii>>,
-}
+/// Adds the current span's W3C trace context (`traceparent`) to every request when traces
+/// are exported.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceContext;
 
-impl tonic::service::Interceptor for Outgoing {
+impl tonic::service::Interceptor for TraceContext {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(header) = &self.header {
-            request
-                .metadata_mut()
-                .insert("authorization", header.clone());
-        }
         venom_telemetry::inject_current(request.metadata_mut());
         Ok(request)
     }
@@ -66,14 +61,13 @@ impl tonic::service::Interceptor for Outgoing {
 pub struct Client {
     /// Members as the user named them, normalised to URLs.
     urls: Vec<String>,
-    auth: Outgoing,
     /// The member in use and its stub; `None` until the first request or after it failed.
     current: Option<(String, Rpc)>,
 }
 
 impl Client {
     /// Prepares a client for `urls` (nothing is contacted yet).
-    pub fn new(urls: &[String], token: Option<&str>) -> anyhow::Result<Self> {
+    pub fn new(urls: &[String]) -> anyhow::Result<Self> {
         let urls: Vec<String> = urls
             .iter()
             .map(|url| url.trim())
@@ -83,19 +77,8 @@ impl Client {
         if urls.is_empty() {
             bail!("no coordinator URL given (use --coordinator or VENOM_COORDINATOR)");
         }
-        let header = match token.map(str::trim).filter(|token| !token.is_empty()) {
-            Some(token) => Some(
-                format!("Bearer {token}")
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| {
-                        anyhow!("the token contains characters not allowed in a header")
-                    })?,
-            ),
-            None => None,
-        };
         Ok(Self {
             urls,
-            auth: Outgoing { header },
             current: None,
         })
     }
@@ -128,7 +111,7 @@ impl Client {
                 Err(status) => status,
             };
             if is_not_leader(&status) {
-                match leader_hint(&status) {
+                match leader_hint(&status).map(|leader| normalize_url(&leader)) {
                     Some(leader) if n_redirects < MAX_REDIRECTS && leader != url => {
                         n_redirects += 1;
                         tracing::debug!(from = %url, to = %leader, "following the leader");
@@ -166,7 +149,7 @@ impl Client {
         }
         let mut failures = Vec::new();
         for url in self.urls.clone() {
-            match connect(&url, &self.auth).await {
+            match connect(&url).await {
                 Ok(stub) => {
                     self.current = Some((url.clone(), stub.clone()));
                     return Ok((url, stub));
@@ -179,7 +162,7 @@ impl Client {
 
     /// Connects to `url` (a leader named in a refusal) and makes it current.
     async fn switch_to(&mut self, url: &str) -> anyhow::Result<()> {
-        let stub = connect(url, &self.auth)
+        let stub = connect(url)
             .await
             .with_context(|| format!("cannot reach the leader at {url}"))?;
         if !self.urls.iter().any(|known| known == url) {
@@ -201,7 +184,7 @@ impl Client {
 }
 
 /// Opens a channel to one member.
-async fn connect(url: &str, auth: &Outgoing) -> anyhow::Result<Rpc> {
+async fn connect(url: &str) -> anyhow::Result<Rpc> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|err| anyhow!("invalid URL: {err}"))?
         .tcp_nodelay(true)
@@ -219,40 +202,8 @@ async fn connect(url: &str, auth: &Outgoing) -> anyhow::Result<Rpc> {
         }
         anyhow!(message)
     })?;
-    Ok(ClientServiceClient::with_interceptor(channel, auth.clone())
+    Ok(ClientServiceClient::with_interceptor(channel, TraceContext)
         .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES))
-}
-
-/// `host:port` becomes `http://host:port`; URLs with a scheme are kept.
-pub fn normalize_url(url: &str) -> String {
-    let url = url.trim().trim_end_matches('/');
-    if url.contains("://") {
-        url.to_owned()
-    } else {
-        format!("http://{url}")
-    }
-}
-
-/// Whether the coordinator refused because it is not the leader.
-pub fn is_not_leader(status: &Status) -> bool {
-    status.message().trim_start().starts_with("not leader")
-}
-
-/// The leader's URL from a `not leader … leader=URL` refusal, when it names one.
-pub fn leader_hint(status: &Status) -> Option<String> {
-    if !is_not_leader(status) {
-        return None;
-    }
-    let message = status.message();
-    let start = message.find("leader=")? + "leader=".len();
-    let hint: String = message[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | ';' | ')' | '(' | '"' | '\''))
-        .collect();
-    if hint.is_empty() || matches!(hint.as_str(), "unknown" | "none" | "?") {
-        return None;
-    }
-    Some(normalize_url(&hint))
 }
 
 /// Whether a failure means the member itself is unreachable (as opposed to a
@@ -276,9 +227,7 @@ pub fn status_error(url: &str, status: &Status) -> anyhow::Error {
         {
             anyhow!("{message}")
         }
-        Code::Unauthenticated => {
-            anyhow!("{url}: unauthenticated: {message} (set --token or VENOM_TOKEN)")
-        }
+        Code::Unauthenticated => anyhow!("{url}: unauthenticated: {message}"),
         Code::PermissionDenied => anyhow!("{url}: permission denied: {message}"),
         Code::Unavailable => anyhow!("{url}: unavailable: {message}"),
         code if message.is_empty() => anyhow!("{url}: {code}"),
@@ -289,38 +238,190 @@ pub fn status_error(url: &str, status: &Status) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use venom_proto as pb;
+    use venom_proto::client_service_server::{ClientService, ClientServiceServer};
 
-    #[test]
-    fn leader_hints_are_extracted() {
-        let status = Status::unavailable("not leader; leader=http://10.0.0.2:7070");
-        assert_eq!(
-            leader_hint(&status).as_deref(),
-            Some("http://10.0.0.2:7070")
+    /// A member that answers every request with `refusal`, or, without one, like a leader
+    /// (`ListWaves` names wave [`LEADERS_WAVE`]; everything else is empty).
+    #[derive(Clone)]
+    struct FakeMember {
+        refusal: Option<Status>,
+    }
+
+    const LEADERS_WAVE: u64 = 42;
+
+    impl FakeMember {
+        // The shape every tonic handler returns.
+        #[allow(clippy::result_large_err)]
+        fn answer<T: Default>(&self) -> Result<Response<T>, Status> {
+            match &self.refusal {
+                Some(status) => Err(status.clone()),
+                None => Ok(Response::new(T::default())),
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl ClientService for FakeMember {
+        type WatchWaveStream = tokio_stream::Empty<Result<pb::WatchWaveEvent, Status>>;
+
+        async fn submit_wave(
+            &self,
+            _: Request<pb::SubmitWaveRequest>,
+        ) -> Result<Response<pb::SubmitWaveResponse>, Status> {
+            self.answer()
+        }
+
+        async fn get_wave(
+            &self,
+            _: Request<pb::GetWaveRequest>,
+        ) -> Result<Response<pb::WaveSummary>, Status> {
+            self.answer()
+        }
+
+        async fn list_waves(
+            &self,
+            _: Request<pb::ListWavesRequest>,
+        ) -> Result<Response<pb::ListWavesResponse>, Status> {
+            self.answer::<pb::ListWavesResponse>().map(|_| {
+                Response::new(pb::ListWavesResponse {
+                    waves: vec![pb::WaveSummary {
+                        wave_id: LEADERS_WAVE,
+                        ..Default::default()
+                    }],
+                })
+            })
+        }
+
+        async fn watch_wave(
+            &self,
+            _: Request<pb::WatchWaveRequest>,
+        ) -> Result<Response<Self::WatchWaveStream>, Status> {
+            self.answer::<pb::WatchWaveEvent>()
+                .map(|_| Response::new(tokio_stream::empty()))
+        }
+
+        async fn cancel_wave(
+            &self,
+            _: Request<pb::CancelWaveRequest>,
+        ) -> Result<Response<pb::CancelWaveResponse>, Status> {
+            self.answer()
+        }
+
+        async fn list_tasks(
+            &self,
+            _: Request<pb::ListTasksRequest>,
+        ) -> Result<Response<pb::ListTasksResponse>, Status> {
+            self.answer()
+        }
+
+        async fn get_logs(
+            &self,
+            _: Request<pb::GetLogsRequest>,
+        ) -> Result<Response<pb::GetLogsResponse>, Status> {
+            self.answer()
+        }
+
+        async fn list_nodes(
+            &self,
+            _: Request<pb::ListNodesRequest>,
+        ) -> Result<Response<pb::ListNodesResponse>, Status> {
+            self.answer()
+        }
+
+        async fn drain_node(
+            &self,
+            _: Request<pb::DrainNodeRequest>,
+        ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+            self.answer()
+        }
+
+        async fn cluster_status(
+            &self,
+            _: Request<pb::ClusterStatusRequest>,
+        ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+            self.answer()
+        }
+
+        async fn add_member(
+            &self,
+            _: Request<pb::AddMemberRequest>,
+        ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+            self.answer()
+        }
+
+        async fn remove_member(
+            &self,
+            _: Request<pb::RemoveMemberRequest>,
+        ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+            self.answer()
+        }
+    }
+
+    /// Serves `member` on a free loopback port; returns its `HOST:PORT`.
+    async fn serve(member: FakeMember) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ClientServiceServer::new(member))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let status = Status::failed_precondition("not leader (leader=10.0.0.3:7070)");
-        assert_eq!(
-            leader_hint(&status).as_deref(),
-            Some("http://10.0.0.3:7070")
+        address
+    }
+
+    async fn list_waves(client: &mut Client, retry: Retry) -> anyhow::Result<Vec<u64>> {
+        let response = client
+            .call(retry, |mut rpc| async move {
+                rpc.list_waves(pb::ListWavesRequest {}).await
+            })
+            .await?;
+        Ok(response.waves.iter().map(|wave| wave.wave_id).collect())
+    }
+
+    #[tokio::test]
+    async fn the_client_follows_the_leader_a_refusal_names() {
+        let leader = serve(FakeMember { refusal: None }).await;
+        // The hint is `HOST:PORT`: the client normalises it like a URL the user typed.
+        let follower = serve(FakeMember {
+            refusal: Some(venom_proto::leader::not_leader(Some(&leader))),
+        })
+        .await;
+        let mut client = Client::new(&[follower]).expect("valid client");
+        let waves = list_waves(&mut client, Retry::RefusalsOnly)
+            .await
+            .expect("the leader answers");
+        assert_eq!(waves, [LEADERS_WAVE]);
+        assert_eq!(client.current_url(), Some(normalize_url(&leader).as_str()));
+    }
+
+    #[tokio::test]
+    async fn refusal_text_alone_is_not_followed() {
+        let leader = serve(FakeMember { refusal: None }).await;
+        let impostor = serve(FakeMember {
+            refusal: Some(Status::unavailable(format!(
+                "not leader: leader=http://{leader}"
+            ))),
+        })
+        .await;
+        let mut client = Client::new(std::slice::from_ref(&impostor)).expect("valid client");
+        let err = list_waves(&mut client, Retry::RefusalsOnly)
+            .await
+            .expect_err("a plain UNAVAILABLE is no redirect");
+        let text = format!("{err:#}");
+        assert!(
+            text.starts_with(&format!("http://{impostor}: unavailable")),
+            "{text}"
         );
-        let status = Status::unavailable("not leader: leader=unknown");
-        assert_eq!(leader_hint(&status), None);
-        let status = Status::unavailable("not leader");
-        assert!(is_not_leader(&status));
-        assert_eq!(leader_hint(&status), None);
-        let status = Status::unavailable("overloaded, leader=http://x:1");
-        assert!(!is_not_leader(&status));
-        assert_eq!(leader_hint(&status), None);
+        assert_eq!(client.current_url(), None);
     }
 
     #[test]
-    fn urls_are_normalised() {
-        assert_eq!(normalize_url("127.0.0.1:7070"), "http://127.0.0.1:7070");
-        assert_eq!(
-            normalize_url(" https://c.example:443/ "),
-            "https://c.example:443"
-        );
-        assert!(Client::new(&[" ".into()], None).is_err());
-        assert!(Client::new(&["a:1".into()], Some("bad\ntoken")).is_err());
+    fn blank_urls_are_refused() {
+        assert!(Client::new(&[" ".into()]).is_err());
+        assert!(Client::new(&[]).is_err());
     }
 
     #[tokio::test]
@@ -334,11 +435,8 @@ mod tests {
                 listener.local_addr().expect("addr").port()
             ));
         }
-        let mut client = Client::new(&urls, Some("secret")).expect("valid client");
-        let err = client
-            .call(Retry::Safe, |mut rpc| async move {
-                rpc.list_waves(venom_proto::ListWavesRequest {}).await
-            })
+        let mut client = Client::new(&urls).expect("valid client");
+        let err = list_waves(&mut client, Retry::Safe)
             .await
             .expect_err("nothing listens there");
         let text = format!("{err:#}");

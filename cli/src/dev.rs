@@ -15,6 +15,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use venom_coordinator::CoordinatorConfig;
+use venom_core::mobius::ThrottlePolicy;
+use venom_core::NodeState;
 
 use crate::args::DevArgs;
 use crate::client::Client;
@@ -43,7 +45,7 @@ pub struct DevOptions {
     /// `None`: the worker's default (this machine's CPUs).
     pub slots: Option<u32>,
     /// Throttling policy of the local worker.
-    pub throttle: venom_worker::config::ThrottlePolicy,
+    pub throttle: ThrottlePolicy,
     /// Keep a temporary data directory on exit.
     pub keep: bool,
 }
@@ -118,12 +120,7 @@ impl DevCluster {
             stop_signal(stop_rx.clone()),
         ));
         let url = format!("http://{}", reachable(addr));
-        let worker_config = embedded_worker::config(
-            url,
-            options.slots,
-            options.throttle,
-            data_dir.join("worker"),
-        );
+        let worker_config = embedded_worker::config(url, options.slots, options.throttle);
         let worker = tokio::spawn(embedded_worker::run(worker_config, stop_signal(stop_rx)));
         Ok(Self {
             addr,
@@ -154,10 +151,11 @@ impl DevCluster {
             }
             let last_error = match list_nodes(client).await {
                 Ok(nodes) => {
-                    if nodes
-                        .iter()
-                        .any(|node| node.name == DEV_WORKER_NAME && node.state == "ready")
-                    {
+                    let ready = |node: &venom_proto::NodeInfo| {
+                        node.name == DEV_WORKER_NAME
+                            && NodeState::try_from(node.state()) == Ok(NodeState::Ready)
+                    };
+                    if nodes.iter().any(ready) {
                         return Ok(());
                     }
                     format!("{} node(s) registered, none ready named `dev`", nodes.len())
@@ -258,7 +256,7 @@ pub async fn run(ctx: &Context, args: DevArgs) -> anyhow::Result<u8> {
     })
     .await?;
     let url = cluster.url();
-    let mut client = Client::new(std::slice::from_ref(&url), None)?;
+    let mut client = Client::new(std::slice::from_ref(&url))?;
     let outcome = tokio::select! {
         outcome = serve(ctx, &cluster, &mut client, wave.as_ref()) => outcome,
         () = interrupted() => {
@@ -325,21 +323,19 @@ async fn serve(
 /// The embedded worker: the only place that knows how `venom_worker` is configured.
 mod embedded_worker {
     use std::future::Future;
-    use std::path::PathBuf;
 
+    use venom_core::mobius::ThrottlePolicy;
     use venom_worker::WorkerConfig;
 
     use super::DEV_WORKER_NAME;
 
-    /// A worker named `dev` connecting to `coordinator_url`.
+    /// A worker named `dev` connecting to `coordinator_url` (it keeps nothing on disk).
     pub fn config(
         coordinator_url: String,
         slots: Option<u32>,
-        throttle: venom_worker::config::ThrottlePolicy,
-        data_dir: PathBuf,
+        throttle: ThrottlePolicy,
     ) -> WorkerConfig {
         let mut config = WorkerConfig::for_dev(coordinator_url, slots, DEV_WORKER_NAME.to_owned());
-        config.data_dir = Some(data_dir);
         config.throttle = throttle;
         config
     }

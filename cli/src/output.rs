@@ -3,14 +3,22 @@
 //! The wire types are converted once into the `…View` structs below. Those are the JSON
 //! schema of `--output json`: their field names and order are part of venomctl's
 //! interface, so they are spelled out here rather than derived from the protobuf
-//! messages (whose evolution must not silently change what scripts read). The table
-//! renderers take the same views, so both outputs always show the same facts.
+//! messages (whose evolution must not silently change what scripts read). States, modes
+//! and policies arrive as protobuf enums and become `venom-core`'s enums here
+//! ([`venom_proto::convert`]); both outputs spell them with their `as_str` word. A value
+//! this build does not know (or `UNSPECIFIED`) makes the conversion fail: the answer is
+//! reported as bad rather than shown wrong. The table renderers take the same views, so
+//! both outputs always show the same facts.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+use venom_core::mobius::{Mode, ThrottlePolicy};
+use venom_core::wave::OnFailure;
+use venom_core::{Counts, NodeState, TaskState, WaveState};
 use venom_proto as pb;
+use venom_proto::convert::Unspecified;
 
 /// Prints `value` as one pretty JSON document on stdout.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
@@ -21,6 +29,15 @@ pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
 /// `value` as pretty JSON.
 pub fn to_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(value)?)
+}
+
+/// Serialises a state, mode, policy or role as the word people see (its `Display`), so
+/// JSON and tables spell it the same way.
+pub fn as_word<T: fmt::Display, S: Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }
 
 // ---------------------------------------------------------------------------
@@ -200,62 +217,28 @@ pub fn fmt_bytes(bytes: u64) -> String {
     }
 }
 
-/// The trace id (second field) of a W3C `traceparent`, if well formed.
+/// `value` trimmed, if it is a valid W3C `traceparent`.
+pub fn checked_traceparent(value: &str) -> Option<String> {
+    venom_telemetry::is_valid_traceparent(value).then(|| value.trim().to_owned())
+}
+
+/// The trace id (second field) of a valid `traceparent`.
 pub fn trace_id(traceparent: &str) -> Option<String> {
-    let mut fields = traceparent.trim().split('-');
-    let _version = fields.next()?;
-    let trace_id = fields.next()?;
-    let valid = trace_id.len() == 32
-        && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
-        && trace_id.bytes().any(|b| b != b'0');
-    valid.then(|| trace_id.to_ascii_lowercase())
+    venom_telemetry::trace_id(traceparent).map(str::to_owned)
 }
 
 // ---------------------------------------------------------------------------
 // Waves
 // ---------------------------------------------------------------------------
 
-/// Micro-task counts by state.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct CountsView {
-    pub pending: u64,
-    pub ready: u64,
-    pub assigned: u64,
-    pub running: u64,
-    pub succeeded: u64,
-    pub failed: u64,
-    pub skipped: u64,
-    pub cancelled: u64,
+/// Counts on the wire (absent: none yet) as `venom-core` counts.
+fn counts(wire: Option<&pb::TaskCounts>) -> Counts {
+    wire.copied().map(Counts::from).unwrap_or_default()
 }
 
-impl CountsView {
-    /// Micro-tasks in a final state.
-    pub fn done(&self) -> u64 {
-        self.succeeded + self.failed + self.skipped + self.cancelled
-    }
-
-    /// Micro-tasks placed on a node (assigned or running).
-    pub fn active(&self) -> u64 {
-        self.assigned + self.running
-    }
-}
-
-impl From<Option<&pb::TaskCounts>> for CountsView {
-    fn from(counts: Option<&pb::TaskCounts>) -> Self {
-        let Some(c) = counts else {
-            return Self::default();
-        };
-        Self {
-            pending: c.pending,
-            ready: c.ready,
-            assigned: c.assigned,
-            running: c.running,
-            succeeded: c.succeeded,
-            failed: c.failed,
-            skipped: c.skipped,
-            cancelled: c.cancelled,
-        }
-    }
+/// Micro-tasks placed on a node: assigned (queued there) or running.
+pub fn placed(counts: &Counts) -> u64 {
+    counts.assigned + counts.running
 }
 
 /// Progress of one spec task (all micro-tasks of an array).
@@ -263,7 +246,7 @@ impl From<Option<&pb::TaskCounts>> for CountsView {
 pub struct GroupView {
     pub task_id: String,
     pub n_micro_tasks: u32,
-    pub counts: CountsView,
+    pub counts: Counts,
 }
 
 /// One wave's summary.
@@ -271,10 +254,12 @@ pub struct GroupView {
 pub struct WaveView {
     pub wave_id: u64,
     pub name: String,
-    pub state: String,
-    pub on_failure: String,
+    #[serde(serialize_with = "as_word")]
+    pub state: WaveState,
+    #[serde(serialize_with = "as_word")]
+    pub on_failure: OnFailure,
     pub n_micro_tasks: u64,
-    pub counts: CountsView,
+    pub counts: Counts,
     pub submitted_ms: u64,
     pub started_ms: u64,
     pub finished_ms: u64,
@@ -293,15 +278,17 @@ pub struct WaveView {
     pub groups: Vec<GroupView>,
 }
 
-impl From<&pb::WaveSummary> for WaveView {
-    fn from(w: &pb::WaveSummary) -> Self {
-        Self {
+impl TryFrom<&pb::WaveSummary> for WaveView {
+    type Error = Unspecified;
+
+    fn try_from(w: &pb::WaveSummary) -> Result<Self, Unspecified> {
+        Ok(Self {
             wave_id: w.wave_id,
             name: w.name.clone(),
-            state: w.state.clone(),
-            on_failure: w.on_failure.clone(),
+            state: w.state().try_into()?,
+            on_failure: w.on_failure().try_into()?,
             n_micro_tasks: w.n_micro_tasks,
-            counts: CountsView::from(w.counts.as_ref()),
+            counts: counts(w.counts.as_ref()),
             submitted_ms: w.submitted_ms,
             started_ms: w.started_ms,
             finished_ms: w.finished_ms,
@@ -318,16 +305,37 @@ impl From<&pb::WaveSummary> for WaveView {
                 .map(|g| GroupView {
                     task_id: g.task_id.clone(),
                     n_micro_tasks: g.n_micro_tasks,
-                    counts: CountsView::from(g.counts.as_ref()),
+                    counts: counts(g.counts.as_ref()),
                 })
                 .collect(),
-        }
+        })
     }
 }
 
-/// Whether a wave state is final.
-pub fn is_final_state(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "cancelled")
+#[cfg(test)]
+impl WaveView {
+    /// A wave of `groups` in `state` with nothing counted, timed or measured, for tests.
+    pub fn for_tests(wave_id: u64, name: &str, state: WaveState, groups: Vec<GroupView>) -> Self {
+        Self {
+            wave_id,
+            name: name.to_owned(),
+            state,
+            on_failure: OnFailure::default(),
+            n_micro_tasks: groups.iter().map(|g| u64::from(g.n_micro_tasks)).sum(),
+            counts: Counts::default(),
+            submitted_ms: 0,
+            started_ms: 0,
+            finished_ms: 0,
+            work_ms: 0,
+            makespan_ms: 0,
+            measured_speedup: 0.0,
+            dag_bound: 0.0,
+            model_s_total: 0.0,
+            traceparent: String::new(),
+            trace_id: None,
+            groups,
+        }
+    }
 }
 
 /// The labels shown beside every speed-up figure; the model's number never appears
@@ -348,9 +356,14 @@ fn fmt_makespan(wave: &WaveView) -> String {
 /// The full summary of one wave: header, fields, and a per-task table.
 pub fn render_wave(wave: &WaveView) -> String {
     let c = &wave.counts;
-    let mut out = format!("wave {} \"{}\": {}\n", wave.wave_id, wave.name, wave.state);
+    let mut out = format!(
+        "wave {} \"{}\": {}\n",
+        wave.wave_id,
+        wave.name,
+        wave.state.as_str()
+    );
     let mut fields: Vec<(&str, String)> = vec![
-        ("on failure", wave.on_failure.clone()),
+        ("on failure", wave.on_failure.as_str().to_owned()),
         (
             "micro-tasks",
             format!(
@@ -359,7 +372,7 @@ pub fn render_wave(wave: &WaveView) -> String {
             ),
         ),
     ];
-    if !is_final_state(&wave.state) || c.done() < wave.n_micro_tasks {
+    if !wave.state.is_terminal() || c.terminal() < wave.n_micro_tasks {
         fields.push((
             "in progress",
             format!(
@@ -407,12 +420,12 @@ pub fn render_groups(groups: &[GroupView]) -> String {
         table.row(vec![
             group.task_id.clone(),
             group.n_micro_tasks.to_string(),
-            c.done().to_string(),
+            c.terminal().to_string(),
             c.succeeded.to_string(),
             c.failed.to_string(),
             c.skipped.to_string(),
             c.cancelled.to_string(),
-            c.active().to_string(),
+            placed(c).to_string(),
             (c.pending + c.ready).to_string(),
         ]);
     }
@@ -440,11 +453,11 @@ pub fn render_waves(waves: &[WaveView]) -> String {
         table.row(vec![
             wave.wave_id.to_string(),
             wave.name.clone(),
-            wave.state.clone(),
+            wave.state.as_str().to_owned(),
             wave.n_micro_tasks.to_string(),
-            wave.counts.done().to_string(),
+            wave.counts.terminal().to_string(),
             wave.counts.failed.to_string(),
-            wave.counts.active().to_string(),
+            placed(&wave.counts).to_string(),
             fmt_time(wave.submitted_ms),
             fmt_makespan(wave),
             fmt_factor(wave.measured_speedup),
@@ -465,7 +478,8 @@ pub struct TaskView {
     pub task_id: String,
     pub index: Option<u32>,
     pub micro: u32,
-    pub state: String,
+    #[serde(serialize_with = "as_word")]
+    pub state: TaskState,
     pub attempt: u32,
     pub node: String,
     pub exit_code: Option<i32>,
@@ -477,20 +491,22 @@ pub struct TaskView {
     pub error: String,
 }
 
-impl From<&pb::MicroTaskInfo> for TaskView {
-    fn from(t: &pb::MicroTaskInfo) -> Self {
+impl TryFrom<&pb::MicroTaskInfo> for TaskView {
+    type Error = Unspecified;
+
+    fn try_from(t: &pb::MicroTaskInfo) -> Result<Self, Unspecified> {
         let name = match t.index {
             Some(index) => format!("{}[{index}]", t.task_id),
             None => t.task_id.clone(),
         };
         let run_ms = (t.started_ms > 0 && t.finished_ms >= t.started_ms)
             .then(|| t.finished_ms - t.started_ms);
-        Self {
+        Ok(Self {
             name,
             task_id: t.task_id.clone(),
             index: t.index,
             micro: t.micro,
-            state: t.state.clone(),
+            state: t.state().try_into()?,
             attempt: t.attempt,
             node: t.node.clone(),
             exit_code: t.exit_code,
@@ -500,7 +516,7 @@ impl From<&pb::MicroTaskInfo> for TaskView {
             finished_ms: t.finished_ms,
             run_ms,
             error: t.error.clone(),
-        }
+        })
     }
 }
 
@@ -533,7 +549,7 @@ pub fn render_tasks(tasks: &[TaskView]) -> String {
     for task in tasks {
         table.row(vec![
             task.name.clone(),
-            task.state.clone(),
+            task.state.as_str().to_owned(),
             task.attempt.to_string(),
             if task.node.is_empty() {
                 "-".to_owned()
@@ -565,11 +581,34 @@ pub struct NodeProfileView {
     pub os_name: String,
 }
 
+/// A node's throttle mode as shown: its mode, or `PAUSED` while it gets no new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShownMode {
+    Paused,
+    Mode(Mode),
+}
+
+impl ShownMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShownMode::Paused => "PAUSED",
+            ShownMode::Mode(mode) => mode.as_str(),
+        }
+    }
+}
+
+impl fmt::Display for ShownMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One worker node as the coordinator sees it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct NodeView {
     pub name: String,
-    pub state: String,
+    #[serde(serialize_with = "as_word")]
+    pub state: NodeState,
     pub slots: u32,
     pub throttled_slots: u32,
     pub running: u32,
@@ -579,8 +618,10 @@ pub struct NodeView {
     pub h_cpu: f64,
     pub h_mem: f64,
     pub h_term: f64,
-    pub mode: String,
-    pub policy: String,
+    #[serde(serialize_with = "as_word")]
+    pub mode: ShownMode,
+    #[serde(serialize_with = "as_word")]
+    pub policy: ThrottlePolicy,
     pub labels: BTreeMap<String, String>,
     pub memory_total_bytes: u64,
     pub memory_available_bytes: u64,
@@ -591,11 +632,13 @@ pub struct NodeView {
     pub profile: Option<NodeProfileView>,
 }
 
-impl From<&pb::NodeInfo> for NodeView {
-    fn from(n: &pb::NodeInfo) -> Self {
-        Self {
+impl TryFrom<&pb::NodeInfo> for NodeView {
+    type Error = Unspecified;
+
+    fn try_from(n: &pb::NodeInfo) -> Result<Self, Unspecified> {
+        Ok(Self {
             name: n.name.clone(),
-            state: n.state.clone(),
+            state: n.state().try_into()?,
             slots: n.slots,
             throttled_slots: n.throttled_slots,
             running: n.running,
@@ -605,8 +648,12 @@ impl From<&pb::NodeInfo> for NodeView {
             h_cpu: n.h_cpu,
             h_mem: n.h_mem,
             h_term: n.h_term,
-            mode: n.mode.clone(),
-            policy: n.policy.clone(),
+            mode: if n.paused {
+                ShownMode::Paused
+            } else {
+                ShownMode::Mode(n.mode().try_into()?)
+            },
+            policy: n.policy().try_into()?,
             labels: n
                 .labels
                 .iter()
@@ -628,7 +675,7 @@ impl From<&pb::NodeInfo> for NodeView {
                 has_thermal_sensor: p.has_thermal_sensor,
                 os_name: p.os_name.clone(),
             }),
-        }
+        })
     }
 }
 
@@ -637,7 +684,7 @@ pub fn node_line(node: &NodeView) -> String {
     format!(
         "θ {:.2} {:<10} running {}/{} slots{}, {} queued  {}",
         node.theta_smoothed,
-        node.mode,
+        node.mode.as_str(),
         node.running,
         node.throttled_slots,
         if node.throttled_slots < node.slots {
@@ -646,7 +693,7 @@ pub fn node_line(node: &NodeView) -> String {
             String::new()
         },
         node.queued,
-        node.state
+        node.state.as_str()
     )
 }
 
@@ -675,14 +722,14 @@ pub fn render_nodes(nodes: &[NodeView]) -> String {
             .collect();
         table.row(vec![
             node.name.clone(),
-            node.state.clone(),
+            node.state.as_str().to_owned(),
             format!("{:.2}", node.theta_smoothed),
-            node.mode.clone(),
+            node.mode.as_str().to_owned(),
             format!("{}/{}", node.throttled_slots, node.slots),
             node.running.to_string(),
             node.queued.to_string(),
             fmt_bytes(node.memory_available_bytes),
-            node.policy.clone(),
+            node.policy.as_str().to_owned(),
             fmt_factor(node.s_total),
             labels.join(","),
         ]);
@@ -696,11 +743,56 @@ pub fn render_nodes(nodes: &[NodeView]) -> String {
 // Cluster
 // ---------------------------------------------------------------------------
 
+/// A coordinator's raft role, as people read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    PreCandidate,
+    /// The member did not answer the status round.
+    Unreachable,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::PreCandidate => "pre-candidate",
+            Role::Unreachable => "unreachable",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<pb::MemberRole> for Role {
+    type Error = Unspecified;
+
+    fn try_from(role: pb::MemberRole) -> Result<Self, Unspecified> {
+        match role {
+            pb::MemberRole::Leader => Ok(Role::Leader),
+            pb::MemberRole::Follower => Ok(Role::Follower),
+            pb::MemberRole::Candidate => Ok(Role::Candidate),
+            pb::MemberRole::PreCandidate => Ok(Role::PreCandidate),
+            pb::MemberRole::Unreachable => Ok(Role::Unreachable),
+            pb::MemberRole::Unspecified => Err(Unspecified("role")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct MemberView {
     pub id: u64,
     pub address: String,
-    pub role: String,
+    #[serde(serialize_with = "as_word")]
+    pub role: Role,
     pub term: u64,
     pub commit_index: u64,
     pub applied_index: u64,
@@ -729,9 +821,11 @@ pub struct ClusterView {
     pub aggregate: AggregateView,
 }
 
-impl From<&pb::ClusterStatusResponse> for ClusterView {
-    fn from(c: &pb::ClusterStatusResponse) -> Self {
-        Self {
+impl TryFrom<&pb::ClusterStatusResponse> for ClusterView {
+    type Error = Unspecified;
+
+    fn try_from(c: &pb::ClusterStatusResponse) -> Result<Self, Unspecified> {
+        Ok(Self {
             cluster_id: if c.cluster_id == 0 {
                 String::new()
             } else {
@@ -744,16 +838,18 @@ impl From<&pb::ClusterStatusResponse> for ClusterView {
             members: c
                 .members
                 .iter()
-                .map(|m| MemberView {
-                    id: m.id,
-                    address: m.address.clone(),
-                    role: m.role.clone(),
-                    term: m.term,
-                    commit_index: m.commit_index,
-                    applied_index: m.applied_index,
-                    lag: m.lag,
+                .map(|m| {
+                    Ok(MemberView {
+                        id: m.id,
+                        address: m.address.clone(),
+                        role: m.role().try_into()?,
+                        term: m.term,
+                        commit_index: m.commit_index,
+                        applied_index: m.applied_index,
+                        lag: m.lag,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, Unspecified>>()?,
             aggregate: AggregateView {
                 n_nodes_ready: c.n_nodes_ready,
                 theta_cluster: c.theta_cluster,
@@ -761,7 +857,7 @@ impl From<&pb::ClusterStatusResponse> for ClusterView {
                 n_cluster: c.n_cluster,
                 s_total_cluster: c.s_total_cluster,
             },
-        }
+        })
     }
 }
 
@@ -804,7 +900,7 @@ pub fn render_cluster(cluster: &ClusterView) -> String {
         table.row(vec![
             m.id.to_string(),
             m.address.clone(),
-            m.role.clone(),
+            m.role.as_str().to_owned(),
             m.term.to_string(),
             m.commit_index.to_string(),
             m.applied_index.to_string(),
@@ -819,23 +915,20 @@ pub fn render_cluster(cluster: &ClusterView) -> String {
 mod tests {
     use super::*;
 
-    fn counts(succeeded: u64, failed: u64, skipped: u64, running: u64, pending: u64) -> CountsView {
-        CountsView {
+    fn counts(succeeded: u64, failed: u64, skipped: u64, running: u64, pending: u64) -> Counts {
+        Counts {
             pending,
             running,
             succeeded,
             failed,
             skipped,
-            ..CountsView::default()
+            ..Counts::default()
         }
     }
 
     fn sample_wave() -> WaveView {
         WaveView {
-            wave_id: 3,
-            name: "nightly-etl".into(),
-            state: "failed".into(),
-            on_failure: "skip-dependents".into(),
+            on_failure: OnFailure::SkipDependents,
             n_micro_tasks: 102,
             counts: counts(100, 1, 1, 0, 0),
             submitted_ms: 1_700_000_000_000,
@@ -848,23 +941,28 @@ mod tests {
             model_s_total: 2_900.4,
             traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
             trace_id: trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-            groups: vec![
-                GroupView {
-                    task_id: "prepare".into(),
-                    n_micro_tasks: 1,
-                    counts: counts(1, 0, 0, 0, 0),
-                },
-                GroupView {
-                    task_id: "shard".into(),
-                    n_micro_tasks: 100,
-                    counts: counts(99, 1, 0, 0, 0),
-                },
-                GroupView {
-                    task_id: "merge".into(),
-                    n_micro_tasks: 1,
-                    counts: counts(0, 0, 1, 0, 0),
-                },
-            ],
+            ..WaveView::for_tests(
+                3,
+                "nightly-etl",
+                WaveState::Failed,
+                vec![
+                    GroupView {
+                        task_id: "prepare".into(),
+                        n_micro_tasks: 1,
+                        counts: counts(1, 0, 0, 0, 0),
+                    },
+                    GroupView {
+                        task_id: "shard".into(),
+                        n_micro_tasks: 100,
+                        counts: counts(99, 1, 0, 0, 0),
+                    },
+                    GroupView {
+                        task_id: "merge".into(),
+                        n_micro_tasks: 1,
+                        counts: counts(0, 0, 1, 0, 0),
+                    },
+                ],
+            )
         }
     }
 
@@ -931,7 +1029,7 @@ mod tests {
     #[test]
     fn running_wave_shows_progress_and_unknown_figures() {
         let mut wave = sample_wave();
-        wave.state = "running".into();
+        wave.state = WaveState::Running;
         wave.counts = counts(10, 0, 0, 2, 90);
         wave.makespan_ms = 0;
         wave.measured_speedup = 0.0;
@@ -970,6 +1068,96 @@ mod tests {
             None
         );
         assert_eq!(trace_id("garbage"), None);
+    }
+
+    #[test]
+    fn wire_enums_keep_their_words() {
+        let summary = pb::WaveSummary {
+            wave_id: 1,
+            state: pb::WaveState::Succeeded.into(),
+            on_failure: pb::OnFailure::FailWave.into(),
+            ..Default::default()
+        };
+        let wave = WaveView::try_from(&summary).expect("valid summary");
+        let json: serde_json::Value =
+            serde_json::from_str(&to_json(&wave).expect("serialisable")).expect("JSON");
+        assert_eq!(json["state"], "succeeded");
+        assert_eq!(json["on_failure"], "fail-wave");
+        assert_eq!(json["counts"]["cancelled"], 0);
+
+        let mut node = pb::NodeInfo {
+            name: "n1".into(),
+            state: pb::NodeState::Draining.into(),
+            mode: pb::ThetaMode::Balance.into(),
+            policy: pb::ThrottlePolicy::Conservative.into(),
+            ..Default::default()
+        };
+        let view = NodeView::try_from(&node).expect("valid node");
+        let json = serde_json::to_value(&view).expect("serialisable");
+        assert_eq!(json["state"], "draining");
+        assert_eq!(json["mode"], "BALANCE");
+        assert_eq!(json["policy"], "conservative");
+        // A paused node shows PAUSED instead of its mode, in both outputs.
+        node.paused = true;
+        let view = NodeView::try_from(&node).expect("valid node");
+        assert_eq!(serde_json::to_value(&view).expect("JSON")["mode"], "PAUSED");
+        assert!(
+            node_line(&view).contains(" PAUSED "),
+            "{}",
+            node_line(&view)
+        );
+        assert!(render_nodes(&[view]).contains("  PAUSED  "));
+
+        let status = pb::ClusterStatusResponse {
+            members: vec![pb::ClusterMember {
+                id: 2,
+                role: pb::MemberRole::PreCandidate.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let cluster = ClusterView::try_from(&status).expect("valid status");
+        assert_eq!(
+            serde_json::to_value(&cluster).expect("JSON")["members"][0]["role"],
+            "pre-candidate"
+        );
+        assert!(render_cluster(&cluster).contains("pre-candidate"));
+
+        let task = pb::MicroTaskInfo {
+            task_id: "shard".into(),
+            index: Some(7),
+            state: pb::TaskState::Skipped.into(),
+            ..Default::default()
+        };
+        let task = TaskView::try_from(&task).expect("valid task");
+        assert_eq!(
+            serde_json::to_value(&task).expect("JSON")["state"],
+            "skipped"
+        );
+        assert!(render_tasks(&[task]).contains("shard[7]  skipped"));
+    }
+
+    #[test]
+    fn unspecified_enums_are_refused() {
+        let err = WaveView::try_from(&pb::WaveSummary::default()).expect_err("no state");
+        assert_eq!(err, Unspecified("state"));
+        let node = pb::NodeInfo {
+            state: pb::NodeState::Ready.into(),
+            mode: pb::ThetaMode::Optimize.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            NodeView::try_from(&node).expect_err("no policy"),
+            Unspecified("throttle_policy")
+        );
+        let status = pb::ClusterStatusResponse {
+            members: vec![pb::ClusterMember::default()],
+            ..Default::default()
+        };
+        assert_eq!(
+            ClusterView::try_from(&status).expect_err("no role"),
+            Unspecified("role")
+        );
     }
 
     #[test]

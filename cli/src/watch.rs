@@ -3,7 +3,8 @@
 //! [`follow`] consumes the coordinator's `WatchWave` stream. The stream may break when a
 //! coordinator dies or loses leadership; `follow` then reconnects (through
 //! [`Client`](crate::client::Client), so it finds the new leader) and resumes — every
-//! event is a full snapshot, so nothing needs replaying. [`Progress`] turns events into
+//! event is a full snapshot, so nothing needs replaying. Snapshots whose enums this build
+//! cannot read are not drawn; the final one must be readable. [`Progress`] turns events into
 //! indicatif bars on a terminal (overall, one per spec task, one line per node) or into
 //! occasional plain lines when stderr is a log file.
 
@@ -11,12 +12,13 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use venom_core::{Counts, WaveState};
 use venom_proto as pb;
 
 use crate::client::{Client, Retry};
-use crate::output::{is_final_state, node_line, CountsView, NodeView, WaveView};
+use crate::output::{node_line, placed, NodeView, WaveView};
 
 /// Consecutive broken streams tolerated before giving up (each waits longer).
 const MAX_STREAM_FAILURES: u32 = 20;
@@ -33,7 +35,7 @@ pub async fn follow(
     client: &mut Client,
     wave_id: u64,
     mut on_event: impl FnMut(&pb::WatchWaveEvent),
-) -> anyhow::Result<pb::WaveSummary> {
+) -> anyhow::Result<WaveView> {
     let mut n_failures: u32 = 0;
     loop {
         let mut stream = client
@@ -47,8 +49,9 @@ pub async fn follow(
                     n_failures = 0;
                     on_event(&event);
                     if let Some(wave) = &event.wave {
-                        if is_final_state(&wave.state) {
-                            return Ok(wave.clone());
+                        if WaveState::try_from(wave.state()).is_ok_and(WaveState::is_terminal) {
+                            return WaveView::try_from(wave)
+                                .with_context(|| format!("the final summary of wave {wave_id}"));
                         }
                     }
                 }
@@ -71,8 +74,8 @@ pub async fn follow(
 }
 
 /// Exit code for a wave's final state: 0 when it succeeded, 1 otherwise.
-pub fn exit_code_for(state: &str) -> u8 {
-    if state == "succeeded" {
+pub fn exit_code_for(state: WaveState) -> u8 {
+    if state == WaveState::Succeeded {
         0
     } else {
         1
@@ -146,7 +149,7 @@ fn fit(label: &str) -> String {
     }
 }
 
-fn counts_message(counts: &CountsView) -> String {
+fn counts_message(counts: &Counts) -> String {
     let mut parts = vec![format!("{} running", counts.running)];
     if counts.assigned > 0 {
         parts.push(format!("{} queued", counts.assigned));
@@ -187,8 +190,7 @@ impl Bars {
     }
 
     pub fn update(&mut self, event: &pb::WatchWaveEvent) {
-        if let Some(wave) = &event.wave {
-            let wave = WaveView::from(wave);
+        if let Some(Ok(wave)) = event.wave.as_ref().map(WaveView::try_from) {
             if !self.started {
                 self.started = true;
                 self.overall
@@ -205,15 +207,18 @@ impl Bars {
                 }
             }
             self.overall.set_length(wave.n_micro_tasks);
-            self.overall.set_position(wave.counts.done());
-            self.overall
-                .set_message(format!("{} · {}", wave.state, counts_message(&wave.counts)));
+            self.overall.set_position(wave.counts.terminal());
+            self.overall.set_message(format!(
+                "{} · {}",
+                wave.state.as_str(),
+                counts_message(&wave.counts)
+            ));
             let shown = groups_to_show(&wave, self.group_bars.len());
             for (bar, &group_index) in self.group_bars.iter().zip(&shown) {
                 let group = &wave.groups[group_index];
                 bar.set_prefix(fit(&group.task_id));
                 bar.set_length(u64::from(group.n_micro_tasks));
-                bar.set_position(group.counts.done());
+                bar.set_position(group.counts.terminal());
                 bar.set_message(counts_message(&group.counts));
             }
             if let Some(more) = &self.more {
@@ -224,7 +229,7 @@ impl Bars {
                     .iter()
                     .filter(|&&i| {
                         let g = &wave.groups[i];
-                        g.counts.done() >= u64::from(g.n_micro_tasks)
+                        g.counts.terminal() >= u64::from(g.n_micro_tasks)
                     })
                     .count();
                 more.set_prefix("…");
@@ -236,8 +241,11 @@ impl Bars {
                 ));
             }
         }
-        for node in &event.nodes {
-            let node = NodeView::from(node);
+        for node in event
+            .nodes
+            .iter()
+            .filter_map(|n| NodeView::try_from(n).ok())
+        {
             let bar = self.nodes.entry(node.name.clone()).or_insert_with(|| {
                 let bar = self.multi.add(ProgressBar::new(0));
                 bar.set_style(text_style());
@@ -274,9 +282,9 @@ pub fn groups_to_show(wave: &WaveView, n_bars: usize) -> Vec<usize> {
     if indexes.len() > n_bars {
         indexes.sort_by_key(|&i| {
             let g = &wave.groups[i];
-            if g.counts.active() + g.counts.ready > 0 {
+            if placed(&g.counts) + g.counts.ready > 0 {
                 (0, i)
-            } else if g.counts.done() < u64::from(g.n_micro_tasks) {
+            } else if g.counts.terminal() < u64::from(g.n_micro_tasks) {
                 (1, i)
             } else {
                 // Finished: the most recently reached (latest in the file) first.
@@ -310,13 +318,14 @@ impl Lines {
     }
 
     pub fn update(&mut self, event: &pb::WatchWaveEvent) {
-        let Some(wave) = &event.wave else { return };
-        let wave = WaveView::from(wave);
+        let Some(Ok(wave)) = event.wave.as_ref().map(WaveView::try_from) else {
+            return;
+        };
         let line = format!(
             "wave {}: {} · {}/{} done · {}",
             self.wave_id,
-            wave.state,
-            wave.counts.done(),
+            wave.state.as_str(),
+            wave.counts.terminal(),
             wave.n_micro_tasks,
             counts_message(&wave.counts)
         );
@@ -327,7 +336,7 @@ impl Lines {
             Some(at) => at.elapsed() >= Duration::from_millis(LINE_INTERVAL_MS),
             None => true,
         };
-        if due || is_final_state(&wave.state) {
+        if due || wave.state.is_terminal() {
             self.print(line);
         } else {
             self.pending_line = Some(line);
@@ -357,48 +366,35 @@ mod tests {
         GroupView {
             task_id: task_id.into(),
             n_micro_tasks: n,
-            counts: CountsView {
+            counts: Counts {
                 succeeded: done,
                 running,
                 pending: u64::from(n) - done - running,
-                ..CountsView::default()
+                ..Counts::default()
             },
         }
     }
 
     #[test]
     fn busiest_groups_get_the_bars() {
-        let wave = WaveView {
-            wave_id: 1,
-            name: "chain".into(),
-            state: "running".into(),
-            on_failure: String::new(),
-            n_micro_tasks: 5,
-            counts: CountsView::default(),
-            submitted_ms: 0,
-            started_ms: 0,
-            finished_ms: 0,
-            work_ms: 0,
-            makespan_ms: 0,
-            measured_speedup: 0.0,
-            dag_bound: 0.0,
-            model_s_total: 0.0,
-            traceparent: String::new(),
-            trace_id: None,
-            groups: vec![
+        let wave = WaveView::for_tests(
+            1,
+            "chain",
+            WaveState::Running,
+            vec![
                 group("t0", 1, 1, 0),
                 group("t1", 1, 1, 0),
                 group("t2", 1, 0, 1),
                 group("t3", 1, 0, 0),
                 group("t4", 1, 0, 0),
             ],
-        };
+        );
         assert_eq!(groups_to_show(&wave, 10), vec![0, 1, 2, 3, 4]);
         assert_eq!(groups_to_show(&wave, 2), vec![2, 3]);
         assert_eq!(groups_to_show(&wave, 4), vec![1, 2, 3, 4]);
-        assert_eq!(exit_code_for("succeeded"), 0);
-        assert_eq!(exit_code_for("failed"), 1);
-        assert_eq!(exit_code_for("cancelled"), 1);
+        assert_eq!(exit_code_for(WaveState::Succeeded), 0);
+        assert_eq!(exit_code_for(WaveState::Failed), 1);
+        assert_eq!(exit_code_for(WaveState::Cancelled), 1);
     }
 
     #[test]
@@ -406,7 +402,8 @@ mod tests {
         let mut bars = Bars::new(ProgressDrawTarget::hidden());
         let summary = pb::WaveSummary {
             wave_id: 4,
-            state: "running".into(),
+            state: pb::WaveState::Running.into(),
+            on_failure: pb::OnFailure::SkipDependents.into(),
             n_micro_tasks: 3,
             groups: vec![pb::TaskGroupProgress {
                 task_id: "a-task-with-a-very-long-name".into(),
@@ -428,6 +425,9 @@ mod tests {
             wave: Some(summary),
             nodes: vec![pb::NodeInfo {
                 name: "dev".into(),
+                state: pb::NodeState::Ready.into(),
+                mode: pb::ThetaMode::Optimize.into(),
+                policy: pb::ThrottlePolicy::Adaptive.into(),
                 ..Default::default()
             }],
         };

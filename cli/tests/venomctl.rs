@@ -16,7 +16,6 @@ fn venomctl() -> Command {
     // The tests name every coordinator explicitly; the caller's settings must not leak in.
     for var in [
         "VENOM_COORDINATOR",
-        "VENOM_TOKEN",
         "VENOM_OUTPUT",
         "TRACEPARENT",
         "RUST_LOG",

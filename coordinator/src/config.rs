@@ -7,16 +7,35 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use venom_core::wave::WaveLimits;
+
+use crate::scheduler::SchedulerConfig;
+
+/// Defaults of the flags below, named once: clap's defaults and
+/// [`CoordinatorConfig::single_node`] both take them from here.
+pub mod defaults {
+    use super::{SchedulerConfig, WaveLimits};
+
+    pub const ID: u64 = 1;
+    pub const LISTEN: &str = venom_core::url::DEFAULT_LISTEN;
+    pub const HEARTBEAT_TTL_MS: u64 = SchedulerConfig::DEFAULT_HEARTBEAT_TTL_MS;
+    pub const MAX_MICRO_TASKS: u64 = WaveLimits::DEFAULT_MAX_MICRO_TASKS;
+    pub const MAX_SPEC_BYTES: usize = WaveLimits::DEFAULT_MAX_SPEC_BYTES;
+    /// 16 MiB: also bounds a snapshot, which travels as one message.
+    pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+    pub const TICK_MS: u64 = 100;
+    pub const COMPACT_AFTER_ENTRIES: u64 = 10_000;
+}
 
 /// How a coordinator is run.
 #[derive(Debug, Clone, Args)]
 pub struct CoordinatorConfig {
     /// Raft id of this coordinator (unique within the cluster, ≥ 1).
-    #[arg(long, env = "VENOM_ID", default_value_t = 1)]
+    #[arg(long, env = "VENOM_ID", default_value_t = defaults::ID)]
     pub id: u64,
 
     /// Address serving clients, workers and raft peers.
-    #[arg(long, env = "VENOM_LISTEN", default_value = "127.0.0.1:7070")]
+    #[arg(long, env = "VENOM_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
 
     /// Directory for the sled database (raft log and state machine).
@@ -47,28 +66,28 @@ pub struct CoordinatorConfig {
     pub metrics_listen: Option<SocketAddr>,
 
     /// A node that sends no heartbeat for this long is marked down.
-    #[arg(long, env = "VENOM_HEARTBEAT_TTL_MS", default_value_t = 5_000)]
+    #[arg(long, env = "VENOM_HEARTBEAT_TTL_MS", default_value_t = defaults::HEARTBEAT_TTL_MS)]
     pub heartbeat_ttl_ms: u64,
 
     /// Most micro-tasks a single wave may expand to.
-    #[arg(long, env = "VENOM_MAX_MICRO_TASKS", default_value_t = 100_000)]
+    #[arg(long, env = "VENOM_MAX_MICRO_TASKS", default_value_t = defaults::MAX_MICRO_TASKS)]
     pub max_micro_tasks: u64,
 
     /// Largest wave file accepted, in bytes.
-    #[arg(long, env = "VENOM_MAX_SPEC_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "VENOM_MAX_SPEC_BYTES", default_value_t = defaults::MAX_SPEC_BYTES)]
     pub max_spec_bytes: usize,
 
     /// Largest gRPC message accepted, in bytes.
-    #[arg(long, env = "VENOM_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
+    #[arg(long, env = "VENOM_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 
     /// Raft tick interval.
-    #[arg(long, env = "VENOM_TICK_MS", default_value_t = 100)]
+    #[arg(long, env = "VENOM_TICK_MS", default_value_t = defaults::TICK_MS)]
     pub tick_ms: u64,
 
     /// Compact the raft log once it holds more than this many applied and checkpointed
     /// entries; a follower that falls further behind is caught up by snapshot.
-    #[arg(long, env = "VENOM_COMPACT_AFTER_ENTRIES", default_value_t = 10_000)]
+    #[arg(long, env = "VENOM_COMPACT_AFTER_ENTRIES", default_value_t = defaults::COMPACT_AFTER_ENTRIES)]
     pub compact_after_entries: u64,
 }
 
@@ -78,19 +97,19 @@ impl CoordinatorConfig {
     /// `venomctl dev` and tests).
     pub fn single_node(listen: SocketAddr, data_dir: PathBuf) -> Self {
         Self {
-            id: 1,
+            id: defaults::ID,
             listen,
             data_dir: Some(data_dir),
             peers: Vec::new(),
             bootstrap: true,
             join: false,
             metrics_listen: None,
-            heartbeat_ttl_ms: 5_000,
-            max_micro_tasks: 100_000,
-            max_spec_bytes: 1 << 20,
-            max_message_bytes: 16 << 20,
-            tick_ms: 100,
-            compact_after_entries: 10_000,
+            heartbeat_ttl_ms: defaults::HEARTBEAT_TTL_MS,
+            max_micro_tasks: defaults::MAX_MICRO_TASKS,
+            max_spec_bytes: defaults::MAX_SPEC_BYTES,
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
+            tick_ms: defaults::TICK_MS,
+            compact_after_entries: defaults::COMPACT_AFTER_ENTRIES,
         }
     }
 

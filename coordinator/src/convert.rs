@@ -1,51 +1,137 @@
-//! Conversions between the state machine's domain types and `venom.v1` wire types.
-//! Handlers and the replica call these; nothing else touches generated types.
+//! Conversions between the coordinator's domain types and `venom.v1` wire types. Handlers
+//! and the replica call these; the shared vocabulary's own conversions (ids, states,
+//! outcomes, counts) are `venom_proto::convert`.
+
+use std::collections::BTreeMap;
 
 use prost::Message as _;
 use venom_proto::v1 as pb;
 
-use crate::mobius;
+use venom_core::mobius;
+use venom_core::wave::CommandSpec;
+
+use venom_core::mobius::ThrottlePolicy;
+
 use crate::state::{
-    AttemptRef, AttemptResult, Counts, HeartbeatReport, MicroKey, Node, State, TaskState, Wave,
+    AttemptRef, AttemptResult, Command, Counts, Effect, HeartbeatReport, MicroTask, Node, NodeSpec,
+    State, TaskState, Wave,
 };
-use crate::wave::CommandSpec;
 
-pub fn attempt_to_pb(a: &AttemptRef) -> pb::AttemptRef {
-    pb::AttemptRef {
-        wave_id: a.wave_id,
-        micro: a.micro,
-        attempt: a.attempt,
+/// Longest node name: a DNS name's length.
+pub const MAX_NODE_NAME_BYTES: usize = 253;
+/// Most micro-tasks a node may ask to keep queued beyond its usable slots.
+pub const MAX_QUEUE_DEPTH: u32 = 1_024;
+
+/// The node a worker's `Register` describes; the error names the bad field.
+pub fn node_spec(register: &pb::Register) -> Result<NodeSpec, String> {
+    if register.name.is_empty() || register.name.len() > MAX_NODE_NAME_BYTES {
+        return Err(format!(
+            "field `register.name`: must be 1 to {MAX_NODE_NAME_BYTES} characters"
+        ));
     }
+    let policy = match register.throttle_policy() {
+        pb::ThrottlePolicy::Unspecified => ThrottlePolicy::default(),
+        policy => ThrottlePolicy::try_from(policy)
+            .map_err(|e| format!("field `register.throttle_policy`: {e}"))?,
+    };
+    let profile = register.profile.clone().unwrap_or_default();
+    let memory_total_bytes = if profile.effective_memory_bytes > 0 {
+        profile.effective_memory_bytes
+    } else {
+        profile.memory_total_bytes
+    };
+    Ok(NodeSpec {
+        name: register.name.clone(),
+        slots: register.slots.max(1),
+        labels: register.labels.clone().into_iter().collect(),
+        policy,
+        physical_cores: profile.cpu_physical_cores.max(1),
+        logical_cores: profile.cpu_logical_cores.max(1),
+        memory_total_bytes,
+        gpus: profile.gpus.len() as u32,
+        queue_depth: register.queue_depth.min(MAX_QUEUE_DEPTH),
+        profile: profile.encode_to_vec(),
+    })
 }
 
-pub fn attempt_from_pb(a: &pb::AttemptRef) -> AttemptRef {
-    AttemptRef {
-        wave_id: a.wave_id,
-        micro: a.micro,
-        attempt: a.attempt,
-    }
+/// The command that registers a worker: `spec` (decoded from `register`), what it still
+/// runs and the results it kept.
+pub fn registration(spec: NodeSpec, register: pb::Register, now_ms: u64) -> Command {
+    let unacknowledged = register
+        .unacknowledged
+        .into_iter()
+        .filter_map(|f| result_from_pb(&spec.name, f))
+        .collect();
+    let running = register.running.into_iter().map(AttemptRef::from).collect();
+    Command::register(spec, running, unacknowledged, now_ms)
 }
 
-/// The assignment message for attempt `attempt` of micro-task `key`, dispatched to `node`.
-pub fn assignment(
+/// The one command a worker message amounts to (`None` for an empty message).
+pub fn worker_report(node: &str, message: pb::WorkerMessage, now_ms: u64) -> Option<Command> {
+    let started = message
+        .started
+        .into_iter()
+        .filter_map(|s| Some((AttemptRef::from(s.attempt?), s.started_ms)))
+        .collect();
+    let results = message
+        .finished
+        .into_iter()
+        .filter_map(|f| result_from_pb(node, f))
+        .collect();
+    let heartbeat = message.heartbeat.map(|h| heartbeat_from_pb(node, &h));
+    Command::worker_report(node, started, results, heartbeat, now_ms)
+}
+
+/// The effects of one turn as worker messages: every effect for one node packed into one
+/// message, nodes in name order.
+pub fn worker_messages(
     state: &State,
-    key: MicroKey,
-    attempt: u32,
-    node: &str,
-) -> Option<pb::Assignment> {
-    let wave = state.waves.get(&key.0)?;
-    let task = wave.tasks.get(key.1 as usize)?;
+    effects: Vec<Effect>,
+) -> Vec<(String, pb::CoordinatorMessage)> {
+    let mut by_node: BTreeMap<String, pb::CoordinatorMessage> = BTreeMap::new();
+    for effect in effects {
+        match effect {
+            Effect::Dispatch { node, attempts } => {
+                let msg = by_node.entry(node.clone()).or_default();
+                for attempt in attempts {
+                    if let Some(a) = assignment(state, attempt, &node) {
+                        msg.assign.push(a);
+                    }
+                }
+            }
+            Effect::Cancel { node, attempts } => {
+                by_node
+                    .entry(node)
+                    .or_default()
+                    .cancel
+                    .extend(attempts.into_iter().map(pb::AttemptRef::from));
+            }
+            Effect::Ack { node, attempts } => {
+                by_node
+                    .entry(node)
+                    .or_default()
+                    .ack
+                    .extend(attempts.into_iter().map(pb::AttemptRef::from));
+            }
+            Effect::SlotsLimit { node, slots } => {
+                by_node.entry(node).or_default().slots_limit = Some(slots);
+            }
+        }
+    }
+    by_node.into_iter().collect()
+}
+
+/// The assignment message for `attempt`, dispatched to `node`.
+pub fn assignment(state: &State, attempt: AttemptRef, node: &str) -> Option<pb::Assignment> {
+    let wave = state.waves.get(&attempt.wave_id)?;
+    let task = wave.tasks.get(attempt.micro as usize)?;
     let spec = wave.header.spec.tasks.get(task.group as usize)?;
     let (shell, argv) = match &spec.command {
         CommandSpec::Shell(s) => (s.clone(), Vec::new()),
         CommandSpec::Argv(a) => (String::new(), a.clone()),
     };
     Some(pb::Assignment {
-        attempt: Some(pb::AttemptRef {
-            wave_id: key.0,
-            micro: key.1,
-            attempt,
-        }),
+        attempt: Some(attempt.into()),
         wave_name: wave.header.spec.name.clone(),
         task_id: spec.id.clone(),
         index: task.index,
@@ -58,27 +144,17 @@ pub fn assignment(
         mode: state
             .nodes
             .get(node)
-            .map(|n| n.throttle.mode.as_str().to_owned())
-            .unwrap_or_default(),
+            .map_or(pb::ThetaMode::Unspecified, |n| n.throttle.mode.into())
+            .into(),
     })
 }
 
 pub fn result_from_pb(node: &str, f: pb::TaskFinished) -> Option<AttemptResult> {
-    let attempt = attempt_from_pb(f.attempt.as_ref()?);
+    let (attempt, outcome) = venom_proto::convert::from_task_finished(f)?;
     Some(AttemptResult {
         attempt,
         node: node.to_string(),
-        exit_code: f.exit_code,
-        signal: f.signal,
-        timed_out: f.timed_out,
-        cancelled: f.cancelled,
-        started_ms: f.started_ms,
-        finished_ms: f.finished_ms,
-        stdout: f.stdout,
-        stderr: f.stderr,
-        stdout_truncated: f.stdout_truncated,
-        stderr_truncated: f.stderr_truncated,
-        error: f.error,
+        outcome,
     })
 }
 
@@ -93,32 +169,6 @@ pub fn heartbeat_from_pb(node: &str, h: &pb::Heartbeat) -> HeartbeatReport {
     }
 }
 
-pub fn counts_to_pb(c: &Counts) -> pb::TaskCounts {
-    pb::TaskCounts {
-        pending: c.pending,
-        ready: c.ready,
-        assigned: c.assigned,
-        running: c.running,
-        succeeded: c.succeeded,
-        failed: c.failed,
-        skipped: c.skipped,
-        cancelled: c.cancelled,
-    }
-}
-
-fn count_state(counts: &mut Counts, state: TaskState) {
-    match state {
-        TaskState::Pending => counts.pending += 1,
-        TaskState::Ready => counts.ready += 1,
-        TaskState::Assigned => counts.assigned += 1,
-        TaskState::Running => counts.running += 1,
-        TaskState::Succeeded => counts.succeeded += 1,
-        TaskState::Failed => counts.failed += 1,
-        TaskState::Skipped => counts.skipped += 1,
-        TaskState::Cancelled => counts.cancelled += 1,
-    }
-}
-
 pub fn wave_summary(state: &State, wave: &Wave) -> pb::WaveSummary {
     let h = &wave.header;
     let groups = h
@@ -130,22 +180,22 @@ pub fn wave_summary(state: &State, wave: &Wave) -> pb::WaveSummary {
             let mut counts = Counts::default();
             for micro in h.group_range(g as u32) {
                 if let Some(task) = wave.tasks.get(micro as usize) {
-                    count_state(&mut counts, task.state);
+                    counts.add(task.state);
                 }
             }
             pb::TaskGroupProgress {
                 task_id: t.id.clone(),
                 n_micro_tasks: t.n_micro_tasks(),
-                counts: Some(counts_to_pb(&counts)),
+                counts: Some(counts.into()),
             }
         })
         .collect();
     pb::WaveSummary {
         wave_id: h.id,
         name: h.spec.name.clone(),
-        state: h.state.as_str().to_string(),
+        state: pb::WaveState::from(h.state).into(),
         n_micro_tasks: wave.tasks.len() as u64,
-        counts: Some(counts_to_pb(&h.counts)),
+        counts: Some(h.counts.into()),
         submitted_ms: h.submitted_ms,
         started_ms: h.started_ms,
         finished_ms: h.finished_ms,
@@ -160,7 +210,28 @@ pub fn wave_summary(state: &State, wave: &Wave) -> pb::WaveSummary {
         },
         traceparent: h.traceparent.clone(),
         groups,
-        on_failure: h.spec.on_failure.as_str().to_string(),
+        on_failure: pb::OnFailure::from(h.spec.on_failure).into(),
+    }
+}
+
+/// A `WatchWave` update: the wave and every node.
+pub fn watch_event(state: &State, wave: &Wave) -> pb::WatchWaveEvent {
+    pb::WatchWaveEvent {
+        wave: Some(wave_summary(state, wave)),
+        nodes: state.nodes.values().map(|n| node_info(state, n)).collect(),
+    }
+}
+
+/// The output a micro-task's latest attempt left.
+pub fn logs(task: &MicroTask) -> pb::GetLogsResponse {
+    pb::GetLogsResponse {
+        attempt: task.attempt,
+        stdout: task.outcome.stdout.clone(),
+        stderr: task.outcome.stderr.clone(),
+        stdout_truncated: task.outcome.stdout_truncated,
+        stderr_truncated: task.outcome.stderr_truncated,
+        state: pb::TaskState::from(task.state).into(),
+        node: task.node.clone().unwrap_or_default(),
     }
 }
 
@@ -170,14 +241,14 @@ pub fn micro_task_info(wave: &Wave, micro: u32) -> Option<pb::MicroTaskInfo> {
     Some(pb::MicroTaskInfo {
         task_id: spec.id.clone(),
         index: task.index,
-        state: task.state.as_str().to_string(),
+        state: pb::TaskState::from(task.state).into(),
         attempt: task.attempt,
         node: task.node.clone().unwrap_or_default(),
-        exit_code: task.exit_code,
-        signal: task.signal,
-        timed_out: task.timed_out,
-        started_ms: task.started_ms,
-        finished_ms: task.finished_ms,
+        exit_code: task.outcome.exit_code,
+        signal: task.outcome.signal,
+        timed_out: task.outcome.timed_out,
+        started_ms: task.outcome.started_ms,
+        finished_ms: task.outcome.finished_ms,
         error: task.error.clone(),
         micro,
     })
@@ -196,7 +267,7 @@ pub fn node_info(state: &State, node: &Node) -> pb::NodeInfo {
         .count() as u32;
     pb::NodeInfo {
         name: node.spec.name.clone(),
-        state: node.state.as_str().to_string(),
+        state: pb::NodeState::from(node.state).into(),
         slots: node.spec.slots,
         throttled_slots: node.usable_slots(),
         running,
@@ -206,12 +277,9 @@ pub fn node_info(state: &State, node: &Node) -> pb::NodeInfo {
         h_cpu: node.h_cpu,
         h_mem: node.h_mem,
         h_term: node.h_term,
-        mode: if node.throttle.paused {
-            "PAUSED".to_string()
-        } else {
-            node.throttle.mode.as_str().to_string()
-        },
-        policy: node.spec.policy.as_str().to_string(),
+        mode: pb::ThetaMode::from(node.throttle.mode).into(),
+        paused: node.throttle.paused,
+        policy: pb::ThrottlePolicy::from(node.spec.policy).into(),
         labels: node.spec.labels.clone().into_iter().collect(),
         memory_total_bytes: node.spec.memory_total_bytes,
         memory_available_bytes: node.memory_available_bytes,

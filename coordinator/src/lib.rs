@@ -2,19 +2,18 @@
 //! nodes persisted in sled, a pure scheduler, the Möbius model, and the gRPC services
 //! for clients, workers and raft peers — all served on one port.
 
+pub mod cluster_view;
 pub mod config;
 pub mod convert;
 pub mod datadir;
 pub mod durable;
 pub mod metrics;
-pub mod mobius;
 pub mod replica;
 pub mod scheduler;
 pub mod server;
 pub mod state;
 pub mod storage;
 pub mod transport;
-pub mod wave;
 
 #[cfg(test)]
 mod sim;
@@ -38,7 +37,7 @@ use crate::replica::{ReplicaConfig, ReplicaError};
 use crate::state::State;
 use crate::storage::Store;
 use crate::transport::GrpcTransport;
-use crate::wave::WaveLimits;
+use venom_core::wave::WaveLimits;
 
 /// Parses `--peers` entries (`ID=HOST:PORT`) into id → URL, adding this node.
 pub fn parse_members(
@@ -56,13 +55,19 @@ pub fn parse_members(
             .parse()
             .with_context(|| format!("--peers: `{pid}` in `{peer}` is not a node id"))?;
         anyhow::ensure!(pid >= 1, "--peers: node ids start at 1 (`{peer}`)");
-        members.insert(pid, transport::peer_url(addr));
+        members.insert(pid, venom_core::url::normalize_url(addr));
     }
     members.entry(id).or_insert_with(|| own_addr.to_string());
     Ok(members)
 }
 
 /// How long the startup checks wait for each peer's view of the cluster.
+/// How long after the start a member keeps asking its peers which cluster they belong to.
+const PEER_CLUSTER_CHECK_FOR: Duration = Duration::from_secs(30);
+/// How often it asks while no peer has answered with a cluster.
+const PEER_CLUSTER_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long worker and client streams get to close after the replica stopped.
+const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 const PEER_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Opens this coordinator's data directory and decides whether it may start on it
@@ -119,7 +124,7 @@ async fn check_peers_cluster(
     cluster_id: u64,
     peers: BTreeMap<u64, String>,
 ) -> Result<(), DataDirError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + PEER_CLUSTER_CHECK_FOR;
     loop {
         let views = peer_views(&peers).await;
         let named: Vec<&(u64, venom_proto::v1::ClusterStatusResponse)> =
@@ -137,7 +142,7 @@ async fn check_peers_cluster(
             }
             // Nobody answered with a cluster yet: ask again for a while.
             None if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(PEER_CLUSTER_CHECK_EVERY).await;
             }
             None => return Ok(()),
         }
@@ -149,7 +154,10 @@ async fn peer_views(
     peers: &BTreeMap<u64, String>,
 ) -> Vec<(u64, venom_proto::v1::ClusterStatusResponse)> {
     let asks = peers.iter().map(|(&id, address)| async move {
-        (id, server::member_view(address, PEER_CHECK_TIMEOUT).await)
+        (
+            id,
+            cluster_view::member_view(address, PEER_CHECK_TIMEOUT).await,
+        )
     });
     futures::future::join_all(asks)
         .await
@@ -322,10 +330,13 @@ pub async fn run(
     drop(handle);
     let replica_result = replica_task.await.context("replica task panicked")?;
     // Long-lived worker streams end with the replica; give connections a moment to close.
-    match tokio::time::timeout(Duration::from_secs(3), server).await {
+    match tokio::time::timeout(SERVER_DRAIN_TIMEOUT, server).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server error"),
         Ok(_) => {}
-        Err(_) => tracing::info!("gRPC server did not drain in 3 s; closing"),
+        Err(_) => tracing::info!(
+            "gRPC server did not drain in {} s; closing",
+            SERVER_DRAIN_TIMEOUT.as_secs()
+        ),
     }
     if let Some(refusal) = refusal.lock().ok().and_then(|mut slot| slot.take()) {
         return Err(refusal.into());

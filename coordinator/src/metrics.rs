@@ -14,9 +14,10 @@ use prometheus::{
 };
 use venom_telemetry::metrics::{encode, register};
 
-use crate::mobius::{self, Mode};
 use crate::replica::RaftStatus;
 use crate::state::{NodeState, Observation, State, WaveState};
+use venom_core::mobius::{self, Mode};
+use venom_core::OutcomeKind;
 
 /// Latency buckets in seconds: 1 ms … 5 min.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -127,6 +128,7 @@ impl Metrics {
                 outcome,
                 end_to_end_ms,
             } => {
+                let outcome = outcome_label(*outcome);
                 self.attempts.with_label_values(&[outcome]).inc();
                 self.micro_task_seconds
                     .with_label_values(&[outcome])
@@ -351,7 +353,7 @@ fn state_gauges(state: &State, status: &RaftStatus) -> Registry {
         (
             "venom_raft_is_leader",
             "1 on the leader.",
-            i64::from(status.role == "leader"),
+            i64::from(status.role == raft::StateRole::Leader),
         ),
         (
             "venom_raft_commit_index",
@@ -382,4 +384,13 @@ pub fn render_shared(shared: &crate::replica::Shared) -> String {
         Err(poisoned) => poisoned.into_inner(),
     };
     shared.metrics.render(&state, &status)
+}
+
+/// The coordinator's `outcome` label: `succeeded`, `timed_out`, or `failed` for every other
+/// ending (a cancelled or unstartable attempt is a failed one from the wave's point of view).
+fn outcome_label(kind: OutcomeKind) -> &'static str {
+    match kind {
+        OutcomeKind::Succeeded | OutcomeKind::TimedOut => kind.as_str(),
+        OutcomeKind::Failed | OutcomeKind::Cancelled | OutcomeKind::NotStarted => "failed",
+    }
 }

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{MicroKey, Node, NodeState, Placement, State};
-use crate::wave::TaskSpec;
+use venom_core::wave::{TaskSpec, WaveSpec};
 
 /// Inputs of one scheduling round besides the state: the leader's view of its worker
 /// connections and its timers. Carried inside `Command::Schedule` so every replica
@@ -37,12 +37,19 @@ pub struct SchedulerConfig {
     pub unreachable: BTreeSet<String>,
 }
 
+impl SchedulerConfig {
+    /// Default heartbeat TTL (`--heartbeat-ttl-ms`).
+    pub const DEFAULT_HEARTBEAT_TTL_MS: u64 = 5_000;
+    /// Most placements in one plan.
+    pub const MAX_PLACEMENTS: usize = 4_096;
+}
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
-            heartbeat_ttl_ms: 5_000,
+            heartbeat_ttl_ms: SchedulerConfig::DEFAULT_HEARTBEAT_TTL_MS,
             grace_until_ms: 0,
-            max_placements: 4_096,
+            max_placements: SchedulerConfig::MAX_PLACEMENTS,
             unreachable: BTreeSet::new(),
         }
     }
@@ -119,6 +126,25 @@ pub fn could_ever_run(state: &State, task: &TaskSpec) -> bool {
             && task.gpus <= n.spec.gpus
             && labels_match(&task.labels, &n.spec.labels)
     })
+}
+
+/// One warning per task of `spec` that no registered node could ever run (none when no node
+/// is registered yet): the wave is accepted and the task waits for such a node.
+pub fn unplaceable_warnings(state: &State, spec: &WaveSpec) -> Vec<String> {
+    if state.nodes.is_empty() {
+        return Vec::new();
+    }
+    spec.tasks
+        .iter()
+        .filter(|t| !could_ever_run(state, t))
+        .map(|t| {
+            format!(
+                "task `{}`: no registered node could ever satisfy its request \
+                 (memory {} B, gpus {}, labels {:?}); it waits for one",
+                t.id, t.memory_bytes, t.gpus, t.labels
+            )
+        })
+        .collect()
 }
 
 /// Computes one scheduling round.

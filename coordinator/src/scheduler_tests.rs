@@ -6,9 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::mobius::{Mode, ThrottlePolicy};
 use crate::state::{Command, HeartbeatReport, NodeSpec, Outcome, WaveId};
-use crate::wave::{parse_wave, Format, WaveLimits};
+use venom_core::mobius::{Mode, ThrottlePolicy};
+use venom_core::wave::{parse_wave, Format, WaveLimits};
 
 const GIB: u64 = 1 << 30;
 
@@ -70,23 +70,23 @@ fn array_wave(array: u32, fields: &str) -> String {
     format!("name = \"w\"\n[[task]]\nid = \"t\"\narray = {array}\nrun = \"x\"\n{fields}\n")
 }
 
-/// Applies a plan exactly as the replica proposes it.
+/// Applies the round that produced `plan` exactly as the replica proposes it: a
+/// `Schedule` command under the default test configuration.
 fn apply_plan(state: &mut State, plan: &Plan, now_ms: u64) {
-    let mut commands: Vec<Command> = plan
-        .mark_down
-        .iter()
-        .map(|node| Command::MarkDown {
-            node: node.clone(),
-            now_ms,
-        })
-        .collect();
-    if !plan.placements.is_empty() {
-        commands.push(Command::Assign {
-            placements: plan.placements.clone(),
-            now_ms,
-        });
-    }
-    state.apply(Command::Batch(commands));
+    apply_plan_with(state, plan, now_ms, &config());
+}
+
+/// [`apply_plan`] under `config`; the plan computed inside apply must be `plan`.
+fn apply_plan_with(state: &mut State, plan: &Plan, now_ms: u64, config: &SchedulerConfig) {
+    assert_eq!(
+        &schedule(state, now_ms, config),
+        plan,
+        "the plan apply computes"
+    );
+    state.apply(Command::Schedule {
+        now_ms,
+        config: config.clone(),
+    });
 }
 
 /// The node of each placement, in plan order.
@@ -165,17 +165,12 @@ fn oversized_task_runs_alone_and_only_on_an_idle_node() {
                 attempt,
             },
             node: "n1".into(),
-            exit_code: Some(0),
-            signal: None,
-            timed_out: false,
-            cancelled: false,
-            started_ms: 2,
-            finished_ms: 3,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-            error: String::new(),
+            outcome: venom_core::AttemptOutcome {
+                exit_code: Some(0),
+                started_ms: 2,
+                finished_ms: 3,
+                ..venom_core::AttemptOutcome::default()
+            },
         }],
         now_ms: 3,
     });
@@ -346,10 +341,7 @@ fn could_ever_run_checks_every_node_that_is_not_down() {
         drain: true,
     });
     assert!(could_ever_run(&state, &task("")), "draining nodes count");
-    state.apply(Command::MarkDown {
-        node: "n1".into(),
-        now_ms: 1,
-    });
+    state.mark_down("n1", 1);
     assert!(!could_ever_run(&state, &task("")), "down nodes do not");
 }
 
@@ -380,17 +372,16 @@ fn prefers_most_free_usable_slots_then_highest_theta_then_name() {
     let plan = schedule(&state, 2, &config());
     assert_eq!(nodes_of(&plan), ["n1", "n2"]);
     // Put both on n1 by hand, then schedule three more.
-    state.apply(Command::Assign {
-        placements: plan
-            .placements
+    state.assign(
+        plan.placements
             .iter()
             .map(|p| Placement {
                 key: p.key,
                 node: "n1".into(),
             })
             .collect(),
-        now_ms: 2,
-    });
+        2,
+    );
     assert_eq!(state.nodes["n1"].used_cpus, 2);
     submit(&mut state, &array_wave(3, ""));
     assert_eq!(
@@ -474,10 +465,7 @@ fn draining_down_and_unreachable_nodes_get_nothing() {
         node: "n2".into(),
         drain: true,
     });
-    state.apply(Command::MarkDown {
-        node: "n3".into(),
-        now_ms: 1,
-    });
+    state.mark_down("n3", 1);
     submit(&mut state, &array_wave(8, ""));
     let mut config = config();
     config.unreachable.insert("n4".into());
@@ -530,7 +518,7 @@ fn heartbeat_ttl_marks_nodes_down_but_not_during_the_grace_period() {
         };
         assert_eq!(nodes_of(&plan), expected_nodes, "{what}");
 
-        apply_plan(&mut state, &plan, now_ms);
+        apply_plan_with(&mut state, &plan, now_ms, &config);
         let expected_state = if marked {
             NodeState::Down
         } else {
@@ -556,7 +544,7 @@ fn max_placements_bounds_the_plan() {
     let plan = schedule(&state, 1, &config);
     let keys: Vec<MicroKey> = plan.placements.iter().map(|p| p.key).collect();
     assert_eq!(keys, vec![(1, 0), (1, 1), (1, 2)]);
-    apply_plan(&mut state, &plan, 1);
+    apply_plan_with(&mut state, &plan, 1, &config);
     let keys: Vec<MicroKey> = schedule(&state, 2, &config)
         .placements
         .iter()

@@ -12,14 +12,48 @@
 //! itself included: it hands leadership over first and the request is retried on the next
 //! leader), keeping three to five voters; a removed replica keeps running for a while.
 //!
-//! After every step a checker asserts at most one leader per term, that a removed replica
-//! never leads again in a later term, and that every replica applies the same entry at
-//! each index (across restarts and removals too). At the end the faults heal, the cluster
-//! (joiners included) must converge, every acknowledged wave must be present on every
-//! member, all members must hold the same replicated state, and their membership must be
-//! the founders changed by the committed changes in order (every acknowledged one among
-//! them) — once after the faults and once more after every replica was crashed and
-//! restarted together.
+//! Two or three simulated workers (see `sim_workers.rs`) run the submitted waves (arrays,
+//! and small DAGs with retries) on the same clock and generator. Each attaches to the
+//! replica it believes leads (`Event::WorkerAttached`, a channel it polls), registers
+//! (`Command::register`: what it runs and every result not acknowledged yet), and sends
+//! starts, results and heartbeats as one `Command::worker_report` proposal per message;
+//! an attempt "runs" for a random virtual time and some exit non-zero, so retries happen.
+//! A worker follows whoever leads: when its replica crashes, stops leading, or is cut off
+//! from it by a partition, it reconnects (following "not leader" hints, with backoff) and
+//! registers again. Worker faults: a crash (it has no disk, so it loses what it ran and
+//! its unacknowledged results), a pause past the heartbeat timeout (its node is marked
+//! down, its micro-tasks go back to ready and its later results are stale), and a cut
+//! from every coordinator.
+//!
+//! After every step a checker asserts at most one leader per term, that a replica that
+//! applied its own removal never leads again in a later term (raft-rs counts a membership
+//! change once applied, so one whose removal is only in its log may still win a later term
+//! from voters that have not applied it either, and steps down when it applies it), and that every replica applies the same entry at
+//! each index (across restarts and removals too). The ledger reads each committed entry
+//! from the log of the replica that first applied it and replays the log in order on a
+//! state of its own; before applying a result it judges it by the fencing rule on the
+//! state at that point (current: it names the micro-task's current attempt on the node
+//! that has it), and asserts that a current result is recorded (success, failure,
+//! retry, cancellation as its outcome says) and not counted stale, that a stale one is
+//! counted once and changes nothing, that no micro-task is ended by two results, that a
+//! lost node (marked down, or registering without it) gives its micro-tasks back to
+//! ready without using a retry, and that every result a worker saw acknowledged is in
+//! the log as the worker produced it.
+//!
+//! At the end the faults heal (workers too), the cluster (joiners included) must
+//! converge with every wave finished and every worker idle, every acknowledged wave must
+//! be present on every member, all members must hold the same replicated state — the
+//! ledger's too — and their membership must be the founders changed by the committed
+//! changes in order (every acknowledged one among them); every acknowledged result must
+//! be recorded in the final state (the micro-task ends with that attempt, or a later one
+//! exists because it was a retried failure, or it was stale when committed), every
+//! micro-task that succeeded or failed must show the one result that ended it, and the
+//! stale count must be exactly the results that were stale. All this is checked once
+//! after the faults and once more after every replica was crashed and restarted
+//! together. After the first settling only, waves may stay unfinished when every worker
+//! is attached while its node is marked down (such a node gets no work until its worker
+//! registers again, which it does only when its stream breaks); the restart breaks
+//! every stream, so after it every wave must finish.
 //!
 //! `VENOM_SIM_SEEDS=<n>` sets how many seeds each test runs; `VENOM_SIM_SEED=<seed>`
 //! runs exactly that seed (a failure prints the command that replays it);
@@ -38,12 +72,17 @@ use raft::StateRole;
 use tokio::sync::oneshot;
 use tokio::sync::oneshot::error::TryRecvError;
 
-use crate::mobius::ThrottlePolicy;
 use crate::replica::{Clock, Event, MemberChange, ProposeError, Replica, ReplicaConfig};
 use crate::state::{Command, NodeSpec, Outcome, State, StateSnapshot, WaveId};
 use crate::storage::Store;
 use crate::transport::Transport;
-use crate::wave::{parse_wave, Format, WaveLimits};
+use venom_core::mobius::ThrottlePolicy;
+use venom_core::wave::{parse_wave, Format, WaveLimits};
+
+#[path = "sim_workers.rs"]
+mod workers;
+
+use workers::{Ledger, PendingAck, SimWorker};
 
 /// Virtual time per step of the faulty phase.
 const STEP_US: u64 = 10_000;
@@ -143,6 +182,12 @@ struct Params {
     tick_pm: u64,
     /// Chance per step of asking the leader for a membership change (0 in most seeds).
     member_change_pm: u64,
+    /// Simulated workers.
+    workers: u64,
+    /// Chance per step of a worker fault.
+    worker_fault_pm: u64,
+    /// Chance that an attempt exits non-zero.
+    task_fail_pm: u64,
 }
 
 /// What a run did, summed over seeds for the printed summary.
@@ -181,6 +226,42 @@ struct Stats {
     member_changes_committed_unanswered: u64,
     joiners_caught_up: u64,
     removed_dropped: u64,
+    workers: u64,
+    worker_crashes: u64,
+    worker_pauses: u64,
+    worker_isolations: u64,
+    worker_registrations: u64,
+    worker_disconnects: u64,
+    /// Connections refused by a replica that does not lead.
+    worker_refusals: u64,
+    worker_reports: u64,
+    assignments: u64,
+    attempts_run: u64,
+    attempts_failed: u64,
+    attempts_cancelled: u64,
+    results_acked: u64,
+    results_lost_in_worker_crashes: u64,
+    /// Committed results that named the current attempt (the ledger's count).
+    results_accepted: u64,
+    /// Accepted failures that sent their micro-task back to ready.
+    retries: u64,
+    /// Stale results: a later attempt existed.
+    stale_superseded: u64,
+    /// Stale results: the micro-task had been taken off the node (lost, re-registered).
+    stale_returned: u64,
+    /// Stale results: the micro-task had ended (recorded already, or cancelled).
+    stale_after_end: u64,
+    nodes_marked_down: u64,
+    /// Micro-tasks taken off a lost node (or one that registered without them).
+    returned_to_ready: u64,
+    /// Settlings that ended with waves unfinished because every worker was attached
+    /// while its node was marked down.
+    stuck_settles: u64,
+    /// Micro-tasks not finished when the faults ended.
+    backlog: u64,
+    /// Micro-tasks and finished waves in the final state.
+    micro_tasks: u64,
+    waves_finished: u64,
 }
 
 impl Stats {
@@ -213,6 +294,31 @@ impl Stats {
         self.member_changes_committed_unanswered += o.member_changes_committed_unanswered;
         self.joiners_caught_up += o.joiners_caught_up;
         self.removed_dropped += o.removed_dropped;
+        self.workers += o.workers;
+        self.worker_crashes += o.worker_crashes;
+        self.worker_pauses += o.worker_pauses;
+        self.worker_isolations += o.worker_isolations;
+        self.worker_registrations += o.worker_registrations;
+        self.worker_disconnects += o.worker_disconnects;
+        self.worker_refusals += o.worker_refusals;
+        self.worker_reports += o.worker_reports;
+        self.assignments += o.assignments;
+        self.attempts_run += o.attempts_run;
+        self.attempts_failed += o.attempts_failed;
+        self.attempts_cancelled += o.attempts_cancelled;
+        self.results_acked += o.results_acked;
+        self.results_lost_in_worker_crashes += o.results_lost_in_worker_crashes;
+        self.results_accepted += o.results_accepted;
+        self.retries += o.retries;
+        self.stale_superseded += o.stale_superseded;
+        self.stale_returned += o.stale_returned;
+        self.stale_after_end += o.stale_after_end;
+        self.nodes_marked_down += o.nodes_marked_down;
+        self.returned_to_ready += o.returned_to_ready;
+        self.stuck_settles += o.stuck_settles;
+        self.backlog += o.backlog;
+        self.micro_tasks += o.micro_tasks;
+        self.waves_finished += o.waves_finished;
     }
 }
 
@@ -338,6 +444,19 @@ struct Sim {
     next_wave: u64,
     stats: Stats,
     trace: Vec<u64>,
+    /// The simulated workers.
+    workers: Vec<SimWorker>,
+    /// The committed log replayed in order, and the checks on it.
+    ledger: Ledger,
+    /// Results workers saw acknowledged, until the ledger has applied that far.
+    pending_acks: Vec<PendingAck>,
+    /// Acknowledged results the ledger found in the log.
+    acked_results: Vec<crate::state::AttemptResult>,
+    /// The next worker stream id.
+    next_conn: u64,
+    /// Settling: the work is done and workers are idle, so they stop heartbeating while
+    /// the cluster converges.
+    quiet: bool,
     /// Holds every replica's directory; removed with the run.
     root: tempfile::TempDir,
 }
@@ -431,9 +550,30 @@ impl Sim {
             propose_pm: 100 + rng.below(300),
             tick_pm: 100,
             member_change_pm: if rng.chance(333) { 4 + rng.below(8) } else { 0 },
+            workers: 0,
+            worker_fault_pm: 0,
+            task_fail_pm: 0,
         };
+        // Drawn after the rest, so every seed keeps the settings it had before workers
+        // (the runs differ all the same: workers propose, and draw from the generator).
+        let params = Params {
+            workers: 2 + rng.below(2),
+            worker_fault_pm: 1 + rng.below(3),
+            task_fail_pm: 30 + rng.below(120),
+            ..params
+        };
+        let workers = (1..=params.workers)
+            .map(|i| {
+                let slots = 2 + rng.below(3) as u32;
+                let queue_depth = 2 + rng.below(5) as u32;
+                let report_gap_us = (20 + rng.below(80)) * 1_000;
+                SimWorker::new(format!("wk{i}"), slots, queue_depth, report_gap_us)
+            })
+            .collect();
+        let n_workers = params.workers;
         let dir = sim_dir();
         let members: BTreeMap<u64, String> = (1..=n).map(|id| (id, address(id))).collect();
+        let ledger = Ledger::new(&members);
         let nodes = (1..=n)
             .map(|id| SimNode::new(id, dir.path().join(id.to_string()), None))
             .collect();
@@ -461,9 +601,16 @@ impl Sim {
             next_wave: 0,
             stats: Stats {
                 seeds: 1,
+                workers: n_workers,
                 ..Stats::default()
             },
             trace: Vec::new(),
+            workers,
+            ledger,
+            pending_acks: Vec::new(),
+            acked_results: Vec::new(),
+            next_conn: 1,
+            quiet: false,
             root: dir,
         }
     }
@@ -476,8 +623,17 @@ impl Sim {
         for _ in 0..self.params.steps {
             self.step()?;
         }
+        self.stats.backlog = self
+            .ledger
+            .state
+            .waves
+            .values()
+            .flat_map(|w| &w.tasks)
+            .filter(|t| !t.state.is_terminal())
+            .count() as u64;
         self.settle("after the faults")?;
-        self.check_states()?;
+        let digest = self.check_states()?;
+        self.check_work(digest, false)?;
         // Every replica loses power at once, then all come back from disk.
         for id in self.present() {
             self.crash(id, true)?;
@@ -487,6 +643,7 @@ impl Sim {
         }
         self.settle("after every replica restarted at once")?;
         let digest = self.check_states()?;
+        self.check_work(digest, true)?;
         self.stats.final_applied = self
             .members
             .keys()
@@ -648,7 +805,7 @@ impl Sim {
                 .map_err(|e| format!("replica {id} failed a turn: {e}"))?;
             node.needs_turn = false;
         }
-        Ok(())
+        self.harvest(id)
     }
 
     fn blocked(&self, from: u64, to: u64) -> bool {
@@ -719,6 +876,15 @@ impl Sim {
         let mut action = 0;
         if self.rng.chance(self.params.fault_pm) {
             action = self.fault()?;
+            match action {
+                1 => self.partition_workers(500),
+                2 => self.partition_workers(300),
+                4 => self.partition_workers(0),
+                _ => {}
+            }
+        }
+        if self.rng.chance(self.params.worker_fault_pm) {
+            action += 64 * self.worker_fault();
         }
         self.drop_removed()?;
         let queued = self.wire.lock().unwrap().len() as u64;
@@ -734,6 +900,7 @@ impl Sim {
                 self.turn(id, false)?;
             }
         }
+        self.workers_turn()?;
         if self.rng.chance(self.params.propose_pm) {
             self.propose()?;
         }
@@ -1129,18 +1296,34 @@ impl Sim {
         self.committed_changes.push(c.change);
     }
 
-    /// A command for replica `id`: mostly a new wave, sometimes a cancellation or a node.
+    /// A command for replica `id`: a new wave (an array and its dependent, now and then a
+    /// diamond, with retries), a cancellation, or a node with no worker behind it.
     fn command(&mut self, id: u64) -> Result<(Command, Option<String>), String> {
         let now_ms = self.now_ms();
         let roll = self.rng.below(100);
-        if roll < 80 {
+        if roll < 45 {
             let name = format!("w{}", self.next_wave);
             self.next_wave += 1;
             let array = 1 + self.rng.below(3);
-            let text = format!(
-                "name = \"{name}\"\n[[task]]\nid = \"a\"\narray = {array}\nrun = \"true\"\n\
-                 [[task]]\nid = \"b\"\ndeps = [\"a\"]\nrun = \"true\"\n"
+            let retries_a = self.rng.below(3);
+            let retries_b = self.rng.below(2);
+            let on_failure = if self.rng.chance(200) {
+                "on_failure = \"fail-wave\"\n"
+            } else {
+                ""
+            };
+            let mut text = format!(
+                "name = \"{name}\"\n{on_failure}[[task]]\nid = \"a\"\narray = {array}\n\
+                 retries = {retries_a}\nrun = \"true\"\n\
+                 [[task]]\nid = \"b\"\ndeps = [\"a\"]\nretries = {retries_b}\nrun = \"true\"\n"
             );
+            if self.rng.chance(250) {
+                // A diamond: a → b, a → c, b and c → d.
+                text.push_str(
+                    "[[task]]\nid = \"c\"\ndeps = [\"a\"]\nrun = \"true\"\n\
+                     [[task]]\nid = \"d\"\ndeps = [\"b\", \"c\"]\nretries = 1\nrun = \"true\"\n",
+                );
+            }
             let spec = parse_wave(text.as_bytes(), Format::Toml, &WaveLimits::default())
                 .map_err(|e| format!("wave spec: {e}"))?;
             let command = Command::SubmitWave {
@@ -1150,7 +1333,7 @@ impl Sim {
             };
             return Ok((command, Some(name)));
         }
-        if roll < 90 {
+        if roll < 70 {
             let next = self.nodes[(id - 1) as usize]
                 .replica
                 .as_ref()
@@ -1233,8 +1416,8 @@ impl Sim {
         Ok(())
     }
 
-    /// The per-step checks: leaders per term (a removed replica never leads in a later
-    /// term), applied entries, answers to proposals and to the membership change.
+    /// The per-step checks: leaders per term (a replica that applied its own removal never
+    /// leads in a later term), applied entries, answers to proposals and to the membership change.
     fn observe(&mut self) -> Result<(), String> {
         for id in self.live() {
             let raft = &self.nodes[(id - 1) as usize]
@@ -1259,10 +1442,25 @@ impl Sim {
                     Some(_) => {}
                 }
                 if let Some(removed) = self.removed.get(&id) {
-                    if term > removed.last_term {
+                    // raft-rs takes a membership change into account when it applies it. A
+                    // replica whose removal is in its log but not yet applied (by it, nor by
+                    // the voters that elect it) may still win a later term; it steps down as
+                    // soon as it applies its removal (`step_down_if_removed`). Once it has
+                    // applied it, it must never lead again.
+                    let applied_own_removal = !self.nodes[(id - 1) as usize]
+                        .replica
+                        .as_ref()
+                        .unwrap()
+                        .shared()
+                        .state
+                        .read()
+                        .unwrap()
+                        .members
+                        .contains_key(&id);
+                    if term > removed.last_term && applied_own_removal {
                         return Err(format!(
-                            "replica {id} was removed from the cluster (its removal is of \
-                             term {} or it led until then) yet became leader in term {term}",
+                            "replica {id} applied its own removal from the cluster (of term \
+                             {} or it led until then) yet leads in term {term}",
                             removed.last_term
                         ));
                     }
@@ -1271,7 +1469,8 @@ impl Sim {
             self.check_replica(id)?;
         }
         self.poll_proposals()?;
-        self.follow_change()
+        self.follow_change()?;
+        self.advance_ledger()
     }
 
     /// Checks the entries replica `id` applied since the last check against what every
@@ -1391,6 +1590,12 @@ impl Sim {
             }
         }
         h = mix(h, self.wire.lock().unwrap().len() as u64);
+        for worker in &self.workers {
+            for v in worker.digest() {
+                h = mix(h, v);
+            }
+        }
+        h = mix(h, self.ledger.applied);
         self.trace.push(h);
     }
 
@@ -1477,6 +1682,47 @@ impl Sim {
             self.pending.len(),
             self.wire.lock().unwrap().len()
         ));
+        for worker in &self.workers {
+            out.push_str(&format!("\n  {}", worker.describe()));
+        }
+        let unfinished: Vec<String> = self
+            .ledger
+            .state
+            .waves
+            .values()
+            .filter(|w| !w.header.state.is_terminal())
+            .take(5)
+            .map(|w| {
+                let open: Vec<String> = w
+                    .tasks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| !t.state.is_terminal())
+                    .take(4)
+                    .map(|(micro, t)| {
+                        format!(
+                            "{micro}: {:?} attempt {} on {:?}",
+                            t.state, t.attempt, t.node
+                        )
+                    })
+                    .collect();
+                format!("wave {} ({})", w.header.id, open.join(", "))
+            })
+            .collect();
+        out.push_str(&format!(
+            "\n  ledger applied up to {} ({} entries read ahead); unfinished waves there: {}",
+            self.ledger.applied,
+            self.ledger.entries.len(),
+            unfinished.join("; ")
+        ));
+        for (name, node) in &self.ledger.state.nodes {
+            out.push_str(&format!(
+                "\n  node {name}: {:?}, last heartbeat {}, active {:?}",
+                node.state,
+                node.last_heartbeat_ms,
+                node.active.iter().take(8).collect::<Vec<_>>()
+            ));
+        }
         out.push_str(&format!(
             "\n  members {:?}; committed changes {:?}",
             self.members.keys().collect::<Vec<_>>(),
@@ -1504,6 +1750,8 @@ impl Sim {
         self.event(format!("settling {when}"));
         self.side = vec![false; self.nodes.len()];
         self.cuts.clear();
+        self.heal_workers();
+        self.quiet = false;
         for id in self.down() {
             self.start(id)?;
         }
@@ -1524,14 +1772,22 @@ impl Sim {
                 let tick = self.rng.chance(900);
                 self.turn(id, tick)?;
             }
+            // Once the work is done, workers stop heartbeating so the log can settle.
+            self.quiet = self.work_done();
+            self.workers_turn()?;
             self.observe()?;
             self.record(7);
-            if self.converged() {
+            if self.quiet && self.converged() {
                 return Ok(());
             }
         }
+        let work = if self.quiet {
+            String::new()
+        } else {
+            format!("\n  {}", self.work_diagnosis())
+        };
         Err(format!(
-            "the cluster did not converge {when} within {SETTLE_MAX_ROUNDS} rounds:{}",
+            "the cluster did not converge {when} within {SETTLE_MAX_ROUNDS} rounds:{work}{}",
             self.describe()
         ))
     }
@@ -1614,6 +1870,87 @@ impl Sim {
             }
         }
         Ok(first.map_or(0, |(_, _, d)| d))
+    }
+
+    /// The checks on the work once the cluster converged, whose members hold the state of
+    /// digest `digest`: the ledger replayed exactly what they applied (and holds the same
+    /// state), every acknowledged result is recorded, and every wave finished on every
+    /// member — after the first settling (`strict` false) unless no worker could take work.
+    fn check_work(&mut self, digest: u64, strict: bool) -> Result<(), String> {
+        self.advance_ledger()?;
+        let applied = self
+            .members
+            .keys()
+            .map(|&id| self.node(id).applied)
+            .max()
+            .unwrap_or(0);
+        if self.ledger.applied != applied {
+            return Err(format!(
+                "the ledger replayed the log up to index {}, but the members applied up to \
+                 {applied}",
+                self.ledger.applied
+            ));
+        }
+        if let Some(ack) = self.pending_acks.first() {
+            return Err(format!(
+                "{} saw its result of {} acknowledged at index {}, past everything applied",
+                ack.result.node, ack.result.attempt, ack.index
+            ));
+        }
+        let replayed = replicated(&self.ledger.state);
+        let bytes = bincode::serialize(&replayed).map_err(|e| format!("bincode: {e}"))?;
+        if hash_bytes(&bytes) != digest {
+            let id = *self.members.keys().next().unwrap_or(&1);
+            let member = match self.node(id).replica.as_ref() {
+                Some(r) => replicated(&r.shared().state.read().unwrap()),
+                None => return Err(format!("replica {id} is down at the end")),
+            };
+            return Err(format!(
+                "replaying the committed log gives another state than the members hold: {}",
+                state_difference(&replayed, &member)
+            ));
+        }
+        self.ledger.check_final(&self.acked_results)?;
+        let mut unfinished = Vec::new();
+        for &id in self.members.keys() {
+            let Some(replica) = self.node(id).replica.as_ref() else {
+                return Err(format!("replica {id} is down at the end"));
+            };
+            let state = replica.shared().state.read().unwrap();
+            for wave in state.waves.values() {
+                let open = wave.tasks.iter().filter(|t| !t.state.is_terminal()).count();
+                if !wave.header.state.is_terminal() || open > 0 {
+                    unfinished.push(format!(
+                        "replica {id}: wave {} ({}) is {:?} with {open} micro-tasks open",
+                        wave.header.id, wave.header.spec.name, wave.header.state
+                    ));
+                }
+            }
+        }
+        if let Some(first) = unfinished.first() {
+            if strict || self.workers_can_progress(&self.ledger.state) {
+                return Err(format!(
+                    "{} waves unfinished after settling, e.g. {first}",
+                    unfinished.len()
+                ));
+            }
+            self.stats.stuck_settles += 1;
+            self.event(format!(
+                "settled with {} waves unfinished: every worker is attached while its node is \
+                 marked down",
+                unfinished.len()
+            ));
+        }
+        if strict {
+            let state = &self.ledger.state;
+            self.stats.micro_tasks = state.waves.values().map(|w| w.tasks.len() as u64).sum();
+            self.stats.waves_finished = state
+                .waves
+                .values()
+                .filter(|w| w.header.state.is_terminal())
+                .count() as u64;
+        }
+        Ok(())
     }
 
     /// Summarises the step history for a failure message.
@@ -1812,6 +2149,40 @@ fn run_cluster(test: &str, n: u64, default_seeds: u64) {
         s.removed_dropped,
         s.final_applied / s.seeds.max(1),
         started.elapsed().as_secs_f64()
+    );
+    println!(
+        "{test} workers: {} workers, {} crashes, {} pauses, {} cut off, {} registrations, \
+         {} disconnects, {} refused as not leader, {} reports; {} assignments, {} attempts \
+         run ({} failed, {} cancelled); results: {} acknowledged, {} lost in worker crashes, \
+         {} accepted ({} retried), stale: {} superseded / {} taken off their node / {} after \
+         the end; {} nodes marked down, {} micro-tasks returned to ready; {} waves finished \
+         of {} micro-tasks ({} open when the faults ended); {} settlings stuck with every \
+         worker's node down",
+        s.workers,
+        s.worker_crashes,
+        s.worker_pauses,
+        s.worker_isolations,
+        s.worker_registrations,
+        s.worker_disconnects,
+        s.worker_refusals,
+        s.worker_reports,
+        s.assignments,
+        s.attempts_run,
+        s.attempts_failed,
+        s.attempts_cancelled,
+        s.results_acked,
+        s.results_lost_in_worker_crashes,
+        s.results_accepted,
+        s.retries,
+        s.stale_superseded,
+        s.stale_returned,
+        s.stale_after_end,
+        s.nodes_marked_down,
+        s.returned_to_ready,
+        s.waves_finished,
+        s.micro_tasks,
+        s.backlog,
+        s.stuck_settles
     );
 }
 

@@ -18,84 +18,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::mobius::{self, NodeModelInput, Throttle, ThrottlePolicy};
 use crate::scheduler::SchedulerConfig;
-use crate::wave::{OnFailure, WaveLimits, WaveSpec};
-
-/// Identifies a wave; assigned by the state machine, starting at 1.
-pub type WaveId = u64;
-
-/// Identifies one micro-task: its wave and its flat index within the wave.
-pub type MicroKey = (WaveId, u32);
-
-/// The life of one micro-task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
-pub enum TaskState {
-    /// Waiting for its dependencies.
-    Pending,
-    /// Dependencies done; waiting for a node.
-    Ready,
-    /// Sent to a node (possibly queued there).
-    Assigned,
-    /// The node reported the process started.
-    Running,
-    Succeeded,
-    Failed,
-    /// A dependency failed.
-    Skipped,
-    Cancelled,
-}
-
-impl TaskState {
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            TaskState::Succeeded | TaskState::Failed | TaskState::Skipped | TaskState::Cancelled
-        )
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Pending => "pending",
-            TaskState::Ready => "ready",
-            TaskState::Assigned => "assigned",
-            TaskState::Running => "running",
-            TaskState::Succeeded => "succeeded",
-            TaskState::Failed => "failed",
-            TaskState::Skipped => "skipped",
-            TaskState::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// The life of a wave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WaveState {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl WaveState {
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            WaveState::Succeeded | WaveState::Failed | WaveState::Cancelled
-        )
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WaveState::Pending => "pending",
-            WaveState::Running => "running",
-            WaveState::Succeeded => "succeeded",
-            WaveState::Failed => "failed",
-            WaveState::Cancelled => "cancelled",
-        }
-    }
-}
+use venom_core::mobius::{self, NodeModelInput, Throttle, ThrottlePolicy};
+use venom_core::wave::{OnFailure, WaveLimits, WaveSpec};
+pub use venom_core::{
+    AttemptOutcome, AttemptRef, Counts, MicroKey, NodeState, OutcomeKind, TaskState, WaveId,
+    WaveState,
+};
 
 /// One micro-task: a task of the wave file, or one element of an array task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,24 +40,22 @@ pub struct MicroTask {
     pub failures: u32,
     /// Node of the current (or last) attempt.
     pub node: Option<String>,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub timed_out: bool,
     /// Leader time the micro-task became ready (for dispatch latency).
     pub ready_ms: u64,
-    /// Worker time the current attempt's process started.
-    pub started_ms: u64,
-    /// Worker time the last attempt ended.
-    pub finished_ms: u64,
     /// Why the last attempt failed to start, or why the task was skipped/cancelled.
     pub error: String,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub stdout_truncated: bool,
-    pub stderr_truncated: bool,
+    /// How the latest attempt ended, once it has (its start time as soon as the worker
+    /// reports it). Its `error` stays `None`: the text is in `error`.
+    pub outcome: AttemptOutcome,
 }
 
 impl MicroTask {
+    /// Keeps how its latest attempt ended.
+    fn record(&mut self, mut outcome: AttemptOutcome) {
+        self.error = outcome.error.take().unwrap_or_default();
+        self.outcome = outcome;
+    }
+
     fn new(group: u32, index: Option<u32>) -> Self {
         Self {
             group,
@@ -137,56 +64,10 @@ impl MicroTask {
             attempt: 0,
             failures: 0,
             node: None,
-            exit_code: None,
-            signal: None,
-            timed_out: false,
             ready_ms: 0,
-            started_ms: 0,
-            finished_ms: 0,
             error: String::new(),
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
+            outcome: AttemptOutcome::default(),
         }
-    }
-}
-
-/// Counts of micro-tasks by state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
-    pub pending: u64,
-    pub ready: u64,
-    pub assigned: u64,
-    pub running: u64,
-    pub succeeded: u64,
-    pub failed: u64,
-    pub skipped: u64,
-    pub cancelled: u64,
-}
-
-impl Counts {
-    fn slot(&mut self, state: TaskState) -> &mut u64 {
-        match state {
-            TaskState::Pending => &mut self.pending,
-            TaskState::Ready => &mut self.ready,
-            TaskState::Assigned => &mut self.assigned,
-            TaskState::Running => &mut self.running,
-            TaskState::Succeeded => &mut self.succeeded,
-            TaskState::Failed => &mut self.failed,
-            TaskState::Skipped => &mut self.skipped,
-            TaskState::Cancelled => &mut self.cancelled,
-        }
-    }
-
-    fn move_one(&mut self, from: TaskState, to: TaskState) {
-        let f = self.slot(from);
-        *f = f.saturating_sub(1);
-        *self.slot(to) += 1;
-    }
-
-    pub fn terminal(&self) -> u64 {
-        self.succeeded + self.failed + self.skipped + self.cancelled
     }
 }
 
@@ -273,24 +154,6 @@ pub struct Wave {
     pub tasks: Vec<MicroTask>,
 }
 
-/// A worker node's standing with the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum NodeState {
-    Ready,
-    Draining,
-    Down,
-}
-
-impl NodeState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeState::Ready => "ready",
-            NodeState::Draining => "draining",
-            NodeState::Down => "down",
-        }
-    }
-}
-
 /// What a node told the coordinator about itself when it registered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeSpec {
@@ -306,6 +169,38 @@ pub struct NodeSpec {
     pub queue_depth: u32,
     /// The full hardware profile, wire-encoded (for display only).
     pub profile: Vec<u8>,
+}
+
+/// Why a micro-task named by task id and array index is not in a wave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MicroLookupError {
+    /// No task has this id.
+    NoSuchTask,
+    /// The task is an array of `n` and the index is not below `n`.
+    IndexOutOfRange { index: u32, n: u32 },
+    /// The task is an array and no index was given.
+    IndexMissing,
+}
+
+impl Wave {
+    /// The flat index of micro-task `task_id[index]` (`index` is ignored for a task that
+    /// is not an array).
+    pub fn micro_named(&self, task_id: &str, index: Option<u32>) -> Result<u32, MicroLookupError> {
+        let group = self
+            .header
+            .spec
+            .tasks
+            .iter()
+            .position(|t| t.id == task_id)
+            .ok_or(MicroLookupError::NoSuchTask)?;
+        let range = self.header.group_range(group as u32);
+        match (self.header.spec.tasks[group].array, index) {
+            (Some(n), Some(i)) if i < n => Ok(range.start + i),
+            (Some(n), Some(i)) => Err(MicroLookupError::IndexOutOfRange { index: i, n }),
+            (Some(_), None) => Err(MicroLookupError::IndexMissing),
+            (None, Some(_)) | (None, None) => Ok(range.start),
+        }
+    }
 }
 
 /// A worker node as the state machine sees it.
@@ -357,40 +252,13 @@ impl Node {
     }
 }
 
-/// One attempt of one micro-task, as named on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct AttemptRef {
-    pub wave_id: WaveId,
-    pub micro: u32,
-    pub attempt: u32,
-}
-
-/// What a worker reported about one finished attempt.
+/// A finished attempt as the state machine records it: which attempt, the node that reported
+/// it, and how it ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptResult {
     pub attempt: AttemptRef,
     pub node: String,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub timed_out: bool,
-    pub cancelled: bool,
-    pub started_ms: u64,
-    pub finished_ms: u64,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub stdout_truncated: bool,
-    pub stderr_truncated: bool,
-    pub error: String,
-}
-
-impl AttemptResult {
-    pub fn succeeded(&self) -> bool {
-        self.exit_code == Some(0)
-            && self.signal.is_none()
-            && !self.timed_out
-            && !self.cancelled
-            && self.error.is_empty()
-    }
+    pub outcome: AttemptOutcome,
 }
 
 /// A node's periodic health report.
@@ -433,22 +301,12 @@ pub enum Command {
         reports: Vec<HeartbeatReport>,
         now_ms: u64,
     },
-    /// The scheduler's plan.
-    Assign {
-        placements: Vec<Placement>,
-        now_ms: u64,
-    },
     Started {
         node: String,
         attempts: Vec<(AttemptRef, u64)>,
     },
     Finished {
         results: Vec<AttemptResult>,
-        now_ms: u64,
-    },
-    /// The node missed heartbeats for the TTL.
-    MarkDown {
-        node: String,
         now_ms: u64,
     },
     Drain {
@@ -476,6 +334,74 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Everything one worker message reports, as one command (so one proposal): the
+    /// attempts it started, those it finished and its health. An attempt that started and
+    /// finished since the worker's last message needs no `Started`; starts apply before
+    /// results, results before the heartbeat.
+    pub fn worker_report(
+        node: &str,
+        started: Vec<(AttemptRef, u64)>,
+        results: Vec<AttemptResult>,
+        heartbeat: Option<HeartbeatReport>,
+        now_ms: u64,
+    ) -> Option<Command> {
+        let finished: BTreeSet<AttemptRef> = results.iter().map(|r| r.attempt).collect();
+        let started: Vec<_> = started
+            .into_iter()
+            .filter(|(attempt, _)| !finished.contains(attempt))
+            .collect();
+        let mut commands = Vec::new();
+        if !started.is_empty() {
+            commands.push(Command::Started {
+                node: node.to_string(),
+                attempts: started,
+            });
+        }
+        if !results.is_empty() {
+            commands.push(Command::Finished { results, now_ms });
+        }
+        if let Some(report) = heartbeat {
+            commands.push(Command::Heartbeats {
+                reports: vec![report],
+                now_ms,
+            });
+        }
+        match commands.len() {
+            0 => None,
+            1 => commands.pop(),
+            _ => Some(Command::Batch(commands)),
+        }
+    }
+
+    /// A worker (re)registering: the results it kept while cut off first, then the
+    /// registration, so a kept result is recorded before its absence from `running` could
+    /// mark it lost.
+    pub fn register(
+        spec: NodeSpec,
+        running: Vec<AttemptRef>,
+        unacknowledged: Vec<AttemptResult>,
+        now_ms: u64,
+    ) -> Command {
+        let register = Command::RegisterNode {
+            spec,
+            running,
+            now_ms,
+        };
+        if unacknowledged.is_empty() {
+            Command::Batch(vec![register])
+        } else {
+            Command::Batch(vec![
+                Command::Finished {
+                    results: unacknowledged,
+                    now_ms,
+                },
+                register,
+            ])
+        }
+    }
+}
+
 /// What applying one command produced, for the proposer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -491,7 +417,7 @@ pub enum Outcome {
 pub enum Effect {
     Dispatch {
         node: String,
-        keys: Vec<(MicroKey, u32)>,
+        attempts: Vec<AttemptRef>,
     },
     Cancel {
         node: String,
@@ -549,10 +475,9 @@ pub struct State {
 pub enum Observation {
     /// An attempt's process started `dispatch_ms` after its micro-task became ready.
     Started { dispatch_ms: u64 },
-    /// An attempt finished (`succeeded`, `failed` or `timed_out`), `end_to_end_ms` after
-    /// its micro-task became ready.
+    /// An attempt finished, `end_to_end_ms` after its micro-task became ready.
     AttemptFinished {
-        outcome: &'static str,
+        outcome: OutcomeKind,
         end_to_end_ms: u64,
     },
     /// A wave reached a final state `duration_ms` after it was submitted.
@@ -708,7 +633,6 @@ impl State {
                 }
                 Outcome::Done
             }
-            Command::Assign { placements, now_ms } => self.on_assign(placements, now_ms),
             Command::Started { node, attempts } => {
                 for (attempt, started_ms) in attempts {
                     self.on_started(&node, attempt, started_ms);
@@ -728,7 +652,6 @@ impl State {
                 }
                 Outcome::Done
             }
-            Command::MarkDown { node, now_ms } => self.on_mark_down(&node, now_ms),
             Command::Drain { node, drain } => self.on_drain(&node, drain),
             Command::SetClusterId { cluster_id } => {
                 if self.cluster_id == 0 && cluster_id != 0 {
@@ -994,7 +917,7 @@ impl State {
     }
 
     fn on_assign(&mut self, placements: Vec<Placement>, now_ms: u64) -> Outcome {
-        let mut dispatch: BTreeMap<String, Vec<(MicroKey, u32)>> = BTreeMap::new();
+        let mut dispatch: BTreeMap<String, Vec<AttemptRef>> = BTreeMap::new();
         for Placement {
             key,
             node: node_name,
@@ -1033,11 +956,14 @@ impl State {
             self.ready.remove(&key);
             self.dirty.tasks.insert(key);
             self.dirty.waves.insert(key.0);
-            dispatch.entry(node_name).or_default().push((key, attempt));
+            dispatch
+                .entry(node_name)
+                .or_default()
+                .push(AttemptRef::new(key, attempt));
         }
         let _ = now_ms;
-        for (node, keys) in dispatch {
-            self.effects.push(Effect::Dispatch { node, keys });
+        for (node, attempts) in dispatch {
+            self.effects.push(Effect::Dispatch { node, attempts });
         }
         Outcome::Done
     }
@@ -1057,7 +983,7 @@ impl State {
             return;
         }
         task.state = TaskState::Running;
-        task.started_ms = started_ms;
+        task.outcome.started_ms = started_ms;
         self.observations.push(Observation::Started {
             dispatch_ms: started_ms.saturating_sub(task.ready_ms),
         });
@@ -1092,44 +1018,31 @@ impl State {
         let group = task.group;
         let from = task.state;
         let retries = wave.header.spec.tasks[group as usize].retries;
-        let run_ms = result.finished_ms.saturating_sub(result.started_ms);
-        if result.started_ms > 0 {
+        let outcome = result.outcome;
+        let run_ms = outcome.run_ms();
+        if outcome.started_ms > 0 {
             wave.header.work_ms += run_ms;
             wave.header.group_work_ms[group as usize] += run_ms;
             let longest = &mut wave.header.group_longest_ms[group as usize];
             *longest = (*longest).max(run_ms);
-            if wave.header.started_ms == 0 || result.started_ms < wave.header.started_ms {
-                wave.header.started_ms = result.started_ms;
+            if wave.header.started_ms == 0 || outcome.started_ms < wave.header.started_ms {
+                wave.header.started_ms = outcome.started_ms;
             }
         }
-        wave.header.finished_ms = wave.header.finished_ms.max(result.finished_ms);
-        let succeeded = result.succeeded();
-        if from == TaskState::Assigned && result.started_ms > 0 {
+        wave.header.finished_ms = wave.header.finished_ms.max(outcome.finished_ms);
+        let succeeded = outcome.succeeded();
+        if from == TaskState::Assigned && outcome.started_ms > 0 {
             // Its start was reported together with its end.
             self.observations.push(Observation::Started {
-                dispatch_ms: result.started_ms.saturating_sub(task.ready_ms),
+                dispatch_ms: outcome.started_ms.saturating_sub(task.ready_ms),
             });
         }
         self.observations.push(Observation::AttemptFinished {
-            outcome: if succeeded {
-                "succeeded"
-            } else if result.timed_out {
-                "timed_out"
-            } else {
-                "failed"
-            },
-            end_to_end_ms: result.finished_ms.saturating_sub(task.ready_ms),
+            outcome: outcome.kind(),
+            end_to_end_ms: outcome.finished_ms.saturating_sub(task.ready_ms),
         });
-        task.exit_code = result.exit_code;
-        task.signal = result.signal;
-        task.timed_out = result.timed_out;
-        task.started_ms = result.started_ms;
-        task.finished_ms = result.finished_ms;
-        task.error = result.error;
-        task.stdout = result.stdout;
-        task.stderr = result.stderr;
-        task.stdout_truncated = result.stdout_truncated;
-        task.stderr_truncated = result.stderr_truncated;
+        let cancelled = outcome.cancelled;
+        task.record(outcome);
         self.dirty.tasks.insert(key);
         self.dirty.waves.insert(key.0);
         let mut newly_ready = Vec::new();
@@ -1148,7 +1061,7 @@ impl State {
                     }
                 }
             }
-        } else if result.cancelled && wave.header.cancel_requested {
+        } else if cancelled && wave.header.cancel_requested {
             task.state = TaskState::Cancelled;
             wave.header.counts.move_one(from, TaskState::Cancelled);
         } else if task.failures < retries {
@@ -1294,6 +1207,18 @@ impl State {
     }
 
     /// The Möbius model's cluster S_Total over ready nodes (0 when there are none).
+    /// Applies placements chosen by hand, as a `Schedule` would apply its plan's (tests).
+    #[cfg(test)]
+    pub(crate) fn assign(&mut self, placements: Vec<Placement>, now_ms: u64) -> Outcome {
+        self.on_assign(placements, now_ms)
+    }
+
+    /// Marks a node down as if its heartbeats had expired in a `Schedule` (tests).
+    #[cfg(test)]
+    pub(crate) fn mark_down(&mut self, node: &str, now_ms: u64) -> Outcome {
+        self.on_mark_down(node, now_ms)
+    }
+
     pub fn cluster_s_total(&self) -> f64 {
         let inputs: Vec<NodeModelInput> = self
             .nodes

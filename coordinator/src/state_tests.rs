@@ -7,7 +7,7 @@
 
 use super::*;
 use crate::scheduler::{schedule, SchedulerConfig};
-use crate::wave::{parse_wave, Format};
+use venom_core::wave::{parse_wave, Format};
 use TaskState::{Assigned, Cancelled, Failed, Pending, Ready, Running, Skipped, Succeeded};
 
 const GIB: u64 = 1 << 30;
@@ -69,28 +69,19 @@ fn take_effects(state: &mut State) -> Vec<Effect> {
     std::mem::take(&mut state.effects)
 }
 
-/// One scheduling round applied exactly as the replica proposes it: mark-downs, then the
-/// placements, in one batch. Heartbeats never expire here.
+/// One scheduling round applied exactly as the replica proposes it: a `Schedule` command
+/// (the plan is computed inside apply). Heartbeats never expire here. Returns the plan's
+/// placements.
 fn schedule_and_assign(state: &mut State, now_ms: u64) -> Vec<Placement> {
     let config = SchedulerConfig {
         heartbeat_ttl_ms: u64::MAX,
         ..SchedulerConfig::default()
     };
     let plan = schedule(state, now_ms, &config);
-    let mut commands: Vec<Command> = plan
-        .mark_down
-        .into_iter()
-        .map(|node| Command::MarkDown { node, now_ms })
-        .collect();
-    if !plan.placements.is_empty() {
-        commands.push(Command::Assign {
-            placements: plan.placements.clone(),
-            now_ms,
-        });
-    }
-    if !commands.is_empty() {
-        state.apply(Command::Batch(commands));
-    }
+    assert_eq!(
+        state.apply(Command::Schedule { now_ms, config }),
+        Outcome::Done
+    );
     plan.placements
 }
 
@@ -114,17 +105,12 @@ fn result(
     AttemptResult {
         attempt,
         node: node.to_string(),
-        exit_code: Some(exit_code),
-        signal: None,
-        timed_out: false,
-        cancelled: false,
-        started_ms,
-        finished_ms,
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-        stdout_truncated: false,
-        stderr_truncated: false,
-        error: String::new(),
+        outcome: AttemptOutcome {
+            exit_code: Some(exit_code),
+            started_ms,
+            finished_ms,
+            ..AttemptOutcome::default()
+        },
     }
 }
 
@@ -462,7 +448,7 @@ fn retries_dispatch_the_next_attempt_and_count_failures() {
                 take_effects(&mut state),
                 vec![Effect::Dispatch {
                     node: "n1".into(),
-                    keys: vec![((1, 0), attempt)]
+                    attempts: vec![AttemptRef::new((1, 0), attempt)]
                 }],
                 "{exits:?} attempt {attempt}"
             );
@@ -473,7 +459,7 @@ fn retries_dispatch_the_next_attempt_and_count_failures() {
                 task.failures,
                 exits[..=i].iter().filter(|&&c| c != 0).count() as u32
             );
-            assert_eq!(task.exit_code, Some(exit_code));
+            assert_eq!(task.outcome.exit_code, Some(exit_code));
             if exit_code != 0 && i + 1 < exits.len() {
                 assert_eq!(task.state, Ready);
                 assert_eq!(task.ready_ms, now_ms + 50);
@@ -503,27 +489,27 @@ fn results_are_classified_and_recorded() {
     type Tweak = fn(&mut AttemptResult);
     let cases: [(&str, Tweak, TaskState); 7] = [
         ("exit 0", |_| {}, Succeeded),
-        ("exit 3", |r| r.exit_code = Some(3), Failed),
+        ("exit 3", |r| r.outcome.exit_code = Some(3), Failed),
         (
             "killed by a signal",
             |r| {
-                r.exit_code = None;
-                r.signal = Some(9);
+                r.outcome.exit_code = None;
+                r.outcome.signal = Some(9);
             },
             Failed,
         ),
-        ("timed out", |r| r.timed_out = true, Failed),
+        ("timed out", |r| r.outcome.timed_out = true, Failed),
         (
             "failed to start",
-            |r| r.error = "spawn: no such file".into(),
+            |r| r.outcome.error = Some("spawn: no such file".into()),
             Failed,
         ),
         (
             "cancelled without a wave cancel",
-            |r| r.cancelled = true,
+            |r| r.outcome.cancelled = true,
             Failed,
         ),
-        ("no exit code", |r| r.exit_code = None, Failed),
+        ("no exit code", |r| r.outcome.exit_code = None, Failed),
     ];
     for (what, tweak, expected) in cases {
         let mut state = cluster(&[("n1", 1)]);
@@ -534,22 +520,33 @@ fn results_are_classified_and_recorded() {
         );
         schedule_and_assign(&mut state, 1);
         let mut r = current_result(&state, (1, 0), 0, 5, 9);
-        r.stdout = b"out".to_vec();
-        r.stderr = b"err".to_vec();
-        r.stderr_truncated = true;
+        r.outcome.stdout = b"out".to_vec();
+        r.outcome.stderr = b"err".to_vec();
+        r.outcome.stderr_truncated = true;
         tweak(&mut r);
         let sent = r.clone();
         finish(&mut state, vec![r], 10);
         let task = state.task((1, 0)).unwrap();
         assert_eq!(task.state, expected, "{what}");
-        assert_eq!(task.exit_code, sent.exit_code, "{what}");
-        assert_eq!(task.signal, sent.signal, "{what}");
-        assert_eq!(task.timed_out, sent.timed_out, "{what}");
-        assert_eq!(task.error, sent.error, "{what}");
-        assert_eq!((task.started_ms, task.finished_ms), (5, 9), "{what}");
-        assert_eq!(task.stdout, b"out", "{what}");
-        assert_eq!(task.stderr, b"err", "{what}");
-        assert!(!task.stdout_truncated && task.stderr_truncated, "{what}");
+        assert_eq!(task.outcome.exit_code, sent.outcome.exit_code, "{what}");
+        assert_eq!(task.outcome.signal, sent.outcome.signal, "{what}");
+        assert_eq!(task.outcome.timed_out, sent.outcome.timed_out, "{what}");
+        assert_eq!(
+            task.error,
+            sent.outcome.error.clone().unwrap_or_default(),
+            "{what}"
+        );
+        assert_eq!(
+            (task.outcome.started_ms, task.outcome.finished_ms),
+            (5, 9),
+            "{what}"
+        );
+        assert_eq!(task.outcome.stdout, b"out", "{what}");
+        assert_eq!(task.outcome.stderr, b"err", "{what}");
+        assert!(
+            !task.outcome.stdout_truncated && task.outcome.stderr_truncated,
+            "{what}"
+        );
         let wave_state = if expected == Succeeded {
             WaveState::Succeeded
         } else {
@@ -763,7 +760,7 @@ run = "true"
         3,
         7,
     );
-    late.cancelled = true;
+    late.outcome.cancelled = true;
     finish(&mut state, vec![late], 8);
     assert_eq!(state.stale_results, 1);
     assert_eq!(task_state(&state, (1, 1)), Cancelled);
@@ -870,8 +867,8 @@ fn cancelling_a_wave_cancels_its_tasks_and_kills_per_node() {
         100,
         600,
     );
-    late.cancelled = true;
-    late.signal = Some(15);
+    late.outcome.cancelled = true;
+    late.outcome.signal = Some(15);
     finish(&mut state, vec![late], 600);
     assert_eq!(state.stale_results, 1);
     assert_eq!(header(&state, wave).finished_ms, 500);
@@ -961,13 +958,13 @@ fn stale_results_are_ignored_counted_and_acknowledged() {
     assert_eq!(task_state(&state, (1, 0)), Succeeded);
     let before = snapshot(&state);
     let mut failed_late = done.clone();
-    failed_late.exit_code = Some(1);
-    failed_late.finished_ms = 60;
+    failed_late.outcome.exit_code = Some(1);
+    failed_late.outcome.finished_ms = 60;
     finish(&mut state, vec![done.clone()], 8);
     finish(&mut state, vec![failed_late], 9);
     assert_eq!(state.stale_results, 2);
     assert_eq!(snapshot(&state), before);
-    assert_eq!(state.task((1, 0)).unwrap().finished_ms, 6);
+    assert_eq!(state.task((1, 0)).unwrap().outcome.finished_ms, 6);
 }
 
 #[test]
@@ -1011,7 +1008,7 @@ fn started_is_fenced_and_records_the_start() {
         attempts: vec![(attempt, 5)],
     });
     let task = state.task((1, 0)).unwrap();
-    assert_eq!((task.state, task.started_ms), (Running, 5));
+    assert_eq!((task.state, task.outcome.started_ms), (Running, 5));
     let h = header(&state, 1);
     assert_eq!(h.started_ms, 5);
     assert_eq!((h.counts.assigned, h.counts.running), (0, 1));
@@ -1020,7 +1017,7 @@ fn started_is_fenced_and_records_the_start() {
         node: "n1".into(),
         attempts: vec![(attempt, 9)],
     });
-    assert_eq!(state.task((1, 0)).unwrap().started_ms, 5);
+    assert_eq!(state.task((1, 0)).unwrap().outcome.started_ms, 5);
     assert_eq!(state.stale_results, 0, "Started never counts as a result");
 }
 
@@ -1046,10 +1043,7 @@ fn mark_down_returns_work_to_ready_without_consuming_a_retry() {
     state.dirty = Dirty::default();
     take_effects(&mut state);
 
-    let outcome = state.apply(Command::MarkDown {
-        node: "n1".into(),
-        now_ms: 50,
-    });
+    let outcome = state.mark_down("n1", 50);
     assert_eq!(outcome, Outcome::Done);
     assert_eq!(states(&state, 1), vec![Ready, Ready, Assigned]);
     for micro in [0, 1] {
@@ -1103,10 +1097,7 @@ fn mark_down_returns_work_to_ready_without_consuming_a_retry() {
     assert_eq!((task.state, task.failures), (Ready, 1));
 
     assert_eq!(
-        state.apply(Command::MarkDown {
-            node: "n9".into(),
-            now_ms: 90
-        }),
+        state.mark_down("n9", 90),
         Outcome::Rejected("node `n9` not found".into())
     );
 }
@@ -1197,10 +1188,7 @@ fn reregistering_node_reconciles_what_it_runs() {
     assert_eq!(state.task((1, 0)).unwrap().node.as_deref(), Some("n1"));
 
     // A node marked down re-registers: Ready again, and what it still runs is stale.
-    state.apply(Command::MarkDown {
-        node: "n1".into(),
-        now_ms: 200,
-    });
+    state.mark_down("n1", 200);
     assert_eq!(task_state(&state, (1, 0)), Ready);
     register(&mut state, node_spec("n1", 4), vec![at(0, 1)], 300);
     assert_eq!(state.nodes["n1"].state, NodeState::Ready);
@@ -1330,13 +1318,13 @@ fn drain_stops_new_work_but_lets_running_work_finish() {
     assert_eq!(state.dirty.nodes, BTreeSet::from(["n1".to_string()]));
     assert!(schedule_and_assign(&mut state, 4).is_empty());
     // A placement on a draining node is refused by apply too.
-    state.apply(Command::Assign {
-        placements: vec![Placement {
+    state.assign(
+        vec![Placement {
             key: (2, 0),
             node: "n1".into(),
         }],
-        now_ms: 5,
-    });
+        5,
+    );
     assert_eq!(task_state(&state, (2, 0)), Ready);
     assert!(state.effects.is_empty());
     // Running work still finishes normally.
@@ -1366,10 +1354,7 @@ fn drain_stops_new_work_but_lets_running_work_finish() {
     );
 
     // Draining a node that is down keeps it down.
-    state.apply(Command::MarkDown {
-        node: "n1".into(),
-        now_ms: 8,
-    });
+    state.mark_down("n1", 8);
     state.apply(Command::Drain {
         node: "n1".into(),
         drain: true,
@@ -1481,8 +1466,8 @@ fn a_wave_that_ends_without_any_process_starting_has_no_makespan() {
     );
     schedule_and_assign(&mut state, 1);
     let mut r = current_result(&state, (1, 0), 0, 0, NOW_MS);
-    r.exit_code = None;
-    r.error = "spawn: no such file".into();
+    r.outcome.exit_code = None;
+    r.outcome.error = Some("spawn: no such file".into());
     finish(&mut state, vec![r], NOW_MS);
     let h = header(&state, 1);
     assert_eq!(h.state, WaveState::Failed);
@@ -1500,16 +1485,13 @@ fn batch_applies_in_order_and_returns_each_outcome() {
             traceparent: String::new(),
             now_ms: 0,
         },
-        Command::Assign {
-            placements: vec![Placement {
-                key: (1, 0),
-                node: "n1".into(),
-            }],
+        Command::Schedule {
             now_ms: 1,
+            config: SchedulerConfig::default(),
         },
-        Command::MarkDown {
+        Command::Drain {
             node: "nope".into(),
-            now_ms: 2,
+            drain: true,
         },
     ]));
     assert_eq!(
@@ -1535,8 +1517,8 @@ fn assign_rechecks_every_placement() {
         key,
         node: node.into(),
     };
-    state.apply(Command::Assign {
-        placements: vec![
+    state.assign(
+        vec![
             place((1, 0), "n1"),
             place((1, 0), "n1"), // the same task twice: second ignored
             place((1, 1), "n9"), // unknown node
@@ -1544,14 +1526,14 @@ fn assign_rechecks_every_placement() {
             place((7, 0), "n1"), // unknown wave
             place((1, 9), "n1"), // unknown micro-task
         ],
-        now_ms: 1,
-    });
+        1,
+    );
     assert_eq!(states(&state, 1), vec![Assigned, Ready, Pending]);
     assert_eq!(
         take_effects(&mut state),
         vec![Effect::Dispatch {
             node: "n1".into(),
-            keys: vec![((1, 0), 1)]
+            attempts: vec![AttemptRef::new((1, 0), 1)]
         }]
     );
     assert_eq!(state.nodes["n1"].used_cpus, 1);
@@ -1693,4 +1675,120 @@ fn members_started_records_current_members_once_and_removal_forgets_them() {
     let started = state.members_started.clone();
     copy.restore(std::mem::take(&mut state).into_snapshot());
     assert_eq!(copy.members_started, started);
+}
+
+/// Attempt `attempt` of micro-task `micro` of wave 1.
+fn at(micro: u32, attempt: u32) -> AttemptRef {
+    AttemptRef::new((1, micro), attempt)
+}
+
+#[test]
+fn a_worker_message_is_one_command_starts_before_results_before_health() {
+    let heartbeat = HeartbeatReport {
+        node: "n1".into(),
+        theta: 0.9,
+        h_cpu: 0.9,
+        h_mem: 0.9,
+        h_term: 0.9,
+        memory_available_bytes: GIB,
+    };
+    assert_eq!(Command::worker_report("n1", vec![], vec![], None, 5), None);
+    // One part alone is not wrapped in a batch.
+    assert_eq!(
+        Command::worker_report("n1", vec![], vec![], Some(heartbeat.clone()), 5),
+        Some(Command::Heartbeats {
+            reports: vec![heartbeat.clone()],
+            now_ms: 5
+        })
+    );
+    // An attempt that started and finished since the last message needs no `Started`.
+    let done = result(at(0, 1), "n1", 0, 10, 20);
+    let command = Command::worker_report(
+        "n1",
+        vec![(at(0, 1), 10), (at(1, 1), 11)],
+        vec![done.clone()],
+        Some(heartbeat.clone()),
+        30,
+    );
+    assert_eq!(
+        command,
+        Some(Command::Batch(vec![
+            Command::Started {
+                node: "n1".into(),
+                attempts: vec![(at(1, 1), 11)],
+            },
+            Command::Finished {
+                results: vec![done],
+                now_ms: 30,
+            },
+            Command::Heartbeats {
+                reports: vec![heartbeat],
+                now_ms: 30,
+            },
+        ]))
+    );
+}
+
+#[test]
+fn a_registration_applies_kept_results_before_reconciling() {
+    let kept = result(at(0, 1), "n1", 0, 10, 20);
+    assert_eq!(
+        Command::register(node_spec("n1", 2), vec![at(1, 1)], vec![kept.clone()], 40),
+        Command::Batch(vec![
+            Command::Finished {
+                results: vec![kept],
+                now_ms: 40,
+            },
+            Command::RegisterNode {
+                spec: node_spec("n1", 2),
+                running: vec![at(1, 1)],
+                now_ms: 40,
+            },
+        ])
+    );
+    assert_eq!(
+        Command::register(node_spec("n1", 2), vec![], vec![], 40),
+        Command::Batch(vec![Command::RegisterNode {
+            spec: node_spec("n1", 2),
+            running: vec![],
+            now_ms: 40,
+        }])
+    );
+}
+
+#[test]
+fn effects_for_one_node_leave_as_one_message() {
+    let mut state = cluster(&[("n1", 2), ("n2", 1)]);
+    submit(
+        &mut state,
+        "name = \"p\"\n[[task]]\nid = \"t\"\narray = 3\nrun = \"x\"\n",
+        0,
+    );
+    schedule_and_assign(&mut state, 1);
+    let mut effects = take_effects(&mut state);
+    effects.push(Effect::Ack {
+        node: "n1".into(),
+        attempts: vec![at(7, 1)],
+    });
+    effects.push(Effect::SlotsLimit {
+        node: "n2".into(),
+        slots: 1,
+    });
+    let messages = crate::convert::worker_messages(&state, effects);
+    let nodes: Vec<&str> = messages.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(nodes, ["n1", "n2"]);
+    let (_, n1) = &messages[0];
+    assert_eq!(n1.assign.len(), 2);
+    assert_eq!(n1.ack.len(), 1);
+    assert_eq!(n1.slots_limit, None);
+    let (_, n2) = &messages[1];
+    assert_eq!(n2.assign.len(), 1);
+    assert_eq!(n2.slots_limit, Some(1));
+    let mut assigned: Vec<u32> = messages
+        .iter()
+        .flat_map(|(_, m)| m.assign.iter())
+        .map(|a| a.attempt.expect("attempt").micro)
+        .collect();
+    assigned.sort_unstable();
+    assert_eq!(assigned, [0, 1, 2]);
 }

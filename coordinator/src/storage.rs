@@ -36,7 +36,7 @@ use thiserror::Error;
 use crate::datadir::{self, Identity};
 use crate::durable::SledFiles;
 use crate::state::{MicroTask, Node, State, StateSnapshot, Wave, WaveHeader};
-use crate::wave::WaveLimits;
+use venom_core::wave::WaveLimits;
 
 /// Storage failures (disk, corruption).
 #[derive(Debug, Error)]
@@ -758,7 +758,7 @@ mod tests {
     /// A wave of 4 micro-tasks (one ready array of 3, one dependent) and one node.
     fn sample_state() -> State {
         use crate::state::{Command, NodeSpec};
-        use crate::wave::{parse_wave, Format};
+        use venom_core::wave::{parse_wave, Format};
 
         let spec = parse_wave(
             b"name = \"w\"\n[[task]]\nid = \"a\"\narray = 3\nrun = \"true\"\n[[task]]\nid = \"b\"\ndeps = [\"a\"]\nrun = \"true\"\n",
@@ -778,7 +778,7 @@ mod tests {
                 name: "next".into(),
                 slots: 2,
                 labels: Default::default(),
-                policy: crate::mobius::ThrottlePolicy::Adaptive,
+                policy: venom_core::mobius::ThrottlePolicy::Adaptive,
                 physical_cores: 2,
                 logical_cores: 2,
                 memory_total_bytes: 1 << 30,

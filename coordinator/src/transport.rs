@@ -12,17 +12,88 @@ use std::time::Duration;
 use protobuf::Message as _;
 use raft::eraftpb::{Message as RaftMessage, MessageType};
 use tokio::sync::mpsc;
+use venom_core::url::normalize_url;
 use venom_proto::v1 as pb;
 use venom_proto::v1::raft_service_client::RaftServiceClient;
 
-/// A coordinator's address as a URL: `HOST:PORT` gets `http://`, a URL stays as it is.
-pub fn peer_url(address: &str) -> String {
-    let address = address.trim();
-    if address.starts_with("http") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
+/// Batches queued for one peer before new ones are dropped (raft resends what is lost).
+const PEER_QUEUE_BATCHES: usize = 1_024;
+/// How long connecting to a peer may take.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long one batch to a peer may take.
+const PEER_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a batch of raft messages from a peer is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("node {from} belongs to another cluster ({theirs:x}, this one is {ours:x})")]
+    OtherCluster { from: u64, theirs: u64, ours: u64 },
+    #[error("node {from} is not a member")]
+    NotMember { from: u64 },
+    #[error("undecodable raft message: {0}")]
+    Undecodable(String),
+    #[error("raft message `from` does not match the batch")]
+    SenderMismatch,
+}
+
+/// A batch this coordinator takes: its messages, and the route back to a sender outside
+/// the membership (a leader added since the last change applied here) to remember.
+#[derive(Debug)]
+pub struct Admitted {
+    pub messages: Vec<RaftMessage>,
+    pub learn: Option<(u64, String)>,
+}
+
+/// Who a coordinator listens to: batches from members; from a coordinator outside its
+/// applied membership only leader traffic (appends, heartbeats, snapshots), since this
+/// coordinator may be behind and must catch up from a leader added since; never anything
+/// from another cluster (`cluster_id` 0 on either side means not yet known) and never
+/// undecodable messages or messages whose sender differs from the batch's.
+pub fn admit(
+    batch: &pb::RaftBatch,
+    cluster_id: u64,
+    members: &BTreeMap<u64, String>,
+) -> Result<Admitted, Refusal> {
+    if batch.cluster_id != 0 && cluster_id != 0 && batch.cluster_id != cluster_id {
+        return Err(Refusal::OtherCluster {
+            from: batch.from,
+            theirs: batch.cluster_id,
+            ours: cluster_id,
+        });
     }
+    let stranger = !members.contains_key(&batch.from);
+    if stranger && batch.from_address.is_empty() {
+        return Err(Refusal::NotMember { from: batch.from });
+    }
+    let mut messages = Vec::with_capacity(batch.messages.len());
+    for bytes in &batch.messages {
+        let mut m = RaftMessage::default();
+        m.merge_from_bytes(bytes)
+            .map_err(|e| Refusal::Undecodable(e.to_string()))?;
+        if m.from != batch.from {
+            return Err(Refusal::SenderMismatch);
+        }
+        messages.push(m);
+    }
+    if !stranger {
+        return Ok(Admitted {
+            messages,
+            learn: None,
+        });
+    }
+    let leader_traffic = messages.iter().all(|m| {
+        matches!(
+            m.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        )
+    });
+    if !leader_traffic {
+        return Err(Refusal::NotMember { from: batch.from });
+    }
+    Ok(Admitted {
+        messages,
+        learn: Some((batch.from, batch.from_address.clone())),
+    })
 }
 
 /// Delivers raft messages to peers. Must not block.
@@ -98,7 +169,7 @@ impl GrpcTransport {
     }
 
     fn spawn_peer(&mut self, id: u64, addr: String) {
-        let (tx, rx) = mpsc::channel(1_024);
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_BATCHES);
         tokio::spawn(peer_sender(
             self.from,
             self.own_address.clone(),
@@ -199,7 +270,7 @@ async fn peer_sender(
             }
         }
     };
-    let url = peer_url(&addr);
+    let url = normalize_url(&addr);
     let mut client: Option<RaftServiceClient<tonic::transport::Channel>> = None;
     while let Some(mut batch) = rx.recv().await {
         while let Ok(more) = rx.try_recv() {
@@ -212,8 +283,8 @@ async fn peer_sender(
             };
             let endpoint = endpoint
                 .tcp_nodelay(true)
-                .connect_timeout(Duration::from_millis(500))
-                .timeout(Duration::from_secs(5));
+                .connect_timeout(PEER_CONNECT_TIMEOUT)
+                .timeout(PEER_RPC_TIMEOUT);
             client = endpoint.connect().await.ok().map(RaftServiceClient::new);
         }
         let Some(c) = client.as_mut() else {
@@ -234,5 +305,95 @@ async fn peer_sender(
             note_failure(&batch);
             client = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(from: u64, cluster_id: u64, address: &str, types: &[MessageType]) -> pb::RaftBatch {
+        pb::RaftBatch {
+            from,
+            messages: types
+                .iter()
+                .map(|&t| {
+                    let mut m = RaftMessage::default();
+                    m.set_msg_type(t);
+                    m.from = from;
+                    m.write_to_bytes().expect("encodes")
+                })
+                .collect(),
+            from_address: address.to_string(),
+            cluster_id,
+        }
+    }
+
+    fn members() -> BTreeMap<u64, String> {
+        BTreeMap::from([(1, "http://a:1".into()), (2, "http://b:2".into())])
+    }
+
+    #[test]
+    fn members_are_heard() {
+        let admitted = admit(
+            &batch(2, 7, "", &[MessageType::MsgRequestVote]),
+            7,
+            &members(),
+        )
+        .expect("admitted");
+        assert_eq!(admitted.messages.len(), 1);
+        assert_eq!(admitted.learn, None);
+        // Either side not knowing the cluster id yet is no reason to refuse.
+        assert!(admit(&batch(2, 0, "", &[MessageType::MsgAppend]), 7, &members()).is_ok());
+        assert!(admit(&batch(2, 7, "", &[MessageType::MsgAppend]), 0, &members()).is_ok());
+    }
+
+    #[test]
+    fn another_cluster_is_refused() {
+        assert_eq!(
+            admit(&batch(2, 8, "", &[MessageType::MsgAppend]), 7, &members()).err(),
+            Some(Refusal::OtherCluster {
+                from: 2,
+                theirs: 8,
+                ours: 7
+            })
+        );
+    }
+
+    #[test]
+    fn strangers_are_heard_only_as_a_leader_that_says_where_it_is() {
+        let append = [MessageType::MsgAppend, MessageType::MsgHeartbeat];
+        let admitted = admit(&batch(9, 7, "http://c:3", &append), 7, &members()).expect("leader");
+        assert_eq!(admitted.learn, Some((9, "http://c:3".to_string())));
+        assert_eq!(
+            admit(&batch(9, 7, "", &append), 7, &members()).err(),
+            Some(Refusal::NotMember { from: 9 })
+        );
+        // A removed coordinator asking for votes is not heard.
+        assert_eq!(
+            admit(
+                &batch(9, 7, "http://c:3", &[MessageType::MsgRequestVote]),
+                7,
+                &members()
+            )
+            .err(),
+            Some(Refusal::NotMember { from: 9 })
+        );
+    }
+
+    #[test]
+    fn garbage_and_forged_senders_are_refused() {
+        let mut garbage = batch(2, 7, "", &[]);
+        garbage.messages.push(vec![0xff, 0xff, 0xff]);
+        assert!(matches!(
+            admit(&garbage, 7, &members()),
+            Err(Refusal::Undecodable(_))
+        ));
+        let mut forged = batch(2, 7, "", &[MessageType::MsgAppend]);
+        forged.from = 1;
+        assert_eq!(
+            admit(&forged, 7, &members()).err(),
+            Some(Refusal::SenderMismatch)
+        );
     }
 }

@@ -319,9 +319,19 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str) -> bool {
     }
 }
 
-/// Whether `traceparent` is a well-formed W3C `traceparent` with non-zero ids.
+/// Whether `traceparent` is a well-formed W3C `traceparent` (version, 32-hex-digit trace id,
+/// 16-hex-digit parent id, flags) with non-zero ids.
 pub fn is_valid_traceparent(traceparent: &str) -> bool {
-    context_from_traceparent(traceparent).is_some()
+    let lengths: Vec<usize> = traceparent.trim().split('-').map(str::len).collect();
+    lengths == [2, 32, 16, 2] && context_from_traceparent(traceparent).is_some()
+}
+
+/// The trace id (the second field) of a valid `traceparent`: what finds the trace in Jaeger.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    if !is_valid_traceparent(traceparent) {
+        return None;
+    }
+    traceparent.trim().split('-').nth(1)
 }
 
 struct MetadataInjector<'a>(&'a mut MetadataMap);
@@ -501,6 +511,12 @@ mod tests {
         ));
         assert!(!is_valid_traceparent("garbage"));
         assert!(!is_valid_traceparent(""));
+        assert!(!is_valid_traceparent("00-abc-def-01"), "short fields");
+        assert_eq!(
+            trace_id(&format!(" {good} ")),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id("00-abc-def-01"), None);
 
         let mut metadata = MetadataMap::new();
         metadata.insert("traceparent", good.parse().expect("ascii"));

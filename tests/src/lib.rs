@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use tonic::transport::Channel;
+use venom_core::WaveState;
+use venom_proto::leader::leader_hint;
 use venom_proto::v1 as pb;
 use venom_proto::v1::client_service_client::ClientServiceClient;
 
@@ -343,7 +345,7 @@ pub async fn wait_ready(url: &str, n_nodes: usize) -> anyhow::Result<ClientServi
                     .into_inner()
                     .nodes
                     .iter()
-                    .filter(|n| n.state == "ready")
+                    .filter(|n| n.state() == pb::NodeState::Ready)
                     .count();
                 if status.into_inner().leader_id != 0 && ready >= n_nodes {
                     return Ok(c);
@@ -370,15 +372,14 @@ pub async fn submit(c: &mut ClientServiceClient<Channel>, spec: &str) -> anyhow:
     Ok(response.into_inner().wave_id)
 }
 
-/// The leader's URL in a "not leader: leader=URL" refusal (`None` for `leader=unknown`).
-pub fn leader_from_refusal(message: &str) -> Option<String> {
-    let rest = &message[message.find("leader=")? + "leader=".len()..];
-    let url = rest.split_whitespace().next()?;
-    url.contains(':').then(|| url.to_string())
+/// Whether a wave has reached a final state.
+pub fn is_finished(wave: &pb::WaveSummary) -> bool {
+    WaveState::try_from(wave.state()).is_ok_and(WaveState::is_terminal)
 }
 
-/// Submits a wave at `url`, following "not leader" refusals to the leader they name (and
-/// retrying while no leader is known). Returns the wave id and every URL tried, in order.
+/// Submits a wave at `url`, following not-leader refusals to the leader their error detail
+/// names ([`leader_hint`]; retrying while no leader is known). Returns the wave id and every
+/// URL tried, in order.
 pub async fn submit_following_leader(
     url: &str,
     spec: &str,
@@ -402,7 +403,7 @@ pub async fn submit_following_leader(
                 if Instant::now() > deadline {
                     bail!("no leader accepted the wave after {timeout:?}: {status}");
                 }
-                match leader_from_refusal(status.message()) {
+                match leader_hint(&status) {
                     Some(leader) if leader != target => {
                         target = leader;
                         tried.push(target.clone());
@@ -426,7 +427,7 @@ pub async fn wait_wave(
         if let Ok(mut c) = client(url).await {
             if let Ok(w) = c.get_wave(pb::GetWaveRequest { wave_id }).await {
                 let w = w.into_inner();
-                if matches!(w.state.as_str(), "succeeded" | "failed" | "cancelled") {
+                if is_finished(&w) {
                     return Ok(w);
                 }
             }
@@ -914,12 +915,8 @@ impl Group {
                     continue;
                 }
                 if let Some(status) = cluster_status(self.url(id)).await {
-                    let own_role = status
-                        .members
-                        .iter()
-                        .find(|m| m.id == id)
-                        .map(|m| m.role.clone());
-                    if status.leader_id == id && own_role.as_deref() == Some("leader") {
+                    let own_role = status.members.iter().find(|m| m.id == id).map(|m| m.role());
+                    if status.leader_id == id && own_role == Some(pb::MemberRole::Leader) {
                         return id;
                     }
                 }
@@ -947,7 +944,7 @@ impl Group {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(w) = self.wave(wave_id).await {
-                if matches!(w.state.as_str(), "succeeded" | "failed" | "cancelled") {
+                if is_finished(&w) {
                     return w;
                 }
             }

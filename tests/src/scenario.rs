@@ -161,7 +161,7 @@ impl Scenario {
                 .group
                 .wait_finished(wave.wave_id, Duration::from_secs(60))
                 .await;
-            assert_eq!(summary.state, "succeeded", "{summary:?}");
+            assert_eq!(summary.state(), pb::WaveState::Succeeded, "{summary:?}");
             let tasks = list_tasks(self.group.url(leader), wave.wave_id)
                 .await
                 .unwrap();
@@ -295,11 +295,13 @@ impl Tally {
                 self.recorded_twice.push(name(key));
             }
             match entries.first() {
-                Some(t) if t.state == "succeeded" && !ran.is_empty() => {}
-                Some(t) => {
-                    self.lost
-                        .push(format!("{} ({}, {} runs)", name(key), t.state, ran.len()))
-                }
+                Some(t) if t.state() == pb::TaskState::Succeeded && !ran.is_empty() => {}
+                Some(t) => self.lost.push(format!(
+                    "{} ({:?}, {} runs)",
+                    name(key),
+                    t.state(),
+                    ran.len()
+                )),
                 None => self.lost.push(format!("{} (not listed)", name(key))),
             }
             if let Some(t) = entries.first() {

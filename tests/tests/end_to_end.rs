@@ -89,7 +89,7 @@ run = {join}
     let mut c = client(&cluster.url()).await.unwrap();
     let id = submit(&mut c, &spec).await.unwrap();
     let summary = wait_wave(&cluster.url(), id, WAIT).await.unwrap();
-    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    assert_eq!(summary.state(), pb::WaveState::Succeeded, "{summary:?}");
     let records = read_records(w).unwrap();
     assert_eq!(
         records.len(),
@@ -174,21 +174,21 @@ run = 'touch {w}/independent'
     let mut c = client(&cluster.url()).await.unwrap();
     let id = submit(&mut c, &spec).await.unwrap();
     let summary = wait_wave(&cluster.url(), id, WAIT).await.unwrap();
-    assert_eq!(summary.state, "failed");
+    assert_eq!(summary.state(), pb::WaveState::Failed);
     let tasks: BTreeMap<String, pb::MicroTaskInfo> = tasks(&cluster.url(), id)
         .await
         .unwrap()
         .into_iter()
         .map(|t| (t.task_id.clone(), t))
         .collect();
-    assert_eq!(tasks["flaky"].state, "succeeded");
+    assert_eq!(tasks["flaky"].state(), pb::TaskState::Succeeded);
     assert_eq!(tasks["flaky"].attempt, 2);
-    assert_eq!(tasks["broken"].state, "failed");
+    assert_eq!(tasks["broken"].state(), pb::TaskState::Failed);
     assert_eq!(tasks["broken"].attempt, 2, "one retry");
     assert_eq!(tasks["broken"].exit_code, Some(3));
-    assert_eq!(tasks["after-broken"].state, "skipped");
-    assert_eq!(tasks["after-after"].state, "skipped");
-    assert_eq!(tasks["independent"].state, "succeeded");
+    assert_eq!(tasks["after-broken"].state(), pb::TaskState::Skipped);
+    assert_eq!(tasks["after-after"].state(), pb::TaskState::Skipped);
+    assert_eq!(tasks["independent"].state(), pb::TaskState::Succeeded);
     assert_eq!(
         std::fs::read_to_string(format!("{w}/broken")).unwrap(),
         "1\n2\n"
@@ -222,7 +222,7 @@ run = 'sleep 60 & echo $! > {w}/child.pid; echo $$ > {w}/shell.pid; wait'
     let mut c = client(&cluster.url()).await.unwrap();
     let id = submit(&mut c, &spec).await.unwrap();
     let summary = wait_wave(&cluster.url(), id, WAIT).await.unwrap();
-    assert_eq!(summary.state, "failed");
+    assert_eq!(summary.state(), pb::WaveState::Failed);
     let t = &tasks(&cluster.url(), id).await.unwrap()[0];
     assert!(t.timed_out, "{t:?}");
     for f in ["child.pid", "shell.pid"] {
@@ -291,7 +291,7 @@ run = 'sleep 120 & echo $! > {w}/pid.$VENOM_TASK_INDEX.$VENOM_NODE; wait'
         .n_cancelled;
     assert_eq!(n, 4);
     let summary = wait_wave(&cluster.url(), id, WAIT).await.unwrap();
-    assert_eq!(summary.state, "cancelled");
+    assert_eq!(summary.state(), pb::WaveState::Cancelled);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while pids.iter().any(|&p| pid_alive(p)) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -326,7 +326,10 @@ run = {body}
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let ts = tasks(&cluster.url(), id).await.unwrap();
-        if ts.iter().any(|t| t.node == "w1" && t.state == "running") {
+        if ts
+            .iter()
+            .any(|t| t.node == "w1" && t.state() == pb::TaskState::Running)
+        {
             break;
         }
         assert!(std::time::Instant::now() < deadline);
@@ -334,10 +337,10 @@ run = {body}
     }
     cluster.workers[0].kill9();
     let summary = wait_wave(&cluster.url(), id, WAIT).await.unwrap();
-    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    assert_eq!(summary.state(), pb::WaveState::Succeeded, "{summary:?}");
     let ts = tasks(&cluster.url(), id).await.unwrap();
     assert_eq!(ts.len(), 8);
-    assert!(ts.iter().all(|t| t.state == "succeeded"));
+    assert!(ts.iter().all(|t| t.state() == pb::TaskState::Succeeded));
     // Whatever w1 had not finished was re-run on w2 with a later attempt.
     let moved: Vec<_> = ts.iter().filter(|t| t.attempt > 1).collect();
     assert!(!moved.is_empty(), "w1's tasks were re-dispatched");
@@ -351,7 +354,7 @@ run = {body}
         .into_inner()
         .nodes;
     let w1 = nodes.iter().find(|n| n.name == "w1").unwrap();
-    assert_eq!(w1.state, "down");
+    assert_eq!(w1.state(), pb::NodeState::Down);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,7 +391,7 @@ run = {second}
     }
     cluster.coordinator.kill9_and_restart().unwrap();
     let summary = wait_wave(&cluster.url(), id, WAIT).await.unwrap();
-    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    assert_eq!(summary.state(), pb::WaveState::Succeeded, "{summary:?}");
     let records = read_records(&w).unwrap();
     let mut runs: BTreeMap<(String, String), usize> = BTreeMap::new();
     for r in &records {

@@ -44,7 +44,7 @@ async fn find_leader(urls: &BTreeMap<u64, String>, timeout: Duration) -> u64 {
         for (&id, url) in urls {
             if let Some(s) = own_status(url).await {
                 let own = s.members.iter().find(|m| m.reported);
-                if s.leader_id == id && own.is_some_and(|m| m.role == "leader") {
+                if s.leader_id == id && own.is_some_and(|m| m.role() == pb::MemberRole::Leader) {
                     return id;
                 }
             }
@@ -54,7 +54,7 @@ async fn find_leader(urls: &BTreeMap<u64, String>, timeout: Duration) -> u64 {
     }
 }
 
-async fn wave_names(url: &str) -> Option<Vec<(u64, String, String)>> {
+async fn wave_names(url: &str) -> Option<Vec<(u64, String, pb::WaveState)>> {
     let mut c = quick_client(url).await?;
     let waves = c
         .list_waves(pb::ListWavesRequest::default())
@@ -65,7 +65,10 @@ async fn wave_names(url: &str) -> Option<Vec<(u64, String, String)>> {
     Some(
         waves
             .into_iter()
-            .map(|w| (w.wave_id, w.name, w.state))
+            .map(|w| {
+                let state = w.state();
+                (w.wave_id, w.name, state)
+            })
             .collect(),
     )
 }
@@ -84,12 +87,12 @@ async fn run_wave(urls: &BTreeMap<u64, String>, name: &str, work: &std::path::Pa
         for url in urls.values() {
             if let Some(waves) = wave_names(url).await {
                 if let Some((_, _, state)) = waves.iter().find(|(id, _, _)| *id == wave_id) {
-                    if state == "succeeded" {
+                    if *state == pb::WaveState::Succeeded {
                         return wave_id;
                     }
                     assert!(
-                        state == "running" || state == "pending",
-                        "wave {name} ended {state}"
+                        matches!(state, pb::WaveState::Running | pb::WaveState::Pending),
+                        "wave {name} ended {state:?}"
                     );
                 }
             }
@@ -180,7 +183,8 @@ async fn members_are_added_and_removed_one_at_a_time_and_waves_keep_running() {
     let on_4 = wave_names(&urls[&4]).await.unwrap();
     for id in &waves {
         assert!(
-            on_4.iter().any(|(w, _, s)| w == id && s == "succeeded"),
+            on_4.iter()
+                .any(|(w, _, s)| w == id && *s == pb::WaveState::Succeeded),
             "{on_4:?}"
         );
     }
@@ -236,7 +240,9 @@ async fn members_are_added_and_removed_one_at_a_time_and_waves_keep_running() {
         let listed = wave_names(url).await.unwrap();
         for w in &waves {
             assert!(
-                listed.iter().any(|(x, _, s)| x == w && s == "succeeded"),
+                listed
+                    .iter()
+                    .any(|(x, _, s)| x == w && *s == pb::WaveState::Succeeded),
                 "member {id} misses wave {w}: {listed:?}"
             );
         }

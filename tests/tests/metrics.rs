@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use venom_proto::v1 as pb;
 use venom_tests::*;
 
 const N_OK: u32 = 6;
@@ -83,7 +84,7 @@ async fn metrics_parse_and_match_the_run() {
     let summary = wait_wave(&coordinator.url(), wave_id, Duration::from_secs(60))
         .await
         .unwrap();
-    assert_eq!(summary.state, "failed");
+    assert_eq!(summary.state(), pb::WaveState::Failed);
 
     // After: the coordinator's figures match the run.
     let after = parse_prometheus(&scrape(&coordinator_metrics).unwrap()).unwrap();

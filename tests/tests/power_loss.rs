@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use venom_proto::v1 as pb;
 use venom_tests::powercut::{CutReport, PowerCutFs};
 use venom_tests::scenario::*;
 use venom_tests::*;
@@ -103,7 +104,7 @@ impl Reported {
             };
             reported.waves.insert(wave_id, wave.name);
             for task in list_tasks(url, wave_id).await.unwrap_or_default() {
-                if task.state == "succeeded" {
+                if task.state() == pb::TaskState::Succeeded {
                     reported
                         .succeeded
                         .insert((wave_id, task.task_id, task.index), task.attempt);
@@ -334,8 +335,8 @@ async fn all_three_members_lose_power_mid_wave() {
         wait_total_succeeded(&s, leader, &ids, 100).await;
         let before = Reported::read(s.group.url(leader), &ids).await;
         assert_eq!(
-            get_wave(s.group.url(leader), ids[0]).await.unwrap().state,
-            "running",
+            get_wave(s.group.url(leader), ids[0]).await.unwrap().state(),
+            pb::WaveState::Running,
             "the wave must still run when the power goes"
         );
 

@@ -63,7 +63,8 @@ async fn leader_killed_three_times_during_a_10000_micro_task_wave() {
         leader = s.group.wait_leader(0, Duration::from_secs(20)).await;
         let summary = get_wave(s.group.url(leader), wave_id).await.unwrap();
         assert_eq!(
-            summary.state, "running",
+            summary.state(),
+            pb::WaveState::Running,
             "the wave must still be running when its leader dies: {summary:?}"
         );
         let at_kill = summary.counts.as_ref().map_or(0, |c| c.succeeded);
@@ -105,7 +106,7 @@ async fn leader_killed_three_times_during_a_10000_micro_task_wave() {
         .group
         .wait_finished(wave_id, Duration::from_secs(180))
         .await;
-    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    assert_eq!(summary.state(), pb::WaveState::Succeeded, "{summary:?}");
     assert_eq!(summary.n_micro_tasks, u64::from(N_MICRO_TASKS));
     let makespan_s = summary.makespan_ms as f64 / 1000.0;
 
@@ -149,11 +150,15 @@ async fn worker_killed_mid_task_has_its_micro_tasks_redone_elsewhere() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let held_by_w1: Vec<u32> = loop {
         if let Some(tasks) = list_tasks(s.group.url(leader), wave_id).await {
-            if tasks.iter().any(|t| t.node == "w1" && t.state == "running") {
+            if tasks
+                .iter()
+                .any(|t| t.node == "w1" && t.state() == pb::TaskState::Running)
+            {
                 break tasks
                     .iter()
                     .filter(|t| {
-                        t.node == "w1" && matches!(t.state.as_str(), "assigned" | "running")
+                        t.node == "w1"
+                            && matches!(t.state(), pb::TaskState::Assigned | pb::TaskState::Running)
                     })
                     .filter_map(|t| t.index)
                     .collect();
@@ -174,7 +179,7 @@ async fn worker_killed_mid_task_has_its_micro_tasks_redone_elsewhere() {
                 .into_inner()
                 .nodes
                 .iter()
-                .any(|n| n.name == "w1" && n.state == "down")
+                .any(|n| n.name == "w1" && n.state() == pb::NodeState::Down)
             {
                 break t_kill.elapsed().as_millis();
             }
@@ -186,7 +191,7 @@ async fn worker_killed_mid_task_has_its_micro_tasks_redone_elsewhere() {
         .group
         .wait_finished(wave_id, Duration::from_secs(60))
         .await;
-    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    assert_eq!(summary.state(), pb::WaveState::Succeeded, "{summary:?}");
 
     // What w1 held was redone on w2 with a later attempt.
     let tasks = list_tasks(s.group.url(leader), wave_id).await.unwrap();
@@ -245,7 +250,7 @@ async fn all_three_coordinators_killed_mid_wave_and_restarted() {
         .wait_succeeded(leader, wave_id, 80, Duration::from_secs(60))
         .await;
     let summary = get_wave(s.group.url(leader), wave_id).await.unwrap();
-    assert_eq!(summary.state, "running", "{summary:?}");
+    assert_eq!(summary.state(), pb::WaveState::Running, "{summary:?}");
     let at_kill = summary.counts.as_ref().map_or(0, |c| c.succeeded);
 
     let victims: Vec<(u64, Coordinator)> = s
@@ -276,7 +281,7 @@ async fn all_three_coordinators_killed_mid_wave_and_restarted() {
         .group
         .wait_finished(wave_id, Duration::from_secs(90))
         .await;
-    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    assert_eq!(summary.state(), pb::WaveState::Succeeded, "{summary:?}");
 
     s.finish(
         1,

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use venom_proto::v1 as pb;
 use venom_tests::*;
 
 const N_MICRO_TASKS: u32 = 300;
@@ -107,7 +108,8 @@ run = {after}
         leader = group.wait_leader(0, Duration::from_secs(20)).await;
         let summary = get_wave(group.url(leader), wave_id).await.unwrap();
         assert_eq!(
-            summary.state, "running",
+            summary.state(),
+            pb::WaveState::Running,
             "kill {round}: the wave must still be running when its leader dies: {summary:?}"
         );
         let at_kill = summary.counts.as_ref().map_or(0, |c| c.succeeded);
@@ -146,7 +148,7 @@ run = {after}
 
     // 4. The wave finishes; read it from any live member.
     let summary = group.wait_finished(wave_id, Duration::from_secs(60)).await;
-    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    assert_eq!(summary.state(), pb::WaveState::Succeeded, "{summary:?}");
     assert_eq!(summary.n_micro_tasks, u64::from(N_MICRO_TASKS) + 1);
 
     // Reads are linearizable (ReadIndex): once any member has answered "succeeded", a
@@ -156,14 +158,18 @@ run = {after}
             .await
             .unwrap_or_else(|| panic!("member {id} did not answer GetWave"));
         assert_eq!(
-            w.state, "succeeded",
+            w.state(),
+            pb::WaveState::Succeeded,
             "member {id} answered a stale read: {w:?}"
         );
     }
 
     let tasks = list_tasks(group.url(leader), wave_id).await.unwrap();
     assert_eq!(tasks.len(), N_MICRO_TASKS as usize + 1);
-    let not_succeeded: Vec<_> = tasks.iter().filter(|t| t.state != "succeeded").collect();
+    let not_succeeded: Vec<_> = tasks
+        .iter()
+        .filter(|t| t.state() != pb::TaskState::Succeeded)
+        .collect();
     assert!(not_succeeded.is_empty(), "{not_succeeded:?}");
     let redispatched = tasks.iter().filter(|t| t.attempt > 1).count();
 

@@ -465,7 +465,11 @@ run = "sleep 0.5"
         let wave = get_wave(&coordinator.url(), wave_id).await;
         let succeeded = wave.counts.as_ref().map_or(0, |c| c.succeeded);
         if succeeded >= 2 {
-            assert_eq!(wave.state, "running", "the wave must still run at the kill");
+            assert_eq!(
+                wave.state(),
+                pb::WaveState::Running,
+                "the wave must still run at the kill"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "no progress: {wave:?}");
@@ -477,7 +481,7 @@ run = "sleep 0.5"
         .as_nanos() as u64;
     coordinator.kill9_and_restart().unwrap();
     let summary = wait_wave(&coordinator.url(), wave_id, WAIT).await.unwrap();
-    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    assert_eq!(summary.state(), pb::WaveState::Succeeded, "{summary:?}");
     assert_eq!(
         trace_id_of(&summary.traceparent),
         trace_id,

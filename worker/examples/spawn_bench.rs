@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use venom_worker::executor::{run_attempt_blocking, CancelToken};
+use venom_worker::executor::{cancel_pair, spawn_attempt, Assignment};
+use venom_worker::limits::DEFAULT_MAX_OUTPUT_BYTES;
 
 /// Runs `task` `n_tasks` times on `parallelism` threads; returns the seconds taken.
 fn on_threads(n_tasks: usize, parallelism: usize, task: fn()) -> f64 {
@@ -46,11 +47,14 @@ fn floor_task() {
 }
 
 fn executor_task() {
-    let assignment = venom_proto::Assignment {
+    let assignment = Assignment {
         argv: vec!["true".to_owned()],
         ..Default::default()
     };
-    let outcome = run_attempt_blocking(&assignment, "bench", 65_536, CancelToken::never());
+    let (_handle, token) = cancel_pair();
+    let outcome = spawn_attempt(&assignment, "bench", DEFAULT_MAX_OUTPUT_BYTES, token)
+        .expect("spawn true")
+        .wait_blocking();
     assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
 }
 

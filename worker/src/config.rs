@@ -1,47 +1,18 @@
 //! The worker's configuration: one clap `Args` struct, every flag also read from a `VENOM_…`
 //! environment variable, so the `venom-worker` binary parses it and `venomctl dev` can embed it
-//! (or build one with [`WorkerConfig::for_dev`] without clap).
+//! (or build one with [`WorkerConfig::for_dev`] without clap). Every default comes from
+//! [`crate::limits`]; `--throttle` takes the shared [`ThrottlePolicy`] of `venom-core`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+use venom_core::mobius::ThrottlePolicy;
 
-/// Default coordinator address.
-pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
-
-/// This node's throttling policy, applied by the coordinator from the node's θ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum ThrottlePolicy {
-    /// Always offer every slot.
-    Off,
-    /// Throttle earlier: mode thresholds shifted up by 0.1.
-    Conservative,
-    /// The standard thresholds.
-    #[default]
-    Adaptive,
-    /// Never throttle below half the slots.
-    Aggressive,
-}
-
-impl ThrottlePolicy {
-    /// The name sent in `Register.throttle_policy`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ThrottlePolicy::Off => "off",
-            ThrottlePolicy::Conservative => "conservative",
-            ThrottlePolicy::Adaptive => "adaptive",
-            ThrottlePolicy::Aggressive => "aggressive",
-        }
-    }
-}
-
-impl std::fmt::Display for ThrottlePolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::limits::{
+    DEFAULT_COORDINATOR, DEFAULT_HEARTBEAT_MS, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_QUEUE_DEPTH,
+    DEFAULT_THROTTLE, MIN_HEARTBEAT_MS,
+};
 
 /// Everything `venom-worker` can be told.
 #[derive(Debug, Clone, Args)]
@@ -69,12 +40,8 @@ pub struct WorkerConfig {
     pub name: Option<String>,
 
     /// Throttling policy the coordinator applies to this node.
-    #[arg(long, env = "VENOM_THROTTLE", value_enum, default_value_t = ThrottlePolicy::Adaptive)]
+    #[arg(long, env = "VENOM_THROTTLE", value_enum, default_value_t = DEFAULT_THROTTLE)]
     pub throttle: ThrottlePolicy,
-
-    /// Directory for the worker's identity and spool.
-    #[arg(long, env = "VENOM_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
 
     /// Address for the Prometheus `/metrics` endpoint.
     #[arg(long, env = "VENOM_METRICS_LISTEN", value_name = "ADDR")]
@@ -82,18 +49,19 @@ pub struct WorkerConfig {
 
     /// Micro-tasks to keep queued here beyond the running ones, so the next one starts without
     /// a round trip to the coordinator.
-    #[arg(long, env = "VENOM_QUEUE_DEPTH", default_value_t = 32)]
+    #[arg(long, env = "VENOM_QUEUE_DEPTH", default_value_t = DEFAULT_QUEUE_DEPTH)]
     pub queue_depth: u32,
 
     /// Output kept per stream of each attempt (the tail).
-    #[arg(long, env = "VENOM_MAX_OUTPUT_BYTES", default_value_t = 65_536)]
+    #[arg(long, env = "VENOM_MAX_OUTPUT_BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]
     pub max_output_bytes: usize,
 
     /// Interval between heartbeats to the coordinator, milliseconds.
-    #[arg(long, env = "VENOM_HEARTBEAT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    #[arg(long, env = "VENOM_HEARTBEAT_MS", default_value_t = DEFAULT_HEARTBEAT_MS, value_parser = clap::value_parser!(u64).range(MIN_HEARTBEAT_MS..))]
     pub heartbeat_ms: u64,
 }
 
+/// The flags' defaults ([`crate::limits`]), coordinator included.
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
@@ -101,12 +69,11 @@ impl Default for WorkerConfig {
             slots: None,
             labels: Vec::new(),
             name: None,
-            throttle: ThrottlePolicy::Adaptive,
-            data_dir: None,
+            throttle: DEFAULT_THROTTLE,
             metrics_listen: None,
-            queue_depth: 32,
-            max_output_bytes: crate::executor::DEFAULT_MAX_OUTPUT_BYTES,
-            heartbeat_ms: 1000,
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
         }
     }
 }
@@ -119,7 +86,8 @@ impl WorkerConfig {
             .unwrap_or_else(crate::scan::local_hostname)
     }
 
-    /// A configuration for a local worker beside an in-process coordinator.
+    /// A configuration for a local worker beside an in-process coordinator: the flags'
+    /// defaults but for the coordinator, the slots and the name.
     pub fn for_dev(coordinator: String, slots: Option<u32>, name: String) -> Self {
         Self {
             coordinators: vec![coordinator],
@@ -131,7 +99,7 @@ impl WorkerConfig {
 
     /// The heartbeat interval.
     pub fn heartbeat_interval(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_ms.max(10))
+        Duration::from_millis(self.heartbeat_ms.max(MIN_HEARTBEAT_MS))
     }
 }
 

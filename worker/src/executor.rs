@@ -1,4 +1,5 @@
-//! The task executor: runs one micro-task attempt as a real process and reports how it ended.
+//! The task executor: runs one attempt of a micro-task as a real process and reports how it
+//! ended, as the shared [`AttemptOutcome`].
 //!
 //! Every attempt runs in its own process group (`Command::process_group(0)`, which keeps the
 //! fast `posix_spawn` path; a `pre_exec` hook would force fork+exec), so a timeout, a cancel or
@@ -12,10 +13,11 @@
 //! `spawn` + `wait` floor is the benchmark), while a slot's thread is reused from task to task.
 //! Cancelling kills the group directly from the canceller's thread; the loop then sees the exit.
 //!
-//! [`spawn_attempt`] starts the process (the agent reports `TaskStarted` with its pid), and
-//! [`RunningAttempt::wait_blocking`] drives it to the end; [`run_attempt`] does both from async
-//! code.
+//! [`spawn_attempt`] starts the process of an [`Assignment`] (the agent reports the start with
+//! its pid), and [`RunningAttempt::wait_blocking`] drives it to the end. An attempt that never
+//! ran ends as [`failed_to_start`] or [`cancelled_before_start`] says.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -23,65 +25,34 @@ use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Output kept per stream by default: the last 64 KiB.
-pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 * 1024;
+use venom_core::mobius::Mode;
+use venom_core::{AttemptOutcome, AttemptRef};
 
-/// After the main process ends and its group is killed, how long to wait for the pipes to
-/// close. Only a process that left the group (`setsid`) can hold them open longer; its output
-/// is abandoned rather than blocking the slot forever.
-const PIPE_CLOSE_GRACE: Duration = Duration::from_millis(500);
+use crate::limits::{PIPE_CLOSE_GRACE, READ_CHUNK_BYTES, REAP_POLL_INTERVAL};
 
-/// Bytes read from a pipe at a time (the buffer is zeroed once per attempt, so not too big).
-const READ_CHUNK_BYTES: usize = 16 * 1024;
-
-/// Without a pidfd (kernels before 5.3), how often to check whether the process has exited.
-const REAP_POLL_INTERVAL: Duration = Duration::from_millis(5);
-
-/// Identifies one attempt of one micro-task; the hashable twin of the wire `AttemptRef`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct AttemptKey {
-    pub wave_id: u64,
-    /// Flat index of the micro-task within its wave.
-    pub micro: u32,
-    pub attempt: u32,
-}
-
-impl AttemptKey {
-    /// The wire form.
-    pub fn to_proto(self) -> venom_proto::AttemptRef {
-        venom_proto::AttemptRef {
-            wave_id: self.wave_id,
-            micro: self.micro,
-            attempt: self.attempt,
-        }
-    }
-}
-
-impl From<venom_proto::AttemptRef> for AttemptKey {
-    fn from(attempt: venom_proto::AttemptRef) -> Self {
-        Self {
-            wave_id: attempt.wave_id,
-            micro: attempt.micro,
-            attempt: attempt.attempt,
-        }
-    }
-}
-
-impl From<Option<venom_proto::AttemptRef>> for AttemptKey {
-    /// A message without an attempt reference maps to the all-zero key.
-    fn from(attempt: Option<venom_proto::AttemptRef>) -> Self {
-        attempt.map(Self::from).unwrap_or_default()
-    }
-}
-
-impl std::fmt::Display for AttemptKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "wave {} micro {} attempt {}",
-            self.wave_id, self.micro, self.attempt
-        )
-    }
+/// One attempt the coordinator assigned to this worker: what to run, and what the agent needs
+/// to queue, place and trace it. [`crate::convert::assignment`] reads it off the wire.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Assignment {
+    /// The attempt; all zeros when the coordinator named none.
+    pub attempt: AttemptRef,
+    pub wave_name: String,
+    pub task_id: String,
+    /// Index within an array task; `None` for a task without `array`.
+    pub index: Option<u32>,
+    /// Run with `sh -c` when not empty; otherwise `argv` is run.
+    pub shell: String,
+    pub argv: Vec<String>,
+    /// Environment added to the worker's own.
+    pub env: HashMap<String, String>,
+    /// `None` = no timeout.
+    pub timeout: Option<Duration>,
+    /// Slots it occupies (0 counts as 1).
+    pub cpus: u32,
+    /// W3C trace context the attempt's span joins; empty when the wave is not traced.
+    pub traceparent: String,
+    /// This node's throttle mode when the attempt was dispatched, if the coordinator said.
+    pub mode: Option<Mode>,
 }
 
 /// Why an attempt could not be started.
@@ -97,94 +68,24 @@ pub enum ExecError {
     },
 }
 
-/// How an attempt ended; converts into the wire `TaskFinished`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AttemptOutcome {
-    pub attempt: AttemptKey,
-    /// The exit code, when the process exited by itself.
-    pub exit_code: Option<i32>,
-    /// The signal that ended the process, if one did.
-    pub signal: Option<i32>,
-    /// Killed because it ran past its timeout.
-    pub timed_out: bool,
-    /// Killed (or never started) because it was cancelled.
-    pub cancelled: bool,
-    /// Unix milliseconds.
-    pub started_ms: u64,
-    /// Unix milliseconds.
-    pub finished_ms: u64,
-    /// The last `max_output_bytes` of standard output.
-    pub stdout: Vec<u8>,
-    /// The last `max_output_bytes` of standard error.
-    pub stderr: Vec<u8>,
-    pub stdout_truncated: bool,
-    pub stderr_truncated: bool,
-    /// Why the process could not be started; `None` when it ran.
-    pub error: Option<String>,
-}
-
-impl AttemptOutcome {
-    /// The outcome of an attempt that could not be started.
-    pub fn failed_to_start(attempt: AttemptKey, started_ms: u64, error: &ExecError) -> Self {
-        Self {
-            attempt,
-            started_ms,
-            finished_ms: crate::unix_now_ms(),
-            error: Some(error.to_string()),
-            ..Self::default()
-        }
-    }
-
-    /// The outcome of an attempt cancelled before it started.
-    pub fn cancelled_before_start(attempt: AttemptKey) -> Self {
-        let now_ms = crate::unix_now_ms();
-        Self {
-            attempt,
-            cancelled: true,
-            started_ms: now_ms,
-            finished_ms: now_ms,
-            ..Self::default()
-        }
-    }
-
-    /// True when the process exited with code 0 by itself.
-    pub fn succeeded(&self) -> bool {
-        self.exit_code == Some(0) && !self.timed_out && !self.cancelled && self.error.is_none()
-    }
-
-    /// How it ended, in one word: `succeeded`, `failed`, `timed_out`, `cancelled` or
-    /// `not_started` (the process could not be started).
-    pub fn label(&self) -> &'static str {
-        if self.cancelled {
-            "cancelled"
-        } else if self.timed_out {
-            "timed_out"
-        } else if self.error.is_some() && self.exit_code.is_none() && self.signal.is_none() {
-            "not_started"
-        } else if self.succeeded() {
-            "succeeded"
-        } else {
-            "failed"
-        }
+/// The outcome of an attempt that could not be started (tried at `started_ms`).
+pub fn failed_to_start(started_ms: u64, error: &ExecError) -> AttemptOutcome {
+    AttemptOutcome {
+        started_ms,
+        finished_ms: crate::unix_now_ms(),
+        error: Some(error.to_string()),
+        ..AttemptOutcome::default()
     }
 }
 
-impl From<AttemptOutcome> for venom_proto::TaskFinished {
-    fn from(outcome: AttemptOutcome) -> Self {
-        Self {
-            attempt: Some(outcome.attempt.to_proto()),
-            exit_code: outcome.exit_code,
-            signal: outcome.signal,
-            timed_out: outcome.timed_out,
-            cancelled: outcome.cancelled,
-            started_ms: outcome.started_ms,
-            finished_ms: outcome.finished_ms,
-            stdout: outcome.stdout,
-            stderr: outcome.stderr,
-            stdout_truncated: outcome.stdout_truncated,
-            stderr_truncated: outcome.stderr_truncated,
-            error: outcome.error.unwrap_or_default(),
-        }
+/// The outcome of an attempt cancelled before it started.
+pub fn cancelled_before_start() -> AttemptOutcome {
+    let now_ms = crate::unix_now_ms();
+    AttemptOutcome {
+        cancelled: true,
+        started_ms: now_ms,
+        finished_ms: now_ms,
+        ..AttemptOutcome::default()
     }
 }
 
@@ -273,13 +174,6 @@ impl CancelHandle {
 }
 
 impl CancelToken {
-    /// A token that is never cancelled.
-    pub fn never() -> Self {
-        CancelToken {
-            shared: Arc::new(CancelShared::default()),
-        }
-    }
-
     /// True once cancelled.
     pub fn is_cancelled(&self) -> bool {
         self.shared.is_cancelled()
@@ -288,11 +182,13 @@ impl CancelToken {
 
 /// An attempt whose process is running.
 pub struct RunningAttempt {
-    attempt: AttemptKey,
+    /// For log lines.
+    attempt: AttemptRef,
     child: Child,
     /// Cancellation state, which also owns the right to signal the process group.
     cancel: CancelToken,
-    /// Kills the group if this attempt is dropped before it ends (a panic, a dropped future).
+    /// Kills the group if this attempt is dropped before it ends (a panic, an abandoned
+    /// runner).
     guard: GroupGuard,
     pid: u32,
     started_ms: u64,
@@ -304,10 +200,6 @@ pub struct RunningAttempt {
 }
 
 impl RunningAttempt {
-    pub fn attempt(&self) -> AttemptKey {
-        self.attempt
-    }
-
     /// The main process's pid, which is also its process group id.
     pub fn pid(&self) -> u32 {
         self.pid
@@ -316,21 +208,6 @@ impl RunningAttempt {
     /// When the process was started, Unix milliseconds.
     pub fn started_ms(&self) -> u64 {
         self.started_ms
-    }
-
-    /// Waits for the attempt to end on a blocking-pool thread; see [`RunningAttempt::wait_blocking`].
-    pub async fn wait(self) -> AttemptOutcome {
-        let attempt = self.attempt;
-        let started_ms = self.started_ms;
-        tokio::task::spawn_blocking(move || self.wait_blocking())
-            .await
-            .unwrap_or_else(|error| AttemptOutcome {
-                attempt,
-                started_ms,
-                finished_ms: crate::unix_now_ms(),
-                error: Some(format!("the attempt's runner failed: {error}")),
-                ..AttemptOutcome::default()
-            })
     }
 
     /// Drives the attempt to its end, blocking this thread: by itself, by its timeout or by a
@@ -444,7 +321,6 @@ impl RunningAttempt {
         let (stdout, stdout_truncated) = stdout_tail.into_parts();
         let (stderr, stderr_truncated) = stderr_tail.into_parts();
         let mut outcome = AttemptOutcome {
-            attempt: self.attempt,
             timed_out,
             cancelled,
             started_ms: self.started_ms,
@@ -497,12 +373,11 @@ fn read_once<R: Read>(pipe: &mut Option<R>, chunk: &mut [u8], tail: &mut TailBuf
 /// assignment's environment plus the `VENOM_*` variables. `cancel` is bound to this attempt:
 /// cancelling it from now on kills the process group.
 pub fn spawn_attempt(
-    assignment: &venom_proto::Assignment,
+    assignment: &Assignment,
     node_name: &str,
     max_output_bytes: usize,
     cancel: CancelToken,
 ) -> Result<RunningAttempt, ExecError> {
-    let attempt = AttemptKey::from(assignment.attempt);
     let (program, args): (&str, Vec<&str>) = if !assignment.shell.is_empty() {
         ("/bin/sh", vec!["-c", assignment.shell.as_str()])
     } else if let Some((program, args)) = assignment.argv.split_first() {
@@ -518,7 +393,7 @@ pub fn spawn_attempt(
     command
         .args(args)
         .envs(&assignment.env)
-        .envs(venom_env(assignment, attempt, node_name))
+        .envs(venom_env(assignment, node_name))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -531,7 +406,7 @@ pub fn spawn_attempt(
     let pid = child.id();
     cancel.shared.register_group(pid);
     Ok(RunningAttempt {
-        attempt,
+        attempt: assignment.attempt,
         stdout: child.stdout.take(),
         stderr: child.stderr.take(),
         child,
@@ -542,17 +417,16 @@ pub fn spawn_attempt(
         cancel,
         pid,
         started_ms,
-        timeout: (assignment.timeout_ms > 0).then(|| Duration::from_millis(assignment.timeout_ms)),
+        timeout: assignment.timeout,
         max_output_bytes,
     })
 }
 
-/// The variables every micro-task sees (DESIGN.md, "Waves").
-fn venom_env(
-    assignment: &venom_proto::Assignment,
-    attempt: AttemptKey,
-    node_name: &str,
-) -> [(&'static str, String); 5] {
+/// The variables every micro-task sees besides the assignment's own environment: its wave,
+/// its task's id, its index within an array task (0 for a task without `array`), the attempt
+/// number and the node it runs on.
+fn venom_env(assignment: &Assignment, node_name: &str) -> [(&'static str, String); 5] {
+    let attempt = assignment.attempt;
     [
         ("VENOM_WAVE_ID", attempt.wave_id.to_string()),
         ("VENOM_TASK_ID", assignment.task_id.clone()),
@@ -565,61 +439,16 @@ fn venom_env(
     ]
 }
 
-/// Runs one attempt to its end on the calling thread (which it blocks). A process that cannot
-/// be started is an outcome with `error` set, never a panic.
-pub fn run_attempt_blocking(
-    assignment: &venom_proto::Assignment,
-    node_name: &str,
-    max_output_bytes: usize,
-    cancel: CancelToken,
-) -> AttemptOutcome {
-    let attempt = AttemptKey::from(assignment.attempt);
-    if cancel.is_cancelled() {
-        return AttemptOutcome::cancelled_before_start(attempt);
-    }
-    let started_ms = crate::unix_now_ms();
-    match spawn_attempt(assignment, node_name, max_output_bytes, cancel) {
-        Ok(running) => running.wait_blocking(),
-        Err(error) => AttemptOutcome::failed_to_start(attempt, started_ms, &error),
-    }
-}
-
-/// Runs one attempt to its end on tokio's blocking pool. A process that cannot be started is
-/// an outcome with `error` set, never a panic.
-pub async fn run_attempt(
-    assignment: &venom_proto::Assignment,
-    node_name: &str,
-    max_output_bytes: usize,
-    cancel: CancelToken,
-) -> venom_proto::TaskFinished {
-    let attempt = AttemptKey::from(assignment.attempt);
-    let assignment = assignment.clone();
-    let node_name = node_name.to_owned();
-    let started_ms = crate::unix_now_ms();
-    tokio::task::spawn_blocking(move || {
-        run_attempt_blocking(&assignment, &node_name, max_output_bytes, cancel)
-    })
-    .await
-    .unwrap_or_else(|error| AttemptOutcome {
-        attempt,
-        started_ms,
-        finished_ms: crate::unix_now_ms(),
-        error: Some(format!("the attempt's runner failed: {error}")),
-        ..AttemptOutcome::default()
-    })
-    .into()
-}
-
 /// Keeps the last `max_bytes` bytes written to it, and whether anything was dropped.
 #[derive(Debug)]
-pub struct TailBuffer {
+struct TailBuffer {
     bytes: Vec<u8>,
     max_bytes: usize,
     total_bytes: u64,
 }
 
 impl TailBuffer {
-    pub fn new(max_bytes: usize) -> Self {
+    fn new(max_bytes: usize) -> Self {
         Self {
             bytes: Vec::new(),
             max_bytes,
@@ -629,7 +458,7 @@ impl TailBuffer {
 
     /// Appends a chunk; amortised O(1) per byte (the front is cut only once the buffer holds
     /// twice the limit).
-    pub fn push(&mut self, chunk: &[u8]) {
+    fn push(&mut self, chunk: &[u8]) {
         self.total_bytes = self.total_bytes.saturating_add(chunk.len() as u64);
         if chunk.len() >= self.max_bytes {
             self.bytes.clear();
@@ -651,7 +480,7 @@ impl TailBuffer {
     }
 
     /// The kept bytes and whether earlier bytes were dropped.
-    pub fn into_parts(mut self) -> (Vec<u8>, bool) {
+    fn into_parts(mut self) -> (Vec<u8>, bool) {
         self.cut_front();
         self.bytes.shrink_to_fit();
         let truncated = self.total_bytes > self.bytes.len() as u64;
@@ -660,7 +489,7 @@ impl TailBuffer {
 }
 
 /// Kills the attempt's process group when dropped while armed: an attempt abandoned mid-run
-/// (a panic, a dropped future) leaves nothing behind.
+/// (a panic in its runner) leaves nothing behind.
 struct GroupGuard {
     shared: Arc<CancelShared>,
     armed: bool,
@@ -768,20 +597,47 @@ fn poll_fds(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::DEFAULT_MAX_OUTPUT_BYTES;
 
-    fn shell_task(shell: &str) -> venom_proto::Assignment {
-        venom_proto::Assignment {
-            attempt: Some(venom_proto::AttemptRef {
+    fn shell_task(shell: &str) -> Assignment {
+        Assignment {
+            attempt: AttemptRef {
                 wave_id: 7,
                 micro: 3,
                 attempt: 2,
-            }),
+            },
             wave_name: "test".to_owned(),
             task_id: "shard".to_owned(),
             index: Some(3),
             shell: shell.to_owned(),
             ..Default::default()
         }
+    }
+
+    /// A token nobody cancels.
+    fn uncancelled() -> CancelToken {
+        cancel_pair().1
+    }
+
+    /// Runs an attempt to its end as the agent's runners do: spawn, wait on a blocking thread,
+    /// and a process that cannot start is an outcome with `error` set.
+    async fn run(
+        assignment: &Assignment,
+        node_name: &str,
+        max_output_bytes: usize,
+        cancel: CancelToken,
+    ) -> AttemptOutcome {
+        let assignment = assignment.clone();
+        let node_name = node_name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let started_ms = crate::unix_now_ms();
+            match spawn_attempt(&assignment, &node_name, max_output_bytes, cancel) {
+                Ok(running) => running.wait_blocking(),
+                Err(error) => failed_to_start(started_ms, &error),
+            }
+        })
+        .await
+        .expect("the attempt's thread did not panic")
     }
 
     /// True when `pid` no longer runs: gone, or a zombie nobody has reaped yet (a container's
@@ -834,11 +690,11 @@ mod tests {
 
     #[tokio::test]
     async fn exit_codes_and_output_are_reported() {
-        let finished = run_attempt(
+        let finished = run(
             &shell_task("echo out; echo err >&2; exit 3"),
             "node-a",
             DEFAULT_MAX_OUTPUT_BYTES,
-            CancelToken::never(),
+            uncancelled(),
         )
         .await;
         assert_eq!(finished.exit_code, Some(3));
@@ -846,27 +702,13 @@ mod tests {
         assert_eq!(finished.stdout, b"out\n");
         assert_eq!(finished.stderr, b"err\n");
         assert!(!finished.timed_out && !finished.cancelled && !finished.stdout_truncated);
-        assert!(finished.error.is_empty());
+        assert!(finished.error.is_none());
         assert!(finished.started_ms > 0 && finished.finished_ms >= finished.started_ms);
-        assert_eq!(
-            finished.attempt,
-            Some(venom_proto::AttemptRef {
-                wave_id: 7,
-                micro: 3,
-                attempt: 2
-            })
-        );
 
-        let ok = run_attempt(&shell_task("true"), "node-a", 1024, CancelToken::never()).await;
+        let ok = run(&shell_task("true"), "node-a", 1024, uncancelled()).await;
         assert_eq!(ok.exit_code, Some(0));
 
-        let killed = run_attempt(
-            &shell_task("kill -TERM $$"),
-            "node-a",
-            1024,
-            CancelToken::never(),
-        )
-        .await;
+        let killed = run(&shell_task("kill -TERM $$"), "node-a", 1024, uncancelled()).await;
         assert_eq!(killed.exit_code, None);
         assert_eq!(killed.signal, Some(libc::SIGTERM));
     }
@@ -880,7 +722,7 @@ mod tests {
             "a b".to_owned(),
             "c".to_owned(),
         ];
-        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        let finished = run(&task, "node-a", 1024, uncancelled()).await;
         assert_eq!(finished.exit_code, Some(0), "{finished:?}");
         assert_eq!(finished.stdout, b"a b-c");
     }
@@ -892,14 +734,14 @@ mod tests {
         );
         task.env
             .insert("GREETING".to_owned(), "hello there".to_owned());
-        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        let finished = run(&task, "node-a", 1024, uncancelled()).await;
         assert_eq!(
             String::from_utf8_lossy(&finished.stdout),
             "7|shard|3|2|node-a|hello there\n"
         );
 
         task.index = None;
-        let finished = run_attempt(&task, "node-b", 1024, CancelToken::never()).await;
+        let finished = run(&task, "node-b", 1024, uncancelled()).await;
         assert_eq!(
             String::from_utf8_lossy(&finished.stdout),
             "7|shard|0|2|node-b|hello there\n"
@@ -912,7 +754,7 @@ mod tests {
         let task = shell_task(
             "i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done; echo short >&2",
         );
-        let finished = run_attempt(&task, "node-a", 1000, CancelToken::never()).await;
+        let finished = run(&task, "node-a", 1000, uncancelled()).await;
         assert_eq!(finished.exit_code, Some(0));
         assert_eq!(finished.stdout.len(), 1000);
         assert!(finished.stdout_truncated);
@@ -929,9 +771,9 @@ mod tests {
             "sleep 30 & echo $! > {}; sleep 30",
             pid_file.display()
         ));
-        task.timeout_ms = 300;
+        task.timeout = Some(Duration::from_millis(300));
         let started = std::time::Instant::now();
-        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        let finished = run(&task, "node-a", 1024, uncancelled()).await;
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "took {:?}",
@@ -964,7 +806,7 @@ mod tests {
         let (handle, token) = cancel_pair();
         let running = spawn_attempt(&task, "node-a", 1024, token).expect("spawn");
         let leader = i32::try_from(running.pid()).expect("pid fits");
-        let waiter = tokio::spawn(running.wait());
+        let waiter = tokio::task::spawn_blocking(move || running.wait_blocking());
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !pid_file.exists()
             || std::fs::read_to_string(&pid_file).map_or(true, |s| !s.ends_with('\n'))
@@ -1009,7 +851,7 @@ mod tests {
             pid_file.display()
         ));
         let started = std::time::Instant::now();
-        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        let finished = run(&task, "node-a", 1024, uncancelled()).await;
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "took {:?}",
@@ -1032,17 +874,27 @@ mod tests {
     async fn a_missing_binary_is_an_error_result() {
         let mut task = shell_task("");
         task.argv = vec!["/nonexistent/venom-no-such-binary".to_owned()];
-        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        let finished = run(&task, "node-a", 1024, uncancelled()).await;
         assert!(
-            finished.error.contains("venom-no-such-binary"),
+            finished
+                .error
+                .as_deref()
+                .is_some_and(|error| error.contains("venom-no-such-binary")),
             "{:?}",
             finished.error
         );
         assert_eq!(finished.exit_code, None);
         assert!(finished.finished_ms >= finished.started_ms);
 
-        let empty = run_attempt(&shell_task(""), "node-a", 1024, CancelToken::never()).await;
-        assert!(empty.error.contains("no command"), "{:?}", empty.error);
+        let empty = run(&shell_task(""), "node-a", 1024, uncancelled()).await;
+        assert!(
+            empty
+                .error
+                .as_deref()
+                .is_some_and(|error| error.contains("no command")),
+            "{:?}",
+            empty.error
+        );
     }
 
     #[tokio::test]
@@ -1055,7 +907,7 @@ mod tests {
             pid_file.display()
         ));
         let started = std::time::Instant::now();
-        let finished = run_attempt(&task, "node-a", 1024, CancelToken::never()).await;
+        let finished = run(&task, "node-a", 1024, uncancelled()).await;
         let escaped: Option<i32> = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|text| text.trim().parse().ok());
@@ -1087,9 +939,11 @@ mod tests {
     #[test]
     fn a_timeout_without_output_still_fires() {
         let mut task = shell_task("exec sleep 30");
-        task.timeout_ms = 100;
+        task.timeout = Some(Duration::from_millis(100));
         let started = std::time::Instant::now();
-        let outcome = run_attempt_blocking(&task, "node-a", 1024, CancelToken::never());
+        let outcome = spawn_attempt(&task, "node-a", 1024, uncancelled())
+            .expect("spawn")
+            .wait_blocking();
         let elapsed = started.elapsed();
         assert!(
             elapsed >= Duration::from_millis(100) && elapsed < Duration::from_secs(5),
@@ -1099,19 +953,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_token_cancelled_before_start_never_spawns() {
-        let (handle, token) = cancel_pair();
-        handle.cancel();
-        let finished = run_attempt(&shell_task("exit 1"), "node-a", 1024, token).await;
-        assert!(finished.cancelled);
-        assert_eq!(finished.exit_code, None);
-    }
-
-    #[tokio::test]
     async fn dropping_the_handle_does_not_cancel() {
         let (handle, token) = cancel_pair();
         drop(handle);
-        let finished = run_attempt(&shell_task("sleep 0.1; exit 4"), "node-a", 1024, token).await;
+        let finished = run(&shell_task("sleep 0.1; exit 4"), "node-a", 1024, token).await;
         assert_eq!(finished.exit_code, Some(4));
         assert!(!finished.cancelled);
     }

@@ -2,13 +2,18 @@
 //! coordinator assigns as real processes, and keeps one stream open to the coordinator's leader.
 //!
 //! The modules follow that order: [`scan`] (hardware profile), [`theta`] (health monitor),
-//! [`executor`] (one attempt as a process group), [`agent`] (the connection and the queue) and
-//! [`config`] (flags). [`run`] ties them together for the `venom-worker` binary and for
-//! `venomctl dev`, which embeds a worker.
+//! [`executor`] (one attempt as a process group), [`agent`] (the connection, the queue and the
+//! runners), [`convert`] (the only module that builds or reads `venom_proto` messages),
+//! [`config`] (flags), [`limits`] (every limit and default) and [`metrics`] (Prometheus). The
+//! shared vocabulary (attempts, outcomes, throttle policies, modes, URLs) is `venom-core`'s.
+//! [`run`] ties them together for the `venom-worker` binary and for `venomctl dev`, which
+//! embeds a worker.
 
 pub mod agent;
 pub mod config;
+pub mod convert;
 pub mod executor;
+pub mod limits;
 pub mod metrics;
 pub mod scan;
 pub mod theta;

@@ -96,7 +96,6 @@ mod tests {
             "VENOM_LABELS",
             "VENOM_NAME",
             "VENOM_THROTTLE",
-            "VENOM_DATA_DIR",
             "VENOM_METRICS_LISTEN",
             "VENOM_QUEUE_DEPTH",
             "VENOM_MAX_OUTPUT_BYTES",

@@ -30,7 +30,8 @@ fn cpu_measure_interval() -> Duration {
 }
 
 /// Everything the worker knows about its machine; the domain twin of the wire
-/// `venom.v1.HardwareProfile` (same field names and meanings).
+/// `venom.v1.HardwareProfile` (same field names and meanings, converted in
+/// [`crate::convert`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HardwareProfile {
     pub cpu_physical_cores: u32,
@@ -90,112 +91,6 @@ pub struct ThermalSensor {
     pub celsius: f64,
     /// The sensor's critical temperature, when it reports one.
     pub critical_celsius: Option<f64>,
-}
-
-impl HardwareProfile {
-    /// The wire form sent in `Register`.
-    pub fn to_proto(&self) -> venom_proto::HardwareProfile {
-        venom_proto::HardwareProfile {
-            cpu_physical_cores: self.cpu_physical_cores,
-            cpu_logical_cores: self.cpu_logical_cores,
-            cpu_arch: self.cpu_arch.clone(),
-            cpu_vendor: self.cpu_vendor.clone(),
-            cpu_brand: self.cpu_brand.clone(),
-            cpu_frequency_mhz: self.cpu_frequency_mhz,
-            cpu_usage_percent: self.cpu_usage_percent,
-            memory_total_bytes: self.memory_total_bytes,
-            memory_available_bytes: self.memory_available_bytes,
-            swap_total_bytes: self.swap_total_bytes,
-            swap_free_bytes: self.swap_free_bytes,
-            gpus: self
-                .gpus
-                .iter()
-                .map(|gpu| venom_proto::GpuInfo {
-                    backend: gpu.backend.clone(),
-                    name: gpu.name.clone(),
-                    memory_total_bytes: gpu.memory_total_bytes,
-                    index: gpu.index,
-                })
-                .collect(),
-            thermal_sensors: self
-                .thermal_sensors
-                .iter()
-                .map(|sensor| venom_proto::ThermalSensor {
-                    label: sensor.label.clone(),
-                    celsius: sensor.celsius,
-                    critical_celsius: sensor.critical_celsius.unwrap_or(0.0),
-                })
-                .collect(),
-            has_thermal_sensor: self.has_thermal_sensor,
-            os_name: self.os_name.clone(),
-            os_version: self.os_version.clone(),
-            kernel_version: self.kernel_version.clone(),
-            hostname: self.hostname.clone(),
-            hyperthreading: self.hyperthreading,
-            virtualization: self.virtualization.clone(),
-            in_docker: self.in_docker,
-            in_kubernetes: self.in_kubernetes,
-            cgroup_cpu_quota: self.cgroup_cpu_quota,
-            cgroup_memory_limit_bytes: self.cgroup_memory_limit_bytes,
-            effective_cpus: self.effective_cpus,
-            effective_memory_bytes: self.effective_memory_bytes,
-            opencl_icds: self.opencl_icds.clone(),
-            metal: self.metal,
-        }
-    }
-
-    /// The domain form of a profile received on the wire (a critical temperature of 0 means
-    /// "not reported").
-    pub fn from_proto(profile: &venom_proto::HardwareProfile) -> Self {
-        Self {
-            cpu_physical_cores: profile.cpu_physical_cores,
-            cpu_logical_cores: profile.cpu_logical_cores,
-            cpu_arch: profile.cpu_arch.clone(),
-            cpu_vendor: profile.cpu_vendor.clone(),
-            cpu_brand: profile.cpu_brand.clone(),
-            cpu_frequency_mhz: profile.cpu_frequency_mhz,
-            cpu_usage_percent: profile.cpu_usage_percent,
-            memory_total_bytes: profile.memory_total_bytes,
-            memory_available_bytes: profile.memory_available_bytes,
-            swap_total_bytes: profile.swap_total_bytes,
-            swap_free_bytes: profile.swap_free_bytes,
-            gpus: profile
-                .gpus
-                .iter()
-                .map(|gpu| GpuInfo {
-                    backend: gpu.backend.clone(),
-                    name: gpu.name.clone(),
-                    memory_total_bytes: gpu.memory_total_bytes,
-                    index: gpu.index,
-                })
-                .collect(),
-            thermal_sensors: profile
-                .thermal_sensors
-                .iter()
-                .map(|sensor| ThermalSensor {
-                    label: sensor.label.clone(),
-                    celsius: sensor.celsius,
-                    critical_celsius: (sensor.critical_celsius > 0.0)
-                        .then_some(sensor.critical_celsius),
-                })
-                .collect(),
-            has_thermal_sensor: profile.has_thermal_sensor,
-            os_name: profile.os_name.clone(),
-            os_version: profile.os_version.clone(),
-            kernel_version: profile.kernel_version.clone(),
-            hostname: profile.hostname.clone(),
-            hyperthreading: profile.hyperthreading,
-            virtualization: profile.virtualization.clone(),
-            in_docker: profile.in_docker,
-            in_kubernetes: profile.in_kubernetes,
-            cgroup_cpu_quota: profile.cgroup_cpu_quota,
-            cgroup_memory_limit_bytes: profile.cgroup_memory_limit_bytes,
-            effective_cpus: profile.effective_cpus,
-            effective_memory_bytes: profile.effective_memory_bytes,
-            opencl_icds: profile.opencl_icds.clone(),
-            metal: profile.metal,
-        }
-    }
 }
 
 /// Scans this machine. Blocks for about a quarter of a second to measure CPU utilisation; call
@@ -1034,10 +929,10 @@ mod tests {
         assert!(!profile.virtualization.is_empty());
         assert_eq!(profile.metal, cfg!(target_os = "macos"));
 
-        let wire = profile.to_proto();
+        let wire = crate::convert::hardware_profile(&profile);
         assert_eq!(wire.cpu_logical_cores, profile.cpu_logical_cores);
         assert_eq!(wire.effective_memory_bytes, profile.effective_memory_bytes);
-        assert_eq!(HardwareProfile::from_proto(&wire), profile);
+        assert_eq!(crate::convert::hardware_profile_from_wire(&wire), profile);
         let json = serde_json::to_string(&profile).expect("serialize");
         let mut back: HardwareProfile = serde_json::from_str(&json).expect("deserialize");
         // Decimal text may move a float by one ulp; compare floats by value, the rest exactly.

@@ -1,10 +1,10 @@
 //! The θ monitor: this node's health score, sampled continuously.
 //!
-//! θ = 0.3·H_CPU + 0.3·H_MEM + 0.4·H_TERM, each term in [0, 1] (DESIGN.md, "The Möbius model"):
-//! H_CPU = 1 − CPU utilisation; H_MEM = available / total memory, inside the cgroup memory limit
-//! when there is one; H_TERM = (T_crit − T) / (T_crit − T_idle) clamped to [0, 1] for the hottest
-//! sensor, 1.0 on a machine without sensors. The worker sends the latest θ in every heartbeat and
-//! the coordinator throttles the node's slots from it.
+//! θ = 0.3·H_CPU + 0.3·H_MEM + 0.4·H_TERM, each term in [0, 1]: H_CPU = 1 − CPU utilisation;
+//! H_MEM = available / total memory, inside the cgroup memory limit when there is one;
+//! H_TERM = (T_crit − T) / (T_crit − T_idle) clamped to [0, 1] for the hottest sensor, 1.0 on a
+//! machine without sensors. The worker sends the latest θ in every heartbeat and the coordinator
+//! throttles the node's slots from it (the Möbius model's modes, `venom_core::mobius`).
 //!
 //! The formula is a set of pure functions; [`ThetaSampler`] reads the machine once per call (the
 //! CLI's `monitor` command), and [`ThetaMonitor`] runs a sampler on its own thread, keeping a
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sysinfo::{Components, CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 
+use crate::limits::HISTORY_CAPACITY;
 use crate::scan::CgroupLimits;
 
 /// Weight of H_CPU in θ.
@@ -30,10 +31,6 @@ pub const WEIGHT_TERM: f64 = 0.4;
 pub const T_IDLE_CELSIUS: f64 = 40.0;
 /// T_crit for a sensor that reports no critical temperature.
 pub const DEFAULT_T_CRIT_CELSIUS: f64 = 95.0;
-/// Snapshots a [`ThetaMonitor`] keeps.
-pub const HISTORY_CAPACITY: usize = 100;
-/// How often the worker samples θ by default.
-pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One θ reading and the terms it came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

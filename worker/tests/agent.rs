@@ -1,5 +1,6 @@
 //! The worker agent against a fake coordinator: a tonic `WorkerService` on 127.0.0.1:0 whose
-//! streams each test drives by hand, message by message.
+//! streams each test drives by hand, message by message (and a member that refuses every
+//! stream as "not leader", the way a coordinator's follower does).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -93,6 +94,49 @@ async fn fake_coordinator() -> (String, mpsc::Receiver<Connection>) {
     tokio::spawn(
         Server::builder()
             .add_service(WorkerServiceServer::new(FakeCoordinator { connections }))
+            .serve_with_incoming(incoming),
+    );
+    (format!("http://{address}"), receiver)
+}
+
+/// A member that is not the leader: it reads each stream's first message, hands it to the
+/// test, then refuses the stream as "not leader", naming `leader`.
+struct RefusingCoordinator {
+    leader: String,
+    first_messages: mpsc::Sender<WorkerMessage>,
+}
+
+#[tonic::async_trait]
+impl WorkerService for RefusingCoordinator {
+    type ConnectStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        if let Some(first) = inbound.message().await? {
+            let _ = self.first_messages.send(first).await;
+        }
+        Err(venom_proto::leader::not_leader(Some(&self.leader)))
+    }
+}
+
+/// Starts a member that refuses every stream, naming `leader`; returns its URL and the first
+/// message of each stream a worker opened to it.
+async fn refusing_coordinator(leader: String) -> (String, mpsc::Receiver<WorkerMessage>) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a free port");
+    let address = listener.local_addr().expect("bound address");
+    let (first_messages, receiver) = mpsc::channel(8);
+    let incoming = TcpIncoming::from_listener(listener, true, None).expect("wrap the listener");
+    tokio::spawn(
+        Server::builder()
+            .add_service(WorkerServiceServer::new(RefusingCoordinator {
+                leader,
+                first_messages,
+            }))
             .serve_with_incoming(incoming),
     );
     (format!("http://{address}"), receiver)
@@ -200,7 +244,10 @@ async fn runs_assignments_one_at_a_time_and_resends_only_unacknowledged_results(
     assert_eq!(register.name, "test-node");
     assert_eq!(register.slots, 4);
     assert_eq!(register.queue_depth, 32);
-    assert_eq!(register.throttle_policy, "adaptive");
+    assert_eq!(
+        register.throttle_policy(),
+        venom_proto::ThrottlePolicy::Adaptive
+    );
     assert_eq!(
         register.labels.get("zone").map(String::as_str),
         Some("test")
@@ -448,18 +495,16 @@ async fn cancel_kills_the_running_attempt_and_drops_the_queued_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_naming_the_leader_sends_the_worker_there() {
     let (leader_url, mut leader) = fake_coordinator().await;
-    let (follower_url, mut follower) = fake_coordinator().await;
+    // The refusal names the leader without a scheme; the worker adds it.
+    let leader_address = leader_url.trim_start_matches("http://").to_owned();
+    let (follower_url, mut refused) = refusing_coordinator(leader_address).await;
     let (stop, worker) = start_worker(vec![follower_url], 1);
 
-    let mut refused = accept(&mut follower).await;
-    assert!(refused.next().await.register.is_some());
-    let leader_address = leader_url.trim_start_matches("http://").to_owned();
-    refused
-        .send(CoordinatorMessage {
-            error: format!("not leader: {leader_address}"),
-            ..Default::default()
-        })
-        .await;
+    let first = tokio::time::timeout(PATIENCE, refused.recv())
+        .await
+        .expect("the worker connects to the follower within the patience window")
+        .expect("the follower is running");
+    assert!(first.register.is_some());
 
     let mut accepted = accept(&mut leader).await;
     let register = accepted

@@ -2,26 +2,27 @@
 //! `compress`, `monitor` and `config`.
 //!
 //! The hardware profile and θ come from the worker's own scanner and θ sampler, and the
-//! figures from the coordinator's Möbius model, so what `venomctl scan` shows is exactly
-//! what this machine would report and be credited with as a worker. The model's S_Total
-//! is labelled as the model's figure: it is not a measured speed-up.
+//! figures from the Möbius model the coordinator runs (`venom_core::mobius`), so what
+//! `venomctl scan` shows is exactly what this machine would report and be credited with as
+//! a worker. The model's S_Total is labelled as the model's figure: it is not a measured
+//! speed-up.
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::Serialize;
-use venom_coordinator::mobius::{
+use venom_coordinator::config::defaults as coordinator_defaults;
+use venom_core::mobius::{
     compress_hours, node_model, throttle_factor, Mode, ModelFigures, NodeModelInput,
     ThrottlePolicy, EWMA_ALPHA, HYSTERESIS, PAUSE_THETA,
 };
-use venom_coordinator::wave::WaveLimits;
-use venom_coordinator::CoordinatorConfig;
+use venom_core::wave::WaveLimits;
 use venom_worker::scan::HardwareProfile;
 use venom_worker::theta::{ThetaSampler, ThetaSnapshot};
 
 use super::Context;
-use crate::output::{fmt_bytes, fmt_factor, print_json, Table, LABEL_MODEL};
+use crate::output::{as_word, fmt_bytes, fmt_factor, print_json, Table, LABEL_MODEL};
 
 /// How long a one-off θ reading measures CPU utilisation over.
 const THETA_WINDOW_MS: u64 = 500;
@@ -69,7 +70,8 @@ pub fn model_input(profile: &HardwareProfile, theta: f64) -> NodeModelInput {
 #[derive(Debug, Clone, Serialize)]
 pub struct FiguresView {
     pub theta: f64,
-    pub mode: String,
+    #[serde(serialize_with = "as_word")]
+    pub mode: Mode,
     pub theta_factor: f64,
     pub n: u32,
     pub lambda: f64,
@@ -82,7 +84,7 @@ impl From<&ModelFigures> for FiguresView {
     fn from(f: &ModelFigures) -> Self {
         Self {
             theta: f.theta,
-            mode: f.mode.as_str().to_owned(),
+            mode: f.mode,
             theta_factor: f.theta_factor,
             n: f.n,
             lambda: f.lambda,
@@ -93,34 +95,20 @@ impl From<&ModelFigures> for FiguresView {
     }
 }
 
-/// One θ reading.
+/// One θ reading (the worker's own snapshot) and the mode it falls in.
 #[derive(Debug, Clone, Serialize)]
-pub struct HealthView {
-    pub at_ms: u64,
-    pub theta: f64,
-    pub mode: String,
-    pub h_cpu: f64,
-    pub h_mem: f64,
-    pub h_term: f64,
-    pub cpu_usage_percent: f64,
-    pub memory_available_bytes: u64,
-    pub memory_total_bytes: u64,
-    pub hottest_celsius: Option<f64>,
+pub struct HealthView<'a> {
+    #[serde(flatten)]
+    pub reading: &'a ThetaSnapshot,
+    #[serde(serialize_with = "as_word")]
+    pub mode: Mode,
 }
 
-impl From<&ThetaSnapshot> for HealthView {
-    fn from(s: &ThetaSnapshot) -> Self {
+impl<'a> From<&'a ThetaSnapshot> for HealthView<'a> {
+    fn from(reading: &'a ThetaSnapshot) -> Self {
         Self {
-            at_ms: s.at_ms,
-            theta: s.theta,
-            mode: Mode::from_theta(s.theta).as_str().to_owned(),
-            h_cpu: s.h_cpu,
-            h_mem: s.h_mem,
-            h_term: s.h_term,
-            cpu_usage_percent: s.cpu_usage_percent,
-            memory_available_bytes: s.memory_available_bytes,
-            memory_total_bytes: s.memory_total_bytes,
-            hottest_celsius: s.hottest_celsius,
+            reading,
+            mode: Mode::from_theta(reading.theta),
         }
     }
 }
@@ -128,7 +116,7 @@ impl From<&ThetaSnapshot> for HealthView {
 #[derive(Serialize)]
 struct ScanReport<'a> {
     profile: &'a HardwareProfile,
-    health: HealthView,
+    health: HealthView<'a>,
     model: FiguresView,
 }
 
@@ -383,7 +371,7 @@ pub fn render_compression(rows: &[CompressionRow]) -> String {
             format!("{:.0}", f.lambda),
             format!("{:.2}", f.p),
             format!("{:.3}", f.theta),
-            f.mode.clone(),
+            f.mode.as_str().to_owned(),
             fmt_factor(f.s_total),
             fmt_hours(row.hours),
             fmt_hours(row.compressed_hours),
@@ -429,18 +417,19 @@ fn monitor_blocking(json: bool, duration: Duration) -> anyhow::Result<()> {
             // JSON lines: one compact document per sample, so it can be streamed.
             writeln!(stdout, "{}", serde_json::to_string(&view)?)?;
         } else {
+            let s = view.reading;
             writeln!(
                 stdout,
                 "{:>5}s  {:>6.3}  {:>6.3}  {:>6.3}  {:>6.3}  {:<10}  {:>6.1}  {:>10}  {:>6}",
                 started.elapsed().as_secs(),
-                view.theta,
-                view.h_cpu,
-                view.h_mem,
-                view.h_term,
-                view.mode,
-                view.cpu_usage_percent,
-                fmt_bytes(view.memory_available_bytes),
-                view.hottest_celsius
+                s.theta,
+                s.h_cpu,
+                s.h_mem,
+                s.h_term,
+                view.mode.as_str(),
+                s.cpu_usage_percent,
+                fmt_bytes(s.memory_available_bytes),
+                s.hottest_celsius
                     .map_or("-".to_owned(), |c| format!("{c:.0}°C"))
             )?;
         }
@@ -455,7 +444,6 @@ fn monitor_blocking(json: bool, duration: Duration) -> anyhow::Result<()> {
 #[derive(Serialize)]
 struct ConfigView {
     coordinators: Vec<String>,
-    token_set: bool,
     output: &'static str,
     machine: MachineView,
     throttle: ThrottleView,
@@ -505,12 +493,6 @@ pub async fn config(ctx: &Context) -> anyhow::Result<u8> {
         .await
         .context("the hardware scan failed")?;
     let limits = WaveLimits::default();
-    let coordinator = CoordinatorConfig::single_node(
-        "127.0.0.1:7070"
-            .parse()
-            .expect("a valid socket address literal"),
-        "venom-data/coordinator-1".into(),
-    );
     let modes = [
         Mode::Optimize,
         Mode::Wrap,
@@ -520,11 +502,6 @@ pub async fn config(ctx: &Context) -> anyhow::Result<u8> {
     ];
     let view = ConfigView {
         coordinators: ctx.global.coordinator.clone(),
-        token_set: ctx
-            .global
-            .token
-            .as_deref()
-            .is_some_and(|t| !t.trim().is_empty()),
         output: ctx.global.output.as_str(),
         machine: MachineView {
             default_slots: profile.effective_cpus.max(1),
@@ -553,11 +530,11 @@ pub async fn config(ctx: &Context) -> anyhow::Result<u8> {
             max_tasks: limits.max_tasks,
         },
         coordinator_defaults: CoordinatorDefaultsView {
-            heartbeat_ttl_ms: coordinator.heartbeat_ttl_ms,
-            max_micro_tasks: coordinator.max_micro_tasks,
-            max_spec_bytes: coordinator.max_spec_bytes,
-            max_message_bytes: coordinator.max_message_bytes,
-            tick_ms: coordinator.tick_ms,
+            heartbeat_ttl_ms: coordinator_defaults::HEARTBEAT_TTL_MS,
+            max_micro_tasks: coordinator_defaults::MAX_MICRO_TASKS,
+            max_spec_bytes: coordinator_defaults::MAX_SPEC_BYTES,
+            max_message_bytes: coordinator_defaults::MAX_MESSAGE_BYTES,
+            tick_ms: coordinator_defaults::TICK_MS,
         },
     };
     if ctx.json() {
@@ -572,10 +549,6 @@ pub async fn config(ctx: &Context) -> anyhow::Result<u8> {
         .collect();
     let fields: Vec<(&str, String)> = vec![
         ("coordinators", view.coordinators.join(", ")),
-        (
-            "token",
-            if view.token_set { "set" } else { "not set" }.to_owned(),
-        ),
         ("output", view.output.to_owned()),
         (
             "this machine",

@@ -26,7 +26,7 @@ pub struct Context {
 impl Context {
     /// A client for the configured coordinators (connects on first use).
     pub fn client(&self) -> anyhow::Result<Client> {
-        Client::new(&self.global.coordinator, self.global.token.as_deref())
+        Client::new(&self.global.coordinator)
     }
 
     /// Whether `--output json` was asked for.

@@ -10,6 +10,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use serde::Serialize;
 use tracing::Instrument as _;
+use venom_core::TaskState;
 use venom_proto as pb;
 
 use super::wavefile::{self, submit_limits, WaveFile};
@@ -17,8 +18,8 @@ use super::Context;
 use crate::args::{ClusterAction, SubmitArgs, TaskRef};
 use crate::client::{Client, Retry};
 use crate::output::{
-    print_json, render_cluster, render_nodes, render_tasks, render_wave, render_waves, ClusterView,
-    NodeView, TaskView, WaveView,
+    as_word, checked_traceparent, placed, print_json, render_cluster, render_nodes, render_tasks,
+    render_wave, render_waves, ClusterView, NodeView, TaskView, WaveView,
 };
 use crate::watch::{self, exit_code_for, Progress};
 
@@ -43,25 +44,12 @@ pub enum Follow {
 }
 
 /// A W3C `traceparent` from the environment (`TRACEPARENT`, as CI systems and `otel-cli`
-/// set it), so a wave joins the caller's trace; empty when unset or malformed.
+/// set it), so a wave joins the caller's trace; empty when unset or not a valid one.
 pub fn traceparent_from_env() -> String {
     std::env::var("TRACEPARENT")
         .ok()
         .and_then(|value| checked_traceparent(&value))
         .unwrap_or_default()
-}
-
-/// `value` trimmed if it has the `version-traceid-spanid-flags` hex shape, else `None`.
-pub fn checked_traceparent(value: &str) -> Option<String> {
-    let value = value.trim();
-    let fields: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let valid = fields.len() == 4
-        && hex(fields[0], 2)
-        && hex(fields[1], 32)
-        && hex(fields[2], 16)
-        && hex(fields[3], 2);
-    valid.then(|| value.to_owned())
 }
 
 /// `venomctl submit FILE [--wait|--watch]`.
@@ -168,7 +156,7 @@ pub async fn follow_wave(
     wave_id: u64,
     watch: bool,
 ) -> anyhow::Result<u8> {
-    let summary = if watch {
+    let view = if watch {
         let mut progress = Progress::new(wave_id);
         let result = watch::follow(client, wave_id, |event| progress.update(event)).await;
         progress.finish();
@@ -176,13 +164,12 @@ pub async fn follow_wave(
     } else {
         watch::follow(client, wave_id, |_| {}).await?
     };
-    let view = WaveView::from(&summary);
     if ctx.json() {
         print_json(&view)?;
     } else {
         print!("{}", render_wave(&view));
     }
-    Ok(exit_code_for(&view.state))
+    Ok(exit_code_for(view.state))
 }
 
 /// `venomctl wait WAVE`.
@@ -191,18 +178,19 @@ pub async fn wait(ctx: &Context, wave_id: u64) -> anyhow::Result<u8> {
     follow_wave(ctx, &mut client, wave_id, false).await
 }
 
-async fn get_wave(client: &mut Client, wave_id: u64) -> anyhow::Result<pb::WaveSummary> {
-    client
+async fn get_wave(client: &mut Client, wave_id: u64) -> anyhow::Result<WaveView> {
+    let summary = client
         .call(Retry::Safe, move |mut rpc| async move {
             rpc.get_wave(pb::GetWaveRequest { wave_id }).await
         })
-        .await
+        .await?;
+    WaveView::try_from(&summary).with_context(|| format!("the summary of wave {wave_id}"))
 }
 
 /// `venomctl status WAVE`.
 pub async fn status(ctx: &Context, wave_id: u64) -> anyhow::Result<u8> {
     let mut client = ctx.client()?;
-    let view = WaveView::from(&get_wave(&mut client, wave_id).await?);
+    let view = get_wave(&mut client, wave_id).await?;
     if ctx.json() {
         print_json(&view)?;
     } else {
@@ -219,7 +207,14 @@ pub async fn waves(ctx: &Context) -> anyhow::Result<u8> {
             rpc.list_waves(pb::ListWavesRequest {}).await
         })
         .await?;
-    let mut waves: Vec<WaveView> = response.waves.iter().map(WaveView::from).collect();
+    let mut waves = response
+        .waves
+        .iter()
+        .map(|wave| {
+            WaveView::try_from(wave)
+                .with_context(|| format!("the summary of wave {}", wave.wave_id))
+        })
+        .collect::<anyhow::Result<Vec<WaveView>>>()?;
     waves.sort_by_key(|wave| wave.wave_id);
     if ctx.json() {
         print_json(&waves)?;
@@ -237,7 +232,14 @@ pub async fn tasks(ctx: &Context, wave_id: u64) -> anyhow::Result<u8> {
             rpc.list_tasks(pb::ListTasksRequest { wave_id }).await
         })
         .await?;
-    let mut tasks: Vec<TaskView> = response.tasks.iter().map(TaskView::from).collect();
+    let mut tasks = response
+        .tasks
+        .iter()
+        .map(|task| {
+            TaskView::try_from(task)
+                .with_context(|| format!("micro-task {} of wave {wave_id}", task.micro))
+        })
+        .collect::<anyhow::Result<Vec<TaskView>>>()?;
     tasks.sort_by_key(|task| task.micro);
     if ctx.json() {
         print_json(&tasks)?;
@@ -253,7 +255,8 @@ struct LogsView {
     wave_id: u64,
     task: String,
     attempt: u32,
-    state: String,
+    #[serde(serialize_with = "as_word")]
+    state: TaskState,
     node: String,
     stdout: String,
     stderr: String,
@@ -275,12 +278,14 @@ pub async fn logs(ctx: &Context, wave_id: u64, task: &TaskRef) -> anyhow::Result
             async move { rpc.get_logs(request).await }
         })
         .await?;
+    let state = TaskState::try_from(response.state())
+        .with_context(|| format!("the logs of {task} in wave {wave_id}"))?;
     if ctx.json() {
         print_json(&LogsView {
             wave_id,
             task: task.to_string(),
             attempt: response.attempt,
-            state: response.state.clone(),
+            state,
             node: response.node.clone(),
             stdout: String::from_utf8_lossy(&response.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&response.stderr).into_owned(),
@@ -290,15 +295,17 @@ pub async fn logs(ctx: &Context, wave_id: u64, task: &TaskRef) -> anyhow::Result
         return Ok(0);
     }
     let mut out = std::io::stdout().lock();
-    write_logs(&mut out, task, &response)?;
+    write_logs(&mut out, task, state, &response)?;
     out.flush()?;
     Ok(0)
 }
 
-/// Writes one attempt's output: a header line per stream, truncation marked in it.
+/// Writes one attempt's output (its micro-task now in `state`): a header line per stream,
+/// truncation marked in it.
 pub fn write_logs(
     out: &mut impl Write,
     task: &TaskRef,
+    state: TaskState,
     logs: &pb::GetLogsResponse,
 ) -> std::io::Result<()> {
     let node = if logs.node.is_empty() {
@@ -309,7 +316,8 @@ pub fn write_logs(
     writeln!(
         out,
         "==> {task}: attempt {}, node {node}, {} <==",
-        logs.attempt, logs.state
+        logs.attempt,
+        state.as_str()
     )?;
     for (name, bytes, truncated) in [
         ("stdout", &logs.stdout, logs.stdout_truncated),
@@ -360,9 +368,7 @@ pub async fn cancel(ctx: &Context, wave_id: u64) -> anyhow::Result<u8> {
 /// `venomctl nodes`.
 pub async fn nodes(ctx: &Context) -> anyhow::Result<u8> {
     let mut client = ctx.client()?;
-    let nodes = list_nodes(&mut client).await?;
-    let mut nodes: Vec<NodeView> = nodes.iter().map(NodeView::from).collect();
-    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let nodes = node_views(&list_nodes(&mut client).await?)?;
     if ctx.json() {
         print_json(&nodes)?;
     } else {
@@ -402,12 +408,7 @@ pub async fn monitor_cluster(ctx: &Context, duration: std::time::Duration) -> an
     loop {
         let next = started + interval * tick;
         tokio::time::sleep(next.saturating_duration_since(std::time::Instant::now())).await;
-        let mut nodes: Vec<NodeView> = list_nodes(&mut client)
-            .await?
-            .iter()
-            .map(NodeView::from)
-            .collect();
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let nodes = node_views(&list_nodes(&mut client).await?)?;
         let t_s = started.elapsed().as_secs();
         if ctx.json() {
             // JSON lines: one compact document per sample, so it can be streamed.
@@ -421,12 +422,12 @@ pub async fn monitor_cluster(ctx: &Context, duration: std::time::Duration) -> an
                     "{:>5}s  {:<16} {:<9} {:>6.3}  {:>6.3}  {:>6.3}  {:>6.3}  {:<10}  {:>7}  {:>7}  {:>6}",
                     t_s,
                     n.name,
-                    n.state,
+                    n.state.as_str(),
                     n.theta,
                     n.h_cpu,
                     n.h_mem,
                     n.h_term,
-                    n.mode,
+                    n.mode.as_str(),
                     format!("{}/{}", n.throttled_slots, n.slots),
                     n.running,
                     n.queued
@@ -449,6 +450,16 @@ pub async fn list_nodes(client: &mut Client) -> anyhow::Result<Vec<pb::NodeInfo>
         })
         .await?
         .nodes)
+}
+
+/// The coordinator's nodes as views, by name.
+fn node_views(nodes: &[pb::NodeInfo]) -> anyhow::Result<Vec<NodeView>> {
+    let mut views = nodes
+        .iter()
+        .map(|node| NodeView::try_from(node).with_context(|| format!("node {}", node.name)))
+        .collect::<anyhow::Result<Vec<NodeView>>>()?;
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(views)
 }
 
 /// `venomctl drain NODE [--undo]`.
@@ -518,7 +529,7 @@ pub async fn cluster(ctx: &Context, action: Option<ClusterAction>) -> anyhow::Re
                 .await
         })
         .await?;
-    let view = ClusterView::from(&response);
+    let view = ClusterView::try_from(&response).context("the cluster status")?;
     if ctx.json() {
         print_json(&view)?;
     } else {
@@ -538,8 +549,8 @@ pub async fn graph(ctx: &Context, target: &str) -> anyhow::Result<u8> {
         anyhow::bail!("{target}: no such wave file (and not a wave id)");
     };
     let mut client = ctx.client()?;
-    let summary = get_wave(&mut client, wave_id).await?;
-    print!("{}", wave_dot(&WaveView::from(&summary)));
+    let wave = get_wave(&mut client, wave_id).await?;
+    print!("{}", wave_dot(&wave));
     Ok(0)
 }
 
@@ -549,14 +560,15 @@ pub fn wave_dot(wave: &WaveView) -> String {
     let mut dot = format!("digraph \"{}\" {{\n", escape(&wave.name));
     dot.push_str(&format!(
         "  // wave {} ({}): dependencies are not served by the coordinator; graph the wave file for edges.\n",
-        wave.wave_id, wave.state
+        wave.wave_id,
+        wave.state.as_str()
     ));
     dot.push_str("  rankdir=LR;\n  node [shape=box, style=filled];\n");
     for group in &wave.groups {
         let c = &group.counts;
         let colour = if c.failed > 0 {
             "salmon"
-        } else if c.active() > 0 {
+        } else if placed(c) > 0 {
             "lightblue"
         } else if c.succeeded == u64::from(group.n_micro_tasks) {
             "palegreen"
@@ -569,7 +581,7 @@ pub fn wave_dot(wave: &WaveView) -> String {
             "  \"{}\" [label=\"{}\\n{}/{} done\", fillcolor=\"{colour}\"];\n",
             escape(&group.task_id),
             escape(&group.task_id),
-            c.done(),
+            c.terminal(),
             group.n_micro_tasks
         ));
     }
@@ -580,7 +592,8 @@ pub fn wave_dot(wave: &WaveView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::{CountsView, GroupView};
+    use crate::output::GroupView;
+    use venom_core::{Counts, WaveState};
 
     #[test]
     fn logs_mark_truncation_and_keep_order() {
@@ -590,7 +603,7 @@ mod tests {
             stderr: Vec::new(),
             stdout_truncated: true,
             stderr_truncated: false,
-            state: "succeeded".into(),
+            state: pb::TaskState::Succeeded.into(),
             node: "dev".into(),
         };
         let mut out = Vec::new();
@@ -598,7 +611,7 @@ mod tests {
             task_id: "shard".into(),
             index: Some(7),
         };
-        write_logs(&mut out, &task, &logs).expect("writes to memory");
+        write_logs(&mut out, &task, TaskState::Succeeded, &logs).expect("writes to memory");
         let text = String::from_utf8(out).expect("utf-8");
         assert_eq!(
             text,
@@ -611,43 +624,30 @@ mod tests {
 
     #[test]
     fn wave_dot_colours_groups() {
-        let wave = WaveView {
-            wave_id: 9,
-            name: "n\"q".into(),
-            state: "running".into(),
-            on_failure: String::new(),
-            n_micro_tasks: 3,
-            counts: CountsView::default(),
-            submitted_ms: 0,
-            started_ms: 0,
-            finished_ms: 0,
-            work_ms: 0,
-            makespan_ms: 0,
-            measured_speedup: 0.0,
-            dag_bound: 0.0,
-            model_s_total: 0.0,
-            traceparent: String::new(),
-            trace_id: None,
-            groups: vec![
+        let wave = WaveView::for_tests(
+            9,
+            "n\"q",
+            WaveState::Running,
+            vec![
                 GroupView {
                     task_id: "a".into(),
                     n_micro_tasks: 1,
-                    counts: CountsView {
+                    counts: Counts {
                         succeeded: 1,
-                        ..CountsView::default()
+                        ..Counts::default()
                     },
                 },
                 GroupView {
                     task_id: "b".into(),
                     n_micro_tasks: 2,
-                    counts: CountsView {
+                    counts: Counts {
                         running: 1,
                         pending: 1,
-                        ..CountsView::default()
+                        ..Counts::default()
                     },
                 },
             ],
-        };
+        );
         let dot = wave_dot(&wave);
         assert!(dot.starts_with("digraph \"n\\\"q\" {"), "{dot}");
         assert!(

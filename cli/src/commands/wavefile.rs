@@ -1,7 +1,7 @@
 //! Wave files on this machine: reading them, validating them with the coordinator's own
 //! parser, and drawing their DAG.
 //!
-//! Validation is the coordinator's code ([`venom_coordinator::wave::parse_wave`]) run
+//! Validation is the parser the coordinator runs ([`venom_core::wave::parse_wave`]), run
 //! locally, so `venomctl validate` judges a file exactly as a coordinator with default
 //! limits would. `submit` validates with the limits lifted: structure errors are caught
 //! before anything is sent, while size limits — configurable per coordinator — are left
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde::Serialize;
-use venom_coordinator::wave::{parse_wave, Format, WaveError, WaveLimits, WaveSpec};
+use venom_core::wave::{parse_wave, Format, WaveError, WaveLimits, WaveSpec};
 
 use super::Context;
 use crate::output::print_json;

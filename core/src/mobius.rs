@@ -153,7 +153,7 @@ pub struct ModelFigures {
     pub s_total: f64,
 }
 
-/// The model for one node. N is the node's logical CPUs as the design gives it (the physical
+/// The model for one node. N is the node's logical CPUs, as the model defines it (the physical
 /// cores when no logical count is known); the three reference rows of the prototype have as many
 /// logical as physical cores and all reproduce with it (see the tests).
 pub fn node_model(input: &NodeModelInput) -> ModelFigures {
@@ -265,6 +265,23 @@ impl ThrottlePolicy {
 impl fmt::Display for ThrottlePolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for ThrottlePolicy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &ThrottlePolicy::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let help = match self {
+            ThrottlePolicy::Off => "Always offer every slot",
+            ThrottlePolicy::Conservative => "Throttle earlier: mode thresholds shifted up by 0.1",
+            ThrottlePolicy::Adaptive => "The standard thresholds",
+            ThrottlePolicy::Aggressive => "Never throttle below half the slots",
+        };
+        Some(clap::builder::PossibleValue::new(self.as_str()).help(help))
     }
 }
 
@@ -402,7 +419,7 @@ mod tests {
     }
 
     /// The prototype's three reference rows. Each has as many logical as physical cores, so N
-    /// (logical CPUs, as the design gives it) equals the physical count, and all three reproduce
+    /// (logical CPUs, as the model defines it) equals the physical count, and all three reproduce
     /// within 0.2 % (151.2, 2,900.0, 31,322.4): N needs no reinterpretation.
     #[test]
     fn the_three_reference_rows_reproduce_within_one_percent() {

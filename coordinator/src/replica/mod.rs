@@ -15,6 +15,11 @@
 //!
 //! Proposals carry a reply channel; lost leadership or shutdown fails them at once, so
 //! callers never hang.
+//!
+//! The loop, raft's `Ready` handling and apply live here; the rest along its seams:
+//! [`handle`] (what the gRPC handlers hold and send), [`membership`] (conf changes, roles,
+//! started members), [`persistence`] (checkpoints, compaction, snapshots) and [`dispatch`]
+//! (scheduling rounds, effects to workers, their trace spans).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -31,184 +36,21 @@ use crate::convert;
 use crate::datadir::DataDirError;
 use crate::metrics::Metrics;
 use crate::scheduler::{self, SchedulerConfig};
-use crate::state::{Command, Effect, Outcome, State};
+use crate::state::{Command, Outcome, State};
 use crate::storage::{Store, StoreError, BOOTSTRAP_INDEX};
 use crate::transport::Transport;
 
-/// Why a proposal did not commit.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
-pub enum ProposeError {
-    #[error("not leader: leader={}", .leader_addr.as_deref().unwrap_or("unknown"))]
-    NotLeader { leader_addr: Option<String> },
-    #[error("coordinator is shutting down")]
-    Stopped,
-    #[error("raft refused the proposal: {0}")]
-    Raft(String),
-    #[error("{0}")]
-    Invalid(String),
-}
+mod dispatch;
+mod handle;
+mod membership;
+mod persistence;
 
-type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
-
-/// Inputs of the replica task.
-pub enum Event {
-    Propose {
-        command: Command,
-        reply: Option<Reply>,
-    },
-    Raft(Vec<RaftMessage>),
-    /// A worker stream opened; assignments for `node` go to `tx` from now on.
-    WorkerAttached {
-        node: String,
-        conn: u64,
-        tx: mpsc::Sender<pb::CoordinatorMessage>,
-    },
-    WorkerDetached {
-        node: String,
-        conn: u64,
-    },
-    /// Linearizable read barrier (raft ReadIndex): answered once this replica has applied
-    /// everything the leader had committed when the read arrived.
-    ReadIndex {
-        reply: oneshot::Sender<Result<(), ProposeError>>,
-    },
-    /// Add or remove one coordinator (a raft conf change, one member at a time); answered
-    /// once the change is committed and applied here.
-    ChangeMembership {
-        change: MemberChange,
-        reply: Reply,
-    },
-}
-
-/// One membership change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemberChange {
-    Add { id: u64, address: String },
-    Remove { id: u64 },
-}
-
-/// This replica's view of raft, published after every turn.
-#[derive(Debug, Clone, Default)]
-pub struct RaftStatus {
-    pub id: u64,
-    pub role: String,
-    pub term: u64,
-    pub leader_id: u64,
-    pub commit: u64,
-    pub applied: u64,
-    pub last_index: u64,
-    /// Peer id → address (this replica included).
-    pub members: BTreeMap<u64, String>,
-    /// Peer id → matched index (known on the leader only).
-    pub matched: BTreeMap<u64, u64>,
-    /// The cluster's identity (0 until its first leader set it).
-    pub cluster_id: u64,
-}
-
-/// State shared with the gRPC handlers (read-only for them).
-pub struct Shared {
-    pub state: RwLock<State>,
-    pub status: RwLock<RaftStatus>,
-    /// Bumped after every applied batch; watchers wake on it.
-    pub applied: watch::Sender<u64>,
-    pub metrics: Metrics,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").finish_non_exhaustive()
-    }
-}
-
-/// Handle to a running replica.
-#[derive(Clone, Debug)]
-pub struct Handle {
-    pub tx: mpsc::Sender<Event>,
-    pub shared: Arc<Shared>,
-}
-
-impl Handle {
-    /// Proposes a command and waits for it to be applied.
-    pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
-        let started = std::time::Instant::now();
-        let outcome = self.propose_untimed(command).await;
-        if outcome.is_ok() {
-            self.shared
-                .metrics
-                .observe_proposal(started.elapsed().as_secs_f64());
-        }
-        outcome
-    }
-
-    async fn propose_untimed(&self, command: Command) -> Result<Outcome, ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Event::Propose {
-                command,
-                reply: Some(reply),
-            })
-            .await
-            .map_err(|_| ProposeError::Stopped)?;
-        rx.await.map_err(|_| ProposeError::Stopped)?
-    }
-
-    /// Proposes a command without waiting for its outcome.
-    pub async fn submit(&self, command: Command) -> Result<(), ProposeError> {
-        self.tx
-            .send(Event::Propose {
-                command,
-                reply: None,
-            })
-            .await
-            .map_err(|_| ProposeError::Stopped)
-    }
-
-    /// Waits until this replica's state includes every write committed before the call
-    /// (raft ReadIndex, confirmed with a quorum), so a read after it is current. Fails
-    /// with `NotLeader` when no leader answers within `READ_INDEX_TIMEOUT`.
-    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Event::ReadIndex { reply })
-            .await
-            .map_err(|_| ProposeError::Stopped)?;
-        match tokio::time::timeout(READ_INDEX_TIMEOUT, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ProposeError::Stopped),
-            Err(_) => Err(ProposeError::NotLeader {
-                leader_addr: self.leader_addr(),
-            }),
-        }
-    }
-
-    /// Adds or removes a coordinator and waits until the change is applied here.
-    pub async fn change_membership(&self, change: MemberChange) -> Result<(), ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Event::ChangeMembership { change, reply })
-            .await
-            .map_err(|_| ProposeError::Stopped)?;
-        rx.await.map_err(|_| ProposeError::Stopped)?.map(|_| ())
-    }
-
-    pub fn status(&self) -> RaftStatus {
-        self.shared
-            .status
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_default()
-    }
-
-    pub fn is_leader(&self) -> bool {
-        self.status().role == "leader"
-    }
-
-    /// The leader's client address, when known.
-    pub fn leader_addr(&self) -> Option<String> {
-        let status = self.status();
-        status.members.get(&status.leader_id).cloned()
-    }
-}
+use dispatch::schedule_time_ms;
+use handle::Reply;
+pub use handle::{now_ms, Clock, Event, Handle, ProposeError, RaftStatus, Shared, SystemClock};
+use membership::step_down_if_removed;
+pub use membership::MemberChange;
+use persistence::blocking;
 
 /// Replica settings.
 #[derive(Debug, Clone)]
@@ -246,35 +88,6 @@ pub enum ReplicaError {
     DataDir(#[from] DataDirError),
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
-}
-
-/// Unix time in milliseconds (the leader stamps this into commands).
-pub fn now_ms() -> u64 {
-    SystemClock.now_us() / 1_000
-}
-
-/// Time as the replica sees it. The replica reads time only through this, so the
-/// simulated cluster can run it on a virtual clock; the state machine never reads it (the
-/// leader stamps time into commands).
-pub trait Clock: Send + Sync {
-    /// Microseconds since the Unix epoch (or since a simulation started).
-    fn now_us(&self) -> u64;
-
-    fn now_ms(&self) -> u64 {
-        self.now_us() / 1_000
-    }
-}
-
-/// The wall clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_us(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64)
-    }
 }
 
 struct Pending {
@@ -329,24 +142,12 @@ pub(crate) struct Replica<T: Transport> {
     pub(crate) applied_trace: Option<Vec<(u64, u64, u64)>>,
 }
 
-/// Longest a read waits for the leader to confirm its ReadIndex.
-const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// Longest a group commit is held back to gather more results (see `should_pace`).
 const COMMIT_PACE_US: u64 = 2_000;
 
-/// How often applied state is checkpointed to sled. Between checkpoints the raft log
-/// (flushed on every `Ready`) is the durable record; a restart re-applies the entries
-/// after the checkpoint's applied index.
-const PERSIST_INTERVAL_US: u64 = 200_000;
-/// Checkpoint early when this many micro-tasks are waiting to be written.
-const PERSIST_MAX_DIRTY_TASKS: usize = 100_000;
-/// Applied entries a compaction keeps (at most half the compaction threshold), so a
-/// follower that lags a little catches up from the log rather than by snapshot.
-const COMPACT_KEEP_ENTRIES: u64 = 1_000;
-/// A follower still waiting for its snapshot after this long is assumed to have lost it
-/// (the transport drops messages silently) and is sent a fresh one.
-const SNAPSHOT_RETRY_US: u64 = 10_000_000;
+/// Events (proposals, raft batches, worker streams) queued for the replica task; senders
+/// wait when it is full.
+const EVENT_QUEUE: usize = 16_384;
 
 /// Restores state from `store` and spawns the replica task on the wall clock.
 pub fn start<T: Transport + 'static>(
@@ -366,19 +167,9 @@ pub fn start<T: Transport + 'static>(
         boot_nonce,
     )?;
     let shared = replica.shared.clone();
-    let (tx, rx) = mpsc::channel(16_384);
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     let task = tokio::spawn(replica.run(rx, shutdown));
     Ok((Handle { tx, shared }, task))
-}
-
-/// Runs blocking disk work without stalling a multi-threaded runtime.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
 }
 
 impl<T: Transport> Replica<T> {
@@ -759,119 +550,6 @@ impl<T: Transport> Replica<T> {
         }
     }
 
-    fn track_role(&mut self) {
-        let is_leader = self.raw.raft.state == StateRole::Leader;
-        if self.was_leader && !is_leader {
-            let err = self.not_leader();
-            self.fail_pending(err);
-            self.workers.clear();
-            self.started_proposed.clear();
-        }
-        if !self.was_leader && is_leader {
-            self.leader_since_ms = self.clock.now_ms();
-            if self.cluster_id == 0 {
-                // The first leader names the cluster; a random id from this life's nonce
-                // and the clock (never 0).
-                let cluster_id = (self.boot_nonce ^ self.clock.now_us().rotate_left(29)) | 1;
-                self.propose(Command::SetClusterId { cluster_id }, vec![None]);
-            }
-        }
-        self.was_leader = is_leader;
-    }
-
-    /// On the leader: records in the replicated state every member that has made the log
-    /// durable past the founding point, so that one found later with an empty data dir
-    /// is known to have lost its data (it refuses to found the cluster again).
-    fn propose_members_started(&mut self) {
-        let ids: Vec<u64> = {
-            let Ok(state) = self.shared.state.read() else {
-                return;
-            };
-            self.raw
-                .raft
-                .prs()
-                .iter()
-                .filter(|(id, pr)| {
-                    pr.matched > BOOTSTRAP_INDEX
-                        && state.members.contains_key(*id)
-                        && !state.members_started.contains(*id)
-                        && !self.started_proposed.contains(*id)
-                })
-                .map(|(id, _)| *id)
-                .collect()
-        };
-        if ids.is_empty() {
-            return;
-        }
-        self.started_proposed.extend(ids.iter().copied());
-        let mut ids = ids;
-        ids.sort_unstable();
-        self.propose(Command::MembersStarted { ids }, vec![None]);
-    }
-
-    /// A heartbeat's commit index is at most what this member acknowledged to its sender.
-    /// One beyond this member's last log index means the data dir lost entries it had made
-    /// durable (a restored backup, a disk that did not keep its writes): raft-rs would
-    /// panic on it, and taking part would let this member vote without them.
-    fn check_acknowledged_log(&mut self, m: &RaftMessage) -> Option<DataDirError> {
-        use raft::eraftpb::MessageType;
-        let last_index = self.raw.raft.raft_log.last_index();
-        if m.get_msg_type() != MessageType::MsgHeartbeat || m.commit <= last_index {
-            return None;
-        }
-        Some(DataDirError::Behind {
-            dir: self.store.dir().to_path_buf(),
-            member_id: self.config.id,
-            peer: m.from,
-            acknowledged: m.commit,
-            last_index,
-        })
-    }
-
-    /// The scheduler's inputs that only the leader knows.
-    fn scheduler_config(&self) -> SchedulerConfig {
-        let unreachable = match self.shared.state.read() {
-            Ok(state) => state
-                .nodes
-                .keys()
-                .filter(|n| !self.workers.contains_key(*n))
-                .cloned()
-                .collect::<BTreeSet<_>>(),
-            Err(_) => BTreeSet::new(),
-        };
-        SchedulerConfig {
-            heartbeat_ttl_ms: self.config.heartbeat_ttl_ms,
-            // A new leader gives every node a full TTL (from its election) before judging it.
-            grace_until_ms: self.leader_since_ms,
-            max_placements: 4_096,
-            unreachable,
-        }
-    }
-
-    /// On a tick: proposes a scheduling round if the plan would do anything (a node to
-    /// mark down, or ready work that now fits), so an idle cluster writes nothing.
-    fn schedule_if_needed(&mut self) {
-        let now = self.clock.now_ms();
-        let config = self.scheduler_config();
-        let plan = match self.shared.state.read() {
-            Ok(state) => scheduler::schedule(&state, now, &config),
-            Err(_) => return,
-        };
-        if plan.is_empty() {
-            return;
-        }
-        for node in &plan.mark_down {
-            tracing::warn!(node = %node, "node missed heartbeats, marking it down");
-        }
-        self.propose(
-            Command::Schedule {
-                now_ms: now,
-                config,
-            },
-            vec![None],
-        );
-    }
-
     fn send_messages(&mut self, messages: Vec<RaftMessage>) {
         if !messages.is_empty() {
             self.transport.send(messages);
@@ -1038,7 +716,7 @@ impl<T: Transport> Replica<T> {
             }
             let drained = std::mem::take(&mut state.effects);
             effects = if is_leader {
-                self.build_messages(&state, drained)
+                convert::worker_messages(&state, drained)
             } else {
                 Vec::new()
             };
@@ -1063,218 +741,6 @@ impl<T: Transport> Replica<T> {
         Ok(())
     }
 
-    /// Installs a snapshot from the leader: the state machine, its checkpoint and the log
-    /// are replaced (made durable by the flush that follows in `on_ready`).
-    fn apply_snapshot(&mut self, snapshot: &raft::eraftpb::Snapshot) -> Result<(), ReplicaError> {
-        let index = snapshot.get_metadata().index;
-        {
-            let mut state = match self.shared.state.write() {
-                Ok(s) => s,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            blocking(|| self.store.apply_snapshot(snapshot, &mut state))?;
-        }
-        tracing::info!(
-            index,
-            bytes = snapshot.get_data().len(),
-            "installed state-machine snapshot"
-        );
-        self.applied = index;
-        self.persisted_applied = index;
-        self.last_persist_us = self.clock.now_us();
-        self.refresh_members()?;
-        self.shared.applied.send_replace(index);
-        Ok(())
-    }
-
-    /// Takes the members' addresses from the replicated state after a conf change or a
-    /// snapshot, and tells the transport; a cluster id seen for the first time is also
-    /// recorded in the data directory's identity file.
-    fn refresh_members(&mut self) -> Result<(), ReplicaError> {
-        let (members, cluster_id) = match self.shared.state.read() {
-            Ok(state) => (state.members.clone(), state.cluster_id),
-            Err(poisoned) => {
-                let state = poisoned.into_inner();
-                (state.members.clone(), state.cluster_id)
-            }
-        };
-        if cluster_id != self.cluster_id {
-            self.cluster_id = cluster_id;
-            self.transport.set_cluster_id(cluster_id);
-            blocking(|| self.store.record_cluster_id(self.config.id, cluster_id))?;
-        }
-        if !members.is_empty() && members != self.members {
-            self.members = members;
-            self.transport.set_members(&self.members);
-        }
-        Ok(())
-    }
-
-    /// Proposes one membership change (raft's simple, one-member-at-a-time conf change:
-    /// any two successive memberships share a majority, so no joint phase is needed).
-    /// Refused when another change is still uncommitted, when it would do nothing, or when
-    /// it would leave no member. Removing the leader itself first hands leadership to the
-    /// most up-to-date follower and answers "not leader", so the client retries there.
-    fn propose_member_change(&mut self, change: MemberChange, reply: Reply) {
-        if self.raw.raft.state != StateRole::Leader {
-            let _ = reply.send(Err(self.not_leader()));
-            return;
-        }
-        if self.raw.raft.lead_transferee.is_some() {
-            // Leadership is moving; the client waits a moment and asks again.
-            let _ = reply.send(Err(ProposeError::NotLeader { leader_addr: None }));
-            return;
-        }
-        let voters: BTreeSet<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
-        let refuse = |reply: Reply, why: String| {
-            let _ = reply.send(Err(ProposeError::Invalid(why)));
-        };
-        if self.raw.raft.has_pending_conf() {
-            return refuse(
-                reply,
-                "another membership change is still being committed; retry in a moment".into(),
-            );
-        }
-        let mut cc = ConfChange::default();
-        match &change {
-            MemberChange::Add { id, address } => {
-                if *id == 0 {
-                    return refuse(reply, "id: coordinator ids start at 1".into());
-                }
-                if voters.contains(id) {
-                    return refuse(reply, format!("id: coordinator {id} is already a member"));
-                }
-                if let Some((other, _)) = self.members.iter().find(|(_, a)| *a == address) {
-                    return refuse(
-                        reply,
-                        format!("address: {address} already belongs to coordinator {other}"),
-                    );
-                }
-                cc.set_change_type(ConfChangeType::AddNode);
-                cc.node_id = *id;
-                cc.context = address.clone().into_bytes().into();
-            }
-            MemberChange::Remove { id } => {
-                if !voters.contains(id) {
-                    return refuse(reply, format!("id: coordinator {id} is not a member"));
-                }
-                if voters.len() == 1 {
-                    return refuse(reply, format!("id: coordinator {id} is the last member"));
-                }
-                if *id == self.config.id {
-                    let target = self
-                        .raw
-                        .raft
-                        .prs()
-                        .iter()
-                        .filter(|(pid, _)| **pid != self.config.id && voters.contains(*pid))
-                        .max_by_key(|(pid, pr)| (pr.matched, std::cmp::Reverse(**pid)))
-                        .map(|(pid, _)| *pid);
-                    if let Some(target) = target {
-                        tracing::info!(to = target, "handing leadership over before leaving");
-                        self.raw.transfer_leader(target);
-                        let _ = reply.send(Err(ProposeError::NotLeader { leader_addr: None }));
-                        return;
-                    }
-                }
-                cc.set_change_type(ConfChangeType::RemoveNode);
-                cc.node_id = *id;
-            }
-        }
-        let (id, ctx) = self.next_context();
-        match self.raw.propose_conf_change(ctx, cc) {
-            Ok(()) => {
-                self.pending.insert(
-                    id,
-                    Pending {
-                        replies: vec![Some(reply)],
-                    },
-                );
-            }
-            Err(e) => {
-                let err = match e {
-                    raft::Error::ProposalDropped => self.not_leader(),
-                    other => ProposeError::Raft(other.to_string()),
-                };
-                let _ = reply.send(Err(err));
-            }
-        }
-    }
-
-    /// raft-rs sends nothing more to a follower that is waiting for a snapshot until the
-    /// snapshot is reported; the transport cannot tell whether it arrived, so one still
-    /// pending after `SNAPSHOT_RETRY` is reported lost and raft sends another.
-    fn retry_lost_snapshots(&mut self) {
-        let now = self.clock.now_us();
-        let mut lost = Vec::new();
-        let mut waiting = BTreeMap::new();
-        for (id, pr) in self.raw.raft.prs().iter() {
-            if pr.state == ProgressState::Snapshot {
-                let since = self.snapshot_since_us.get(id).copied().unwrap_or(now);
-                if now.saturating_sub(since) >= SNAPSHOT_RETRY_US {
-                    lost.push(*id);
-                } else {
-                    waiting.insert(*id, since);
-                }
-            }
-        }
-        lost.sort_unstable();
-        self.snapshot_since_us = waiting;
-        for id in lost {
-            tracing::warn!(peer = id, "snapshot not acknowledged, sending another");
-            self.raw.report_snapshot(id, SnapshotStatus::Failure);
-        }
-    }
-
-    /// After a checkpoint: compacts the log when it holds more than
-    /// `compact_after_entries` entries at or below the checkpoint, keeping the last
-    /// applied ones for followers that lag a little. The checkpoint is flushed first, so
-    /// the log is never shorter on disk than the state it would be replayed onto.
-    fn maybe_compact(&mut self) -> Result<(), ReplicaError> {
-        let threshold = self.config.compact_after_entries.max(1);
-        let first = self.store.first_log_index()?;
-        let below = (self.persisted_applied + 1).saturating_sub(first);
-        if below <= threshold {
-            return Ok(());
-        }
-        let keep = COMPACT_KEEP_ENTRIES.min(threshold / 2);
-        let to_index = self.persisted_applied.saturating_sub(keep);
-        blocking(|| -> Result<(), StoreError> {
-            self.store.flush()?;
-            let snapshot_index = self.store.compact(to_index)?;
-            tracing::debug!(snapshot_index, "raft log compacted");
-            Ok(())
-        })?;
-        Ok(())
-    }
-
-    /// Writes the state changed since the last checkpoint, with its applied index, in one
-    /// atomic batch (made durable by the next flush).
-    ///
-    /// Runs between turns, never inside `on_ready`: by then the hard state with the commit
-    /// index covering `applied` has been written, so a checkpoint can never reach the disk
-    /// ahead of the commit index it depends on.
-    fn checkpoint(&mut self, force: bool) -> Result<(), ReplicaError> {
-        if self.persisted_applied == self.applied {
-            return Ok(());
-        }
-        let mut state = match self.shared.state.write() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if !force
-            && self.clock.now_us().saturating_sub(self.last_persist_us) < PERSIST_INTERVAL_US
-            && state.dirty.tasks.len() < PERSIST_MAX_DIRTY_TASKS
-        {
-            return Ok(());
-        }
-        self.store.persist_state(&mut state, self.applied)?;
-        drop(state);
-        self.persisted_applied = self.applied;
-        self.last_persist_us = self.clock.now_us();
-        self.maybe_compact()
-    }
-
     fn own_proposal(&self, context: &[u8]) -> Option<u64> {
         if context.len() != 16 {
             return None;
@@ -1284,127 +750,6 @@ impl<T: Transport> Replica<T> {
             return None;
         }
         Some(u64::from_be_bytes(context[8..].try_into().ok()?))
-    }
-
-    /// Packs every effect for one node into one message.
-    fn build_messages(
-        &self,
-        state: &State,
-        effects: Vec<Effect>,
-    ) -> Vec<(String, pb::CoordinatorMessage)> {
-        let mut by_node: BTreeMap<String, pb::CoordinatorMessage> = BTreeMap::new();
-        for effect in effects {
-            match effect {
-                Effect::Dispatch { node, keys } => {
-                    let msg = by_node.entry(node.clone()).or_default();
-                    for (key, attempt) in keys {
-                        if let Some(a) = convert::assignment(state, key, attempt, &node) {
-                            msg.assign.push(a);
-                        }
-                    }
-                }
-                Effect::Cancel { node, attempts } => {
-                    by_node
-                        .entry(node)
-                        .or_default()
-                        .cancel
-                        .extend(attempts.iter().map(convert::attempt_to_pb));
-                }
-                Effect::Ack { node, attempts } => {
-                    by_node
-                        .entry(node)
-                        .or_default()
-                        .ack
-                        .extend(attempts.iter().map(convert::attempt_to_pb));
-                }
-                Effect::SlotsLimit { node, slots } => {
-                    by_node.entry(node).or_default().slots_limit = Some(slots);
-                }
-            }
-        }
-        by_node.into_iter().collect()
-    }
-
-    /// One `schedule` span per wave that this turn dispatches micro-tasks of to connected
-    /// workers: a child of the wave's stored trace context, from when the round was proposed
-    /// until its assignments leave. The wave's assignments carry the span's context instead,
-    /// so each attempt's span on its worker hangs under the round that dispatched it.
-    fn schedule_spans(
-        &self,
-        state: &State,
-        messages: &mut [(String, pb::CoordinatorMessage)],
-        proposed_ms: u64,
-    ) -> Vec<venom_telemetry::ManualSpan> {
-        use venom_telemetry::KeyValue;
-
-        struct Round {
-            span: Option<venom_telemetry::ManualSpan>,
-            traceparent: String,
-            n_dispatched: i64,
-            nodes: BTreeSet<String>,
-        }
-        let start = std::time::UNIX_EPOCH + Duration::from_millis(proposed_ms);
-        let mut rounds: BTreeMap<u64, Round> = BTreeMap::new();
-        for (node, message) in messages.iter_mut() {
-            if message.assign.is_empty() || !self.workers.contains_key(node.as_str()) {
-                continue;
-            }
-            for assignment in &mut message.assign {
-                let Some(attempt) = assignment.attempt else {
-                    continue;
-                };
-                let round = rounds.entry(attempt.wave_id).or_insert_with(|| {
-                    let span = state.waves.get(&attempt.wave_id).and_then(|wave| {
-                        venom_telemetry::start_span(
-                            "schedule",
-                            &wave.header.traceparent,
-                            start,
-                            vec![
-                                KeyValue::new("venom.wave.id", attempt.wave_id as i64),
-                                KeyValue::new("venom.wave.name", wave.header.spec.name.clone()),
-                            ],
-                        )
-                    });
-                    Round {
-                        traceparent: span
-                            .as_ref()
-                            .map(venom_telemetry::ManualSpan::traceparent)
-                            .unwrap_or_default(),
-                        span,
-                        n_dispatched: 0,
-                        nodes: BTreeSet::new(),
-                    }
-                });
-                if round.span.is_some() {
-                    assignment.traceparent.clone_from(&round.traceparent);
-                    round.n_dispatched += 1;
-                    round.nodes.insert(node.clone());
-                }
-            }
-        }
-        rounds
-            .into_values()
-            .filter_map(|round| {
-                let mut span = round.span?;
-                span.set_attribute(KeyValue::new("venom.dispatched", round.n_dispatched));
-                span.set_attribute(KeyValue::new(
-                    "venom.nodes",
-                    round.nodes.into_iter().collect::<Vec<_>>().join(","),
-                ));
-                Some(span)
-            })
-            .collect()
-    }
-
-    fn send_to_worker(&mut self, node: &str, message: pb::CoordinatorMessage) {
-        let Some((_, tx)) = self.workers.get(node) else {
-            return;
-        };
-        if let Err(e) = tx.try_send(message) {
-            // A worker that cannot keep up is cut off; it reconnects and reconciles.
-            tracing::warn!(node, error = %e, "worker stream full or closed, detaching it");
-            self.workers.remove(node);
-        }
     }
 
     fn publish_status(&self) {
@@ -1417,13 +762,7 @@ impl<T: Transport> Replica<T> {
         }
         let status = RaftStatus {
             id: self.config.id,
-            role: match raft.state {
-                StateRole::Leader => "leader",
-                StateRole::Follower => "follower",
-                StateRole::Candidate => "candidate",
-                StateRole::PreCandidate => "pre-candidate",
-            }
-            .to_string(),
+            role: raft.state,
             term: raft.term,
             leader_id: raft.leader_id,
             commit: raft.raft_log.committed,
@@ -1436,30 +775,6 @@ impl<T: Transport> Replica<T> {
         if let Ok(mut s) = self.shared.status.write() {
             *s = status;
         }
-    }
-}
-
-/// When the scheduling round in `command` was proposed, if it holds one.
-fn schedule_time_ms(command: &Command) -> Option<u64> {
-    match command {
-        Command::Schedule { now_ms, .. } => Some(*now_ms),
-        Command::Batch(commands) => commands.iter().filter_map(schedule_time_ms).min(),
-        _ => None,
-    }
-}
-
-/// A leader that applied its own removal (it won an election while the change, proposed
-/// by an earlier leader, was still uncommitted, then committed it) steps down at once,
-/// before raft sees anything else: raft-rs would keep it leading a configuration
-/// without it, and panic as soon as it looks up its own progress (persisted entries,
-/// an append response). The members elect a leader among themselves; this replica, no
-/// longer promotable, never campaigns again.
-fn step_down_if_removed(raw: &mut RawNode<Store>, id: u64) {
-    let raft = &mut raw.raft;
-    if raft.state == StateRole::Leader && !raft.prs().conf().voters().contains(id) {
-        tracing::warn!("removed from the cluster while leading; stepping down");
-        let term = raft.term;
-        raft.become_follower(term, raft::INVALID_ID);
     }
 }
 
@@ -1477,7 +792,7 @@ fn approx_size(command: &Command) -> usize {
     match command {
         Command::Finished { results, .. } => results
             .iter()
-            .map(|r| 128 + r.stdout.len() + r.stderr.len())
+            .map(|r| 128 + r.outcome.stdout.len() + r.outcome.stderr.len())
             .sum(),
         Command::SubmitWave { spec, .. } => 256 + spec.tasks.len() * 256,
         Command::Batch(c) => c.iter().map(approx_size).sum(),

@@ -1,0 +1,141 @@
+//! From state to workers: the scheduling round the leader proposes, effects packed into
+//! one message per node, the `schedule` trace spans, and the worker streams.
+
+use super::*;
+
+/// When the scheduling round in `command` was proposed, if it holds one.
+pub(super) fn schedule_time_ms(command: &Command) -> Option<u64> {
+    match command {
+        Command::Schedule { now_ms, .. } => Some(*now_ms),
+        Command::Batch(commands) => commands.iter().filter_map(schedule_time_ms).min(),
+        _ => None,
+    }
+}
+
+impl<T: Transport> Replica<T> {
+    /// The scheduler's inputs that only the leader knows.
+    pub(super) fn scheduler_config(&self) -> SchedulerConfig {
+        let unreachable = match self.shared.state.read() {
+            Ok(state) => state
+                .nodes
+                .keys()
+                .filter(|n| !self.workers.contains_key(*n))
+                .cloned()
+                .collect::<BTreeSet<_>>(),
+            Err(_) => BTreeSet::new(),
+        };
+        SchedulerConfig {
+            heartbeat_ttl_ms: self.config.heartbeat_ttl_ms,
+            // A new leader gives every node a full TTL (from its election) before judging it.
+            grace_until_ms: self.leader_since_ms,
+            max_placements: SchedulerConfig::MAX_PLACEMENTS,
+            unreachable,
+        }
+    }
+
+    /// On a tick: proposes a scheduling round if the plan would do anything (a node to
+    /// mark down, or ready work that now fits), so an idle cluster writes nothing.
+    pub(super) fn schedule_if_needed(&mut self) {
+        let now = self.clock.now_ms();
+        let config = self.scheduler_config();
+        let plan = match self.shared.state.read() {
+            Ok(state) => scheduler::schedule(&state, now, &config),
+            Err(_) => return,
+        };
+        if plan.is_empty() {
+            return;
+        }
+        for node in &plan.mark_down {
+            tracing::warn!(node = %node, "node missed heartbeats, marking it down");
+        }
+        self.propose(
+            Command::Schedule {
+                now_ms: now,
+                config,
+            },
+            vec![None],
+        );
+    }
+
+    /// One `schedule` span per wave that this turn dispatches micro-tasks of to connected
+    /// workers: a child of the wave's stored trace context, from when the round was proposed
+    /// until its assignments leave. The wave's assignments carry the span's context instead,
+    /// so each attempt's span on its worker hangs under the round that dispatched it.
+    pub(super) fn schedule_spans(
+        &self,
+        state: &State,
+        messages: &mut [(String, pb::CoordinatorMessage)],
+        proposed_ms: u64,
+    ) -> Vec<venom_telemetry::ManualSpan> {
+        use venom_telemetry::KeyValue;
+
+        struct Round {
+            span: Option<venom_telemetry::ManualSpan>,
+            traceparent: String,
+            n_dispatched: i64,
+            nodes: BTreeSet<String>,
+        }
+        let start = std::time::UNIX_EPOCH + Duration::from_millis(proposed_ms);
+        let mut rounds: BTreeMap<u64, Round> = BTreeMap::new();
+        for (node, message) in messages.iter_mut() {
+            if message.assign.is_empty() || !self.workers.contains_key(node.as_str()) {
+                continue;
+            }
+            for assignment in &mut message.assign {
+                let Some(attempt) = assignment.attempt else {
+                    continue;
+                };
+                let round = rounds.entry(attempt.wave_id).or_insert_with(|| {
+                    let span = state.waves.get(&attempt.wave_id).and_then(|wave| {
+                        venom_telemetry::start_span(
+                            "schedule",
+                            &wave.header.traceparent,
+                            start,
+                            vec![
+                                KeyValue::new("venom.wave.id", attempt.wave_id as i64),
+                                KeyValue::new("venom.wave.name", wave.header.spec.name.clone()),
+                            ],
+                        )
+                    });
+                    Round {
+                        traceparent: span
+                            .as_ref()
+                            .map(venom_telemetry::ManualSpan::traceparent)
+                            .unwrap_or_default(),
+                        span,
+                        n_dispatched: 0,
+                        nodes: BTreeSet::new(),
+                    }
+                });
+                if round.span.is_some() {
+                    assignment.traceparent.clone_from(&round.traceparent);
+                    round.n_dispatched += 1;
+                    round.nodes.insert(node.clone());
+                }
+            }
+        }
+        rounds
+            .into_values()
+            .filter_map(|round| {
+                let mut span = round.span?;
+                span.set_attribute(KeyValue::new("venom.dispatched", round.n_dispatched));
+                span.set_attribute(KeyValue::new(
+                    "venom.nodes",
+                    round.nodes.into_iter().collect::<Vec<_>>().join(","),
+                ));
+                Some(span)
+            })
+            .collect()
+    }
+
+    pub(super) fn send_to_worker(&mut self, node: &str, message: pb::CoordinatorMessage) {
+        let Some((_, tx)) = self.workers.get(node) else {
+            return;
+        };
+        if let Err(e) = tx.try_send(message) {
+            // A worker that cannot keep up is cut off; it reconnects and reconciles.
+            tracing::warn!(node, error = %e, "worker stream full or closed, detaching it");
+            self.workers.remove(node);
+        }
+    }
+}

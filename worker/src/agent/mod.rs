@@ -1,0 +1,447 @@
+//! The agent loop: one worker's conversation with the coordinator.
+//!
+//! The agent keeps one bidirectional `WorkerService.Connect` stream open to the leader. It
+//! registers (profile, slots, labels, policy, plus whatever it is still running and every result
+//! the coordinator has not acknowledged), then reacts to events as they happen: assignments are
+//! queued FIFO and started while the running attempts' `cpus` fit the coordinator's
+//! `slots_limit`; each start and finish is reported, and everything that is ready at one moment
+//! leaves in one `WorkerMessage`; a heartbeat carries θ every interval.
+//!
+//! Execution is decoupled from the connection: running processes keep running while the agent
+//! reconnects, and finished results stay unacknowledged until the coordinator acknowledges
+//! them, so a leader change loses nothing.
+//!
+//! The parts:
+//! - `state`: [`AgentState`], all bookkeeping behind one mutex, with no I/O (tested
+//!   directly);
+//! - `link`: the connection: the stream's state, opening it, reconnecting round-robin over
+//!   the coordinator URLs with capped exponential backoff and jitter, and following a
+//!   "not leader" refusal to the leader it names;
+//! - `runner`: the runners, pooled blocking threads that run attempts back to back, trace
+//!   them and record their outcomes;
+//! - this module: [`run`], the loop that owns the connection, the heartbeat and shutdown.
+//!
+//! Messages are built and read in [`crate::convert`] only.
+
+mod link;
+mod runner;
+mod state;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{Instant, MissedTickBehavior};
+use tonic::transport::Endpoint;
+use tonic::Status;
+use venom_core::url::normalize_url;
+use venom_proto::WorkerMessage;
+
+use self::link::{open_stream, Link, LinkEvent, Targets};
+use self::runner::start_runners;
+pub use self::state::{
+    AgentState, ExecEvent, Heartbeat, Identity, Instructions, NextAttempt, Started,
+};
+use crate::config::WorkerConfig;
+use crate::limits::{DEFAULT_SAMPLE_INTERVAL, SHUTDOWN_GRACE, STARTED_COALESCE};
+use crate::metrics::WorkerMetrics;
+use crate::scan::HardwareProfile;
+use crate::theta::{ThetaMonitor, ThetaSnapshot};
+
+/// Why the agent cannot run at all. Everything after start-up is retried, never returned.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("no coordinator URL given")]
+    NoCoordinator,
+    #[error("invalid coordinator URL `{url}`: {reason}")]
+    InvalidCoordinatorUrl { url: String, reason: String },
+    #[error("--metrics-listen: cannot listen on {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What the agent loop and the attempt runners share.
+struct Shared {
+    /// All bookkeeping; held only briefly, never across an await.
+    state: Mutex<AgentState>,
+    /// Wakes the agent loop when a runner changed the state (a start or a result to report).
+    wake: Notify,
+    node_name: Arc<str>,
+    max_output_bytes: usize,
+    metrics: Arc<WorkerMetrics>,
+    /// The latest θ sample (`f64` bits), recorded on attempt spans.
+    theta_bits: AtomicU64,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, AgentState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn theta(&self) -> f64 {
+        f64::from_bits(self.theta_bits.load(Ordering::Relaxed))
+    }
+}
+
+/// Waits for room on the outbound channel; never completes without a channel.
+async fn reserve(
+    outbound: Option<mpsc::Sender<WorkerMessage>>,
+) -> Result<mpsc::OwnedPermit<WorkerMessage>, mpsc::error::SendError<()>> {
+    match outbound {
+        Some(sender) => sender.reserve_owned().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`; never completes without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The agent loop's owner of everything.
+struct Agent {
+    identity: Identity,
+    shared: Arc<Shared>,
+    /// Where to connect next.
+    targets: Targets,
+    /// Where the current connection goes (for logs).
+    current_url: String,
+    /// Sender of the stream being opened; becomes `outbound` once it is open.
+    pending_outbound: Option<mpsc::Sender<WorkerMessage>>,
+    /// Sender of the open stream.
+    outbound: Option<mpsc::Sender<WorkerMessage>>,
+    link: Link,
+    /// When waiting start reports go out even without a result to carry them.
+    started_deadline: Option<Instant>,
+    theta: ThetaMonitor,
+    /// θ from the start-up profile, until the monitor's first sample.
+    fallback_theta: ThetaSnapshot,
+}
+
+impl Agent {
+    fn state(&self) -> MutexGuard<'_, AgentState> {
+        self.shared.state()
+    }
+
+    /// Begins connecting to the next coordinator.
+    fn connect(&mut self) {
+        let url = self.targets.next();
+        tracing::debug!(%url, "connecting to coordinator");
+        let register = self.state().register(&self.identity);
+        let (sender, connecting) = open_stream(url.clone(), register);
+        self.current_url = url;
+        self.pending_outbound = Some(sender);
+        self.link = Link::Connecting(connecting);
+    }
+
+    /// Drops the connection and schedules the next attempt, following `refusal` when the
+    /// coordinator refused with one (see [`Targets::after_failure`]).
+    fn disconnect(&mut self, reason: &str, refusal: Option<&Status>) {
+        let retry = self.targets.after_failure(refusal);
+        // Read under one lock, before logging: the guard must not live through the macro.
+        let (running, unacknowledged) = {
+            let state = self.state();
+            (state.n_running(), state.n_unacked())
+        };
+        let retry_in_ms = u64::try_from(retry.delay.as_millis()).unwrap_or(u64::MAX);
+        if retry.not_leader {
+            tracing::debug!(url = %self.current_url, reason, retry_in_ms, "not the leader; asking again");
+        } else {
+            tracing::warn!(
+                url = %self.current_url,
+                reason,
+                retry_in_ms,
+                running,
+                unacknowledged,
+                "coordinator unavailable; will retry (running processes keep running)"
+            );
+        }
+        self.outbound = None;
+        self.pending_outbound = None;
+        self.link = Link::idle_for(retry.delay);
+        self.shared.metrics.connected.set(0);
+    }
+
+    fn on_link_event(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::RetryDue => self.connect(),
+            LinkEvent::Connected(Ok(inbound)) => {
+                tracing::debug!(url = %self.current_url, "stream open");
+                self.outbound = self.pending_outbound.take();
+                self.link = Link::Up(inbound);
+            }
+            LinkEvent::Connected(Err(error)) => {
+                self.disconnect(&error.reason, error.refusal.as_deref());
+            }
+            LinkEvent::Message(message) => {
+                if let Some(error) = &message.refused {
+                    let reason = format!("coordinator refused: {error}");
+                    self.disconnect(&reason, None);
+                    return;
+                }
+                if message.registered {
+                    self.targets.registered();
+                    self.shared.metrics.connected.set(1);
+                    tracing::info!(
+                        url = %self.current_url,
+                        name = %self.identity.name,
+                        slots = self.identity.slots,
+                        "registered with coordinator"
+                    );
+                }
+                self.state().on_coordinator_message(message);
+                start_runners(&self.shared);
+            }
+            LinkEvent::Failed(status) => {
+                let reason = format!("stream error: {status}");
+                self.disconnect(&reason, Some(&status));
+            }
+            LinkEvent::Closed => self.disconnect("the coordinator closed the stream", None),
+        }
+    }
+
+    fn on_heartbeat_tick(&mut self) {
+        let snapshot = self
+            .theta
+            .latest()
+            .unwrap_or_else(|| self.fallback_theta.clone());
+        self.shared
+            .theta_bits
+            .store(snapshot.theta.to_bits(), Ordering::Relaxed);
+        self.shared.metrics.set_theta(&snapshot);
+        if self.outbound.is_none() {
+            return;
+        }
+        let running = u32::try_from(self.state().n_running()).unwrap_or(u32::MAX);
+        self.state().set_heartbeat(Heartbeat {
+            theta: snapshot,
+            running,
+        });
+    }
+
+    /// True when what waits should be sent now: a result or heartbeat at once, start reports
+    /// alone once they have waited [`STARTED_COALESCE`].
+    fn outbound_due(&mut self) -> bool {
+        let state = self.shared.state();
+        if state.has_urgent_outbound() {
+            return true;
+        }
+        if !state.has_outbound() {
+            drop(state);
+            self.started_deadline = None;
+            return false;
+        }
+        let deadline = *self
+            .started_deadline
+            .get_or_insert_with(|| Instant::now() + STARTED_COALESCE);
+        Instant::now() >= deadline
+    }
+
+    /// Sends the next message on a reserved slot.
+    fn send(&mut self, permit: mpsc::OwnedPermit<WorkerMessage>) {
+        let message = self.state().take_message();
+        if let Some(message) = message {
+            permit.send(message);
+        }
+        self.started_deadline = None;
+    }
+
+    /// Sends what is due if the channel has room now; otherwise the loop waits for room.
+    fn flush(&mut self) {
+        let Some(outbound) = self.outbound.clone() else {
+            return;
+        };
+        while self.outbound_due() {
+            match outbound.clone().try_reserve_owned() {
+                Ok(permit) => self.send(permit),
+                Err(mpsc::error::TrySendError::Full(_)) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.disconnect("the outbound stream closed", None);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// θ computed from the start-up profile.
+fn theta_from_profile(profile: &HardwareProfile) -> ThetaSnapshot {
+    let hottest = profile
+        .thermal_sensors
+        .iter()
+        .max_by(|a, b| a.celsius.total_cmp(&b.celsius));
+    let h_cpu = crate::theta::h_cpu(profile.cpu_usage_percent);
+    let total_bytes = profile.effective_memory_bytes.max(1);
+    let available_bytes = profile.memory_available_bytes.min(total_bytes);
+    let h_mem = crate::theta::h_mem(available_bytes, total_bytes);
+    let h_term = crate::theta::h_term(
+        hottest.map(|sensor| sensor.celsius),
+        hottest
+            .and_then(|sensor| sensor.critical_celsius)
+            .unwrap_or(crate::theta::DEFAULT_T_CRIT_CELSIUS),
+    );
+    ThetaSnapshot {
+        at_ms: crate::unix_now_ms(),
+        theta: crate::theta::theta_from(h_cpu, h_mem, h_term),
+        h_cpu,
+        h_mem,
+        h_term,
+        cpu_usage_percent: profile.cpu_usage_percent,
+        memory_available_bytes: available_bytes,
+        memory_total_bytes: total_bytes,
+        hottest_celsius: hottest.map(|sensor| sensor.celsius),
+    }
+}
+
+/// Runs the agent until `shutdown` completes, then kills every running process group and
+/// returns. Connection problems are retried forever; only a configuration that can never work
+/// is an error.
+pub async fn run(
+    config: WorkerConfig,
+    profile: HardwareProfile,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    if config.coordinators.iter().all(|url| url.trim().is_empty()) {
+        return Err(AgentError::NoCoordinator);
+    }
+    let mut urls = Vec::new();
+    for url in config
+        .coordinators
+        .iter()
+        .filter(|url| !url.trim().is_empty())
+    {
+        let normalized = normalize_url(url);
+        if let Err(error) = Endpoint::from_shared(normalized.clone()) {
+            return Err(AgentError::InvalidCoordinatorUrl {
+                url: url.clone(),
+                reason: error.to_string(),
+            });
+        }
+        urls.push(normalized);
+    }
+
+    let slots = config.slots.unwrap_or(profile.effective_cpus).max(1);
+    let name: Arc<str> = config.node_name().into();
+    let fallback_theta = theta_from_profile(&profile);
+    let identity = Identity {
+        name,
+        profile,
+        slots,
+        labels: config.labels.iter().cloned().collect(),
+        throttle_policy: config.throttle,
+        queue_depth: config.queue_depth,
+    };
+    tracing::info!(
+        name = %identity.name,
+        slots,
+        coordinators = ?urls,
+        policy = %identity.throttle_policy,
+        "worker starting"
+    );
+
+    let metrics = Arc::new(WorkerMetrics::new());
+    let shared = Arc::new(Shared {
+        state: Mutex::new(AgentState::new(slots)),
+        wake: Notify::new(),
+        node_name: Arc::clone(&identity.name),
+        max_output_bytes: config.max_output_bytes,
+        theta_bits: AtomicU64::new(fallback_theta.theta.to_bits()),
+        metrics: Arc::clone(&metrics),
+    });
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::MetricsListen { addr, source })?;
+            tracing::info!(%addr, "metrics served at /metrics");
+            let for_scrape = Arc::clone(&shared);
+            Some(tokio::spawn(venom_telemetry::metrics::serve(
+                listener,
+                Arc::new(move || {
+                    let state = for_scrape.state();
+                    let m = &for_scrape.metrics;
+                    m.running
+                        .set(i64::try_from(state.n_running()).unwrap_or(i64::MAX));
+                    m.queued
+                        .set(i64::try_from(state.n_queued()).unwrap_or(i64::MAX));
+                    m.slots_limit.set(i64::from(state.slots_limit()));
+                    drop(state);
+                    for_scrape.metrics.render()
+                }),
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
+    let mut heartbeat = tokio::time::interval(config.heartbeat_interval());
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut agent = Agent {
+        identity,
+        shared,
+        targets: Targets::new(urls),
+        current_url: String::new(),
+        pending_outbound: None,
+        outbound: None,
+        link: Link::idle_for(Duration::ZERO),
+        started_deadline: None,
+        theta: ThetaMonitor::start(DEFAULT_SAMPLE_INTERVAL),
+        fallback_theta,
+    };
+
+    tokio::pin!(shutdown);
+    loop {
+        let due = agent.outbound_due();
+        let coalescing_until = agent.started_deadline.filter(|_| !due);
+        tokio::select! {
+            () = &mut shutdown => break,
+            // A runner started or finished an attempt; the flush below reports it.
+            () = agent.shared.wake.notified() => {}
+            event = agent.link.next() => agent.on_link_event(event),
+            _ = heartbeat.tick() => agent.on_heartbeat_tick(),
+            permit = reserve(agent.outbound.clone()), if due => match permit {
+                Ok(permit) => agent.send(permit),
+                Err(_) => agent.disconnect("the outbound stream closed", None),
+            },
+            // Start reports waited long enough; the flush below sends them.
+            () = sleep_until_some(coalescing_until), if coalescing_until.is_some() => {}
+        }
+        agent.flush();
+    }
+
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
+    // Shutdown: close the stream first (the coordinator re-queues this node's work when it
+    // notices), then kill every process group and wait, bounded, for the attempts to end.
+    let running = agent.state().n_running();
+    tracing::info!(running, "worker shutting down");
+    agent.outbound = None;
+    agent.pending_outbound = None;
+    agent.link = Link::idle_for(Duration::MAX);
+    agent.state().cancel_all();
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    loop {
+        let running = agent.state().n_running();
+        if running == 0 {
+            break;
+        }
+        tokio::select! {
+            () = agent.shared.wake.notified() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(running, "attempts still ending at shutdown");
+                break;
+            }
+        }
+    }
+    let Agent { theta, .. } = agent;
+    // Joining the sampling thread may wait for one sample; keep it off the async threads.
+    let _ = tokio::task::spawn_blocking(move || drop(theta)).await;
+    Ok(())
+}
