@@ -30,7 +30,6 @@ const RESULT_FRAMING_BYTES: usize = 8;
 pub fn instructions(message: pb::CoordinatorMessage) -> Instructions {
     Instructions {
         registered: message.registered,
-        refused: (!message.error.is_empty()).then_some(message.error),
         slots_limit: message.slots_limit,
         ack: message.ack.into_iter().map(AttemptRef::from).collect(),
         assign: message.assign.into_iter().map(assignment).collect(),

@@ -181,11 +181,6 @@ impl Agent {
                 self.disconnect(&error.reason, error.refusal.as_deref());
             }
             LinkEvent::Message(message) => {
-                if let Some(error) = &message.refused {
-                    let reason = format!("coordinator refused: {error}");
-                    self.disconnect(&reason, None);
-                    return;
-                }
                 if message.registered {
                     self.targets.registered();
                     self.shared.metrics.connected.set(1);

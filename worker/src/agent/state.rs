@@ -33,8 +33,6 @@ pub struct Identity {
 pub struct Instructions {
     /// The answer to this stream's registration.
     pub registered: bool,
-    /// The stream is refused, for this reason.
-    pub refused: Option<String>,
     /// Slots this worker may fill at once from now on; `None` = unchanged.
     pub slots_limit: Option<u32>,
     /// Results now durably recorded: forget them.
