@@ -28,6 +28,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use venom_core::wave::WaveLimits;
 use venom_proto::v1::client_service_server::ClientServiceServer;
 use venom_proto::v1::raft_service_server::RaftServiceServer;
 use venom_proto::v1::worker_service_server::WorkerServiceServer;
@@ -37,7 +38,6 @@ use crate::replica::{ReplicaConfig, ReplicaError};
 use crate::state::State;
 use crate::storage::Store;
 use crate::transport::GrpcTransport;
-use venom_core::wave::WaveLimits;
 
 /// Parses `--peers` entries (`ID=HOST:PORT`) into id → URL, adding this node.
 pub fn parse_members(

@@ -14,10 +14,11 @@ use prometheus::{
 };
 use venom_telemetry::metrics::{encode, register};
 
-use crate::replica::RaftStatus;
-use crate::state::{NodeState, Observation, State, WaveState};
 use venom_core::mobius::{self, Mode};
 use venom_core::OutcomeKind;
+
+use crate::replica::RaftStatus;
+use crate::state::{NodeState, Observation, State, WaveState};
 
 /// Latency buckets in seconds: 1 ms … 5 min.
 const LATENCY_BUCKETS: &[f64] = &[

@@ -19,8 +19,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{MicroKey, Node, NodeState, Placement, State};
 use venom_core::wave::{TaskSpec, WaveSpec};
+
+use crate::state::{MicroKey, Node, NodeState, Placement, State};
 
 /// Inputs of one scheduling round besides the state: the leader's view of its worker
 /// connections and its timers. Carried inside `Command::Schedule` so every replica

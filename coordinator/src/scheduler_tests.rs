@@ -5,10 +5,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use super::*;
-use crate::state::{Command, HeartbeatReport, NodeSpec, Outcome, WaveId};
 use venom_core::mobius::{Mode, ThrottlePolicy};
 use venom_core::wave::{parse_wave, Format, WaveLimits};
+
+use super::*;
+use crate::state::{Command, HeartbeatReport, NodeSpec, Outcome, WaveId};
 
 const GIB: u64 = 1 << 30;
 

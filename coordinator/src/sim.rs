@@ -72,12 +72,13 @@ use raft::StateRole;
 use tokio::sync::oneshot;
 use tokio::sync::oneshot::error::TryRecvError;
 
+use venom_core::mobius::ThrottlePolicy;
+use venom_core::wave::{parse_wave, Format, WaveLimits};
+
 use crate::replica::{Clock, Event, MemberChange, ProposeError, Replica, ReplicaConfig};
 use crate::state::{Command, NodeSpec, Outcome, State, StateSnapshot, WaveId};
 use crate::storage::Store;
 use crate::transport::Transport;
-use venom_core::mobius::ThrottlePolicy;
-use venom_core::wave::{parse_wave, Format, WaveLimits};
 
 #[path = "sim_workers.rs"]
 mod workers;

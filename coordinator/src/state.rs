@@ -18,13 +18,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::SchedulerConfig;
 use venom_core::mobius::{self, NodeModelInput, Throttle, ThrottlePolicy};
 use venom_core::wave::{OnFailure, WaveLimits, WaveSpec};
+// The shared vocabulary the state is made of (one type each, defined in venom-core).
 pub use venom_core::{
     AttemptOutcome, AttemptRef, Counts, MicroKey, NodeState, OutcomeKind, TaskState, WaveId,
     WaveState,
 };
+
+use crate::scheduler::SchedulerConfig;
 
 /// One micro-task: a task of the wave file, or one element of an array task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,9 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+use venom_core::wave::{parse_wave, Format};
+
 use super::*;
 use crate::scheduler::{schedule, SchedulerConfig};
-use venom_core::wave::{parse_wave, Format};
 use TaskState::{Assigned, Cancelled, Failed, Pending, Ready, Running, Skipped, Succeeded};
 
 const GIB: u64 = 1 << 30;

@@ -33,10 +33,11 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional as _};
 use thiserror::Error;
 
+use venom_core::wave::WaveLimits;
+
 use crate::datadir::{self, Identity};
 use crate::durable::SledFiles;
 use crate::state::{MicroTask, Node, State, StateSnapshot, Wave, WaveHeader};
-use venom_core::wave::WaveLimits;
 
 /// Storage failures (disk, corruption).
 #[derive(Debug, Error)]
