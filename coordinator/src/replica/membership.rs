@@ -96,6 +96,41 @@ impl<T: Transport> Replica<T> {
         })
     }
 
+    /// On the leader: whether `m` is a follower's rejection showing that its log ends below
+    /// committed entries it acknowledged (a restored backup, a disk that lost writes). Such a
+    /// rejection is not stepped, so raft does not send the entries again and let the follower
+    /// carry on as if it had never lost them: the next heartbeat names a commit index beyond
+    /// its log and stops it (`check_acknowledged_log`). A stale rejection (sent before the
+    /// follower acknowledged) is harmless to drop, as raft itself drops stale ones.
+    pub(super) fn follower_lost_acknowledged(&mut self, m: &RaftMessage) -> bool {
+        use raft::eraftpb::MessageType;
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader
+            || m.get_msg_type() != MessageType::MsgAppendResponse
+            || !m.reject
+            || m.term != raft.term
+        {
+            return false;
+        }
+        let Some(progress) = raft.prs().get(m.from) else {
+            return false;
+        };
+        let acknowledged = progress.matched.min(raft.raft_log.committed);
+        if m.reject_hint >= acknowledged {
+            return false;
+        }
+        if self.lost_data_warned.insert((m.from, raft.term)) {
+            tracing::warn!(
+                member = m.from,
+                log_ends_at = m.reject_hint,
+                acknowledged,
+                "a member's log ends below committed entries it acknowledged: it lost writes \
+                 it had made durable; not sending them again (its next heartbeat stops it)"
+            );
+        }
+        true
+    }
+
     /// Takes the members' addresses from the replicated state after a conf change or a
     /// snapshot, and tells the transport; a cluster id seen for the first time is also
     /// recorded in the data directory's identity file.

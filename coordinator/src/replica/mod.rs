@@ -136,6 +136,9 @@ pub(crate) struct Replica<T: Transport> {
     /// Set when a peer's message shows that this member lost acknowledged entries; the
     /// next turn stops the replica with it.
     lost_data: Option<DataDirError>,
+    /// Followers (and the term) this leader has warned about for losing acknowledged
+    /// entries (see `follower_lost_acknowledged`).
+    lost_data_warned: BTreeSet<(u64, u64)>,
     /// Every applied entry as (index, term, hash of its data), when a test asks for it
     /// (the simulated cluster's checker compares these across replicas).
     #[cfg(test)]
@@ -272,6 +275,7 @@ impl<T: Transport> Replica<T> {
             reads_waiting: Vec::new(),
             started_proposed: BTreeSet::new(),
             lost_data: None,
+            lost_data_warned: BTreeSet::new(),
             #[cfg(test)]
             applied_trace: None,
             config,
@@ -440,7 +444,7 @@ impl<T: Transport> Replica<T> {
                     if self.lost_data.is_none() {
                         self.lost_data = self.check_acknowledged_log(&m);
                     }
-                    if self.lost_data.is_some() {
+                    if self.lost_data.is_some() || self.follower_lost_acknowledged(&m) {
                         continue;
                     }
                     if let Err(e) = self.raw.step(m) {
@@ -797,5 +801,56 @@ fn approx_size(command: &Command) -> usize {
         Command::SubmitWave { spec, .. } => 256 + spec.tasks.len() * 256,
         Command::Batch(c) => c.iter().map(approx_size).sum(),
         _ => 128,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use venom_core::{AttemptOutcome, AttemptRef};
+
+    use super::*;
+    use crate::state::AttemptResult;
+
+    fn finished(output_bytes: usize) -> Command {
+        Command::Finished {
+            results: vec![AttemptResult {
+                attempt: AttemptRef::new((1, 0), 1),
+                node: "n1".into(),
+                outcome: AttemptOutcome {
+                    stdout: vec![b'x'; output_bytes],
+                    stderr: vec![b'y'; output_bytes],
+                    ..AttemptOutcome::default()
+                },
+            }],
+            now_ms: 1,
+        }
+    }
+
+    fn schedule(now_ms: u64) -> Command {
+        Command::Schedule {
+            now_ms,
+            config: SchedulerConfig::default(),
+        }
+    }
+
+    #[test]
+    fn a_group_commit_counts_the_output_its_results_carry() {
+        assert_eq!(approx_size(&finished(0)), 128);
+        assert_eq!(approx_size(&finished(1_000)), 2_128);
+        // A worker's report is one batch: its results count as if proposed alone.
+        let report = Command::Batch(vec![schedule(1), finished(1_000)]);
+        assert_eq!(approx_size(&report), 128 + 2_128);
+    }
+
+    #[test]
+    fn a_round_is_timed_by_the_earliest_schedule_it_holds() {
+        assert_eq!(schedule_time_ms(&finished(0)), None);
+        assert_eq!(schedule_time_ms(&schedule(7)), Some(7));
+        let nested = Command::Batch(vec![
+            finished(0),
+            Command::Batch(vec![schedule(9), schedule(4)]),
+            schedule(6),
+        ]);
+        assert_eq!(schedule_time_ms(&nested), Some(4));
     }
 }
