@@ -379,12 +379,8 @@ fn state_gauges(state: &State, status: &RaftStatus) -> Registry {
 
 /// The text exposition of `shared`'s metrics (what `/metrics` answers).
 pub fn render_shared(shared: &crate::replica::Shared) -> String {
-    let status = shared.status.read().map(|s| s.clone()).unwrap_or_default();
-    let state = match shared.state.read() {
-        Ok(state) => state,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    shared.metrics.render(&state, &status)
+    let status = shared.status();
+    shared.metrics.render(&shared.read_state(), &status)
 }
 
 /// The coordinator's `outcome` label: `succeeded`, `timed_out`, or `failed` for every other

@@ -76,6 +76,21 @@ pub struct Shared {
     pub metrics: Metrics,
 }
 
+impl Shared {
+    /// The replicated state as last applied, for reading (a panic elsewhere while it was
+    /// held does not hide it: the state is only ever changed whole by apply).
+    pub fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// This replica's raft status as last published.
+    pub fn status(&self) -> RaftStatus {
+        self.status.read().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared").finish_non_exhaustive()
@@ -155,18 +170,11 @@ impl Handle {
 
     /// The replicated state as this replica has applied it, for reading.
     pub fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.shared
-            .state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.shared.read_state()
     }
 
     pub fn status(&self) -> RaftStatus {
-        self.shared
-            .status
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        self.shared.status()
     }
 
     pub fn is_leader(&self) -> bool {

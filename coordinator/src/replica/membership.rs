@@ -135,12 +135,9 @@ impl<T: Transport> Replica<T> {
     /// snapshot, and tells the transport; a cluster id seen for the first time is also
     /// recorded in the data directory's identity file.
     pub(super) fn refresh_members(&mut self) -> Result<(), ReplicaError> {
-        let (members, cluster_id) = match self.shared.state.read() {
-            Ok(state) => (state.members.clone(), state.cluster_id),
-            Err(poisoned) => {
-                let state = poisoned.into_inner();
-                (state.members.clone(), state.cluster_id)
-            }
+        let (members, cluster_id) = {
+            let state = self.shared.read_state();
+            (state.members.clone(), state.cluster_id)
         };
         if cluster_id != self.cluster_id {
             self.cluster_id = cluster_id;
