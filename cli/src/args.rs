@@ -65,6 +65,16 @@ pub struct GlobalArgs {
     /// of them, no traces are exported.
     #[arg(long, global = true, env = "VENOM_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+
+    /// Mutual TLS: the cluster CA, and your client or admin certificate (from `venomctl tls`).
+    /// Needed for a coordinator beyond loopback.
+    #[command(flatten)]
+    pub tls: venom_tls::TlsArgs,
+
+    /// Talk to coordinators beyond loopback in plaintext, unauthenticated (only a coordinator
+    /// started `--insecure` answers).
+    #[arg(long, global = true, env = "VENOM_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub insecure: bool,
 }
 
 /// How results are printed.
@@ -162,6 +172,12 @@ pub enum Command {
         action: Option<ClusterAction>,
     },
 
+    /// Create the cluster's CA and certificates (mutual TLS with roles), or issue more.
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
+    },
+
     /// Scan this machine's hardware and show its Möbius model figures.
     Scan,
 
@@ -221,6 +237,11 @@ pub struct DevArgs {
     /// Keep the temporary data directory on exit (its path is printed).
     #[arg(long)]
     pub keep: bool,
+
+    /// Serve with mutual TLS, as a cluster on a network does: a CA and certificates
+    /// (member 1, worker `dev`, admin `dev`) are made in `<data dir>/tls`.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -259,6 +280,10 @@ pub struct BenchArgs {
     /// `--coordinator`.
     #[arg(long)]
     pub dev: bool,
+
+    /// With `--dev`: run the embedded cluster with mutual TLS (to measure its cost).
+    #[arg(long, requires = "dev")]
+    pub tls: bool,
 }
 
 /// One micro-task named on the command line: `task` or `task[index]`.
@@ -478,5 +503,56 @@ pub enum ClusterAction {
     Remove {
         /// Raft id of the member to remove.
         id: u64,
+    },
+}
+
+/// `venomctl tls …`.
+#[derive(Debug, Subcommand)]
+pub enum TlsAction {
+    /// Create DIR (0700) with a new cluster CA, and certificates for the members, workers,
+    /// clients and admins named (keys 0600). Refuses a DIR that already holds a CA.
+    Init {
+        /// Where the CA and certificates go.
+        #[arg(long, env = "VENOM_TLS_DIR", value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// A coordinator member: its id, then the host names and addresses it is reached at
+        /// (`1=10.0.0.1,coord-1.example`; this machine's loopback names when none). Repeat
+        /// for every member.
+        #[arg(long = "member", value_name = "ID[=HOST,…]")]
+        members: Vec<String>,
+        /// A worker, by node name (repeat for each).
+        #[arg(long = "worker", value_name = "NAME")]
+        workers: Vec<String>,
+        /// A user who may submit, read and cancel their own waves (repeat for each).
+        #[arg(long = "client", value_name = "NAME")]
+        clients: Vec<String>,
+        /// An operator who may also drain nodes, change membership and cancel any wave.
+        #[arg(long = "admin", value_name = "NAME", default_value = "admin")]
+        admins: Vec<String>,
+        /// Lifetime of each certificate, days.
+        #[arg(long, default_value_t = venom_tls::issue::DEFAULT_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+        days: u32,
+        /// Lifetime of the CA, days.
+        #[arg(long, default_value_t = venom_tls::issue::DEFAULT_CA_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+        ca_days: u32,
+    },
+    /// Issue one more certificate from the CA in DIR (a new worker, user or member, or a
+    /// replacement for one about to expire).
+    Issue {
+        /// member, worker, client or admin.
+        role: venom_tls::Role,
+        /// Node name, user name, or a member's id.
+        name: String,
+        #[arg(long, env = "VENOM_TLS_DIR", value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// Host names and addresses a member is reached at (repeat; members only).
+        #[arg(long = "san", value_name = "HOST")]
+        sans: Vec<String>,
+        /// Lifetime, days.
+        #[arg(long, default_value_t = venom_tls::issue::DEFAULT_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+        days: u32,
+        /// Replace an existing certificate of the same role and name (rotation).
+        #[arg(long)]
+        replace: bool,
     },
 }

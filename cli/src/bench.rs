@@ -201,9 +201,10 @@ pub async fn run(ctx: &Context, args: &BenchArgs) -> anyhow::Result<u8> {
             slots: Some(args.slots),
             throttle: DEFAULT_DEV_THROTTLE,
             keep: false,
+            tls: args.tls,
         })
         .await?;
-        let mut client = Client::new(&[cluster.url()])?;
+        let mut client = Client::new(&[cluster.url()], cluster.dialer()?)?;
         let ready = cluster.wait_ready(&mut client).await;
         dev = Some(cluster);
         if let Err(err) = ready {

@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
-use venom_core::url::normalize_url;
 use venom_proto::client_service_client::ClientServiceClient;
 use venom_proto::leader::{is_not_leader, leader_hint};
 
@@ -61,24 +60,28 @@ impl tonic::service::Interceptor for TraceContext {
 pub struct Client {
     /// Members as the user named them, normalised to URLs.
     urls: Vec<String>,
+    /// TLS or plaintext; a leader named in a refusal is reached the same way, so with TLS
+    /// it must prove a member certificate of the cluster CA.
+    dialer: venom_tls::Dialer,
     /// The member in use and its stub; `None` until the first request or after it failed.
     current: Option<(String, Rpc)>,
 }
 
 impl Client {
     /// Prepares a client for `urls` (nothing is contacted yet).
-    pub fn new(urls: &[String]) -> anyhow::Result<Self> {
+    pub fn new(urls: &[String], dialer: venom_tls::Dialer) -> anyhow::Result<Self> {
         let urls: Vec<String> = urls
             .iter()
             .map(|url| url.trim())
             .filter(|url| !url.is_empty())
-            .map(normalize_url)
-            .collect();
+            .map(|url| dialer.url(url))
+            .collect::<Result<_, _>>()?;
         if urls.is_empty() {
             bail!("no coordinator URL given (use --coordinator or VENOM_COORDINATOR)");
         }
         Ok(Self {
             urls,
+            dialer,
             current: None,
         })
     }
@@ -111,7 +114,7 @@ impl Client {
                 Err(status) => status,
             };
             if is_not_leader(&status) {
-                match leader_hint(&status).map(|leader| normalize_url(&leader)) {
+                match leader_hint(&status).and_then(|leader| self.dialer.url(&leader).ok()) {
                     Some(leader) if n_redirects < MAX_REDIRECTS && leader != url => {
                         n_redirects += 1;
                         tracing::debug!(from = %url, to = %leader, "following the leader");
@@ -138,7 +141,17 @@ impl Client {
             if member_went_away(&status) {
                 self.current = None;
             }
-            return Err(status_error(&url, &status));
+            let error = status_error(&url, &status);
+            let transport_failure = matches!(
+                status.code(),
+                Code::Cancelled | Code::Unavailable | Code::Unknown | Code::Internal
+            );
+            if transport_failure && !self.dialer.is_tls() {
+                return Err(anyhow!(
+                    "{error} (if the coordinator serves TLS, give --tls-ca, --tls-cert and --tls-key)"
+                ));
+            }
+            return Err(error);
         }
     }
 
@@ -149,7 +162,7 @@ impl Client {
         }
         let mut failures = Vec::new();
         for url in self.urls.clone() {
-            match connect(&url).await {
+            match connect(&url, &self.dialer).await {
                 Ok(stub) => {
                     self.current = Some((url.clone(), stub.clone()));
                     return Ok((url, stub));
@@ -157,12 +170,20 @@ impl Client {
                 Err(err) => failures.push(format!("{url} ({err:#})")),
             }
         }
-        bail!("cannot reach a coordinator; tried {}", failures.join(", "))
+        let hint = if self.dialer.is_tls() {
+            ""
+        } else {
+            " (a coordinator serving TLS needs --tls-ca, --tls-cert and --tls-key)"
+        };
+        bail!(
+            "cannot reach a coordinator; tried {}{hint}",
+            failures.join(", ")
+        )
     }
 
     /// Connects to `url` (a leader named in a refusal) and makes it current.
     async fn switch_to(&mut self, url: &str) -> anyhow::Result<()> {
-        let stub = connect(url)
+        let stub = connect(url, &self.dialer)
             .await
             .with_context(|| format!("cannot reach the leader at {url}"))?;
         if !self.urls.iter().any(|known| known == url) {
@@ -184,9 +205,9 @@ impl Client {
 }
 
 /// Opens a channel to one member.
-async fn connect(url: &str) -> anyhow::Result<Rpc> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|err| anyhow!("invalid URL: {err}"))?
+async fn connect(url: &str, dialer: &venom_tls::Dialer) -> anyhow::Result<Rpc> {
+    let endpoint = dialer
+        .endpoint(url)?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
     let channel = endpoint.connect().await.map_err(|err| {
@@ -238,6 +259,7 @@ pub fn status_error(url: &str, status: &Status) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use venom_core::url::normalize_url;
     use venom_proto as pb;
     use venom_proto::client_service_server::{ClientService, ClientServiceServer};
 
@@ -389,7 +411,8 @@ mod tests {
             refusal: Some(venom_proto::leader::not_leader(Some(&leader))),
         })
         .await;
-        let mut client = Client::new(&[follower]).expect("valid client");
+        let mut client =
+            Client::new(&[follower], venom_tls::Dialer::plaintext(false)).expect("valid client");
         let waves = list_waves(&mut client, Retry::RefusalsOnly)
             .await
             .expect("the leader answers");
@@ -406,7 +429,11 @@ mod tests {
             ))),
         })
         .await;
-        let mut client = Client::new(std::slice::from_ref(&impostor)).expect("valid client");
+        let mut client = Client::new(
+            std::slice::from_ref(&impostor),
+            venom_tls::Dialer::plaintext(false),
+        )
+        .expect("valid client");
         let err = list_waves(&mut client, Retry::RefusalsOnly)
             .await
             .expect_err("a plain UNAVAILABLE is no redirect");
@@ -420,8 +447,8 @@ mod tests {
 
     #[test]
     fn blank_urls_are_refused() {
-        assert!(Client::new(&[" ".into()]).is_err());
-        assert!(Client::new(&[]).is_err());
+        assert!(Client::new(&[" ".into()], venom_tls::Dialer::plaintext(false)).is_err());
+        assert!(Client::new(&[], venom_tls::Dialer::plaintext(false)).is_err());
     }
 
     #[tokio::test]
@@ -435,7 +462,8 @@ mod tests {
                 listener.local_addr().expect("addr").port()
             ));
         }
-        let mut client = Client::new(&urls).expect("valid client");
+        let mut client =
+            Client::new(&urls, venom_tls::Dialer::plaintext(false)).expect("valid client");
         let err = list_waves(&mut client, Retry::Safe)
             .await
             .expect_err("nothing listens there");

@@ -48,12 +48,17 @@ pub struct DevOptions {
     pub throttle: ThrottlePolicy,
     /// Keep a temporary data directory on exit.
     pub keep: bool,
+    /// Serve with mutual TLS: a CA and certificates (member 1, worker `dev`, admin `dev`)
+    /// are made in `<data dir>/tls`.
+    pub tls: bool,
 }
 
 /// A running coordinator plus worker in this process.
 pub struct DevCluster {
     /// The address the coordinator actually bound (the port is real even for `:0`).
     pub addr: SocketAddr,
+    /// The CA and certificates, when serving with mutual TLS.
+    tls: Option<PathBuf>,
     pub data_dir: PathBuf,
     /// Owns the temporary data directory (removed on drop unless kept).
     temp_dir: Option<tempfile::TempDir>,
@@ -112,18 +117,33 @@ impl DevCluster {
         let addr = listener
             .local_addr()
             .context("the listener has no local address")?;
+        let tls = if options.tls {
+            Some(dev_certificates(&data_dir.join("tls"))?)
+        } else {
+            None
+        };
         let (stop, stop_rx) = watch::channel(false);
-        let config = CoordinatorConfig::single_node(addr, data_dir.join("coordinator"));
+        let mut config = CoordinatorConfig::single_node(addr, data_dir.join("coordinator"));
+        if let Some(dir) = &tls {
+            config.tls = tls_args(dir, &venom_tls::Peer::new(venom_tls::Role::Member, "1")?);
+        }
         let coordinator = tokio::spawn(venom_coordinator::run(
             config,
             listener,
             stop_signal(stop_rx.clone()),
         ));
         let url = format!("http://{}", reachable(addr));
-        let worker_config = embedded_worker::config(url, options.slots, options.throttle);
+        let mut worker_config = embedded_worker::config(url, options.slots, options.throttle);
+        if let Some(dir) = &tls {
+            worker_config.tls = tls_args(
+                dir,
+                &venom_tls::Peer::new(venom_tls::Role::Worker, DEV_WORKER_NAME)?,
+            );
+        }
         let worker = tokio::spawn(embedded_worker::run(worker_config, stop_signal(stop_rx)));
         Ok(Self {
             addr,
+            tls,
             data_dir,
             temp_dir,
             keep: options.keep,
@@ -135,7 +155,22 @@ impl DevCluster {
 
     /// The URL clients (and the worker) use.
     pub fn url(&self) -> String {
-        format!("http://{}", reachable(self.addr))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", reachable(self.addr))
+    }
+
+    /// How a client reaches this cluster: with the `dev` admin certificate under TLS.
+    pub fn dialer(&self) -> anyhow::Result<venom_tls::Dialer> {
+        let files = match &self.tls {
+            Some(dir) => Some(admin_files(dir)?),
+            None => None,
+        };
+        Ok(venom_tls::Dialer::from_files(files.as_ref(), false)?)
+    }
+
+    /// The directory of the CA and certificates, under `--tls`.
+    pub fn tls_dir(&self) -> Option<&std::path::Path> {
+        self.tls.as_deref()
     }
 
     /// Waits until the worker has registered and is ready, failing early if either
@@ -253,10 +288,11 @@ pub async fn run(ctx: &Context, args: DevArgs) -> anyhow::Result<u8> {
         slots: args.slots,
         throttle: args.throttle,
         keep: args.keep,
+        tls: args.tls,
     })
     .await?;
     let url = cluster.url();
-    let mut client = Client::new(std::slice::from_ref(&url))?;
+    let mut client = Client::new(std::slice::from_ref(&url), cluster.dialer()?)?;
     let outcome = tokio::select! {
         outcome = serve(ctx, &cluster, &mut client, wave.as_ref()) => outcome,
         () = interrupted() => {
@@ -303,6 +339,13 @@ async fn serve(
         println!("In another terminal:");
         println!();
         println!("  export VENOM_COORDINATOR={url}");
+        if let Some(dir) = cluster.tls_dir() {
+            if let Ok(admin) = admin_files(dir) {
+                println!("  export VENOM_TLS_CA={}", admin.ca.display());
+                println!("  export VENOM_TLS_CERT={}", admin.cert.display());
+                println!("  export VENOM_TLS_KEY={}", admin.key.display());
+            }
+        }
         println!("  venomctl nodes");
         println!("  venomctl submit examples/hello.toml --watch");
         println!();
@@ -321,6 +364,40 @@ async fn serve(
 }
 
 /// The embedded worker: the only place that knows how `venom_worker` is configured.
+/// A CA and the certificates of the embedded cluster in `dir`: member 1 (loopback
+/// names), worker `dev` and admin `dev`. Reused when `dir` already holds them.
+fn dev_certificates(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use venom_tls::issue::{self, Validity};
+    use venom_tls::{Peer, Role};
+    if !dir.join(issue::CA_CERT).exists() {
+        issue::init(dir, Validity::days(issue::DEFAULT_DAYS))?;
+    }
+    for peer in [
+        Peer::new(Role::Member, "1")?,
+        Peer::new(Role::Worker, DEV_WORKER_NAME)?,
+        Peer::new(Role::Admin, DEV_WORKER_NAME)?,
+    ] {
+        if !issue::paths(dir, &peer).0.exists() {
+            issue::issue_into(dir, &peer, &[], Validity::days(issue::DEFAULT_DAYS), false)?;
+        }
+    }
+    Ok(dir.to_owned())
+}
+
+fn tls_args(dir: &std::path::Path, peer: &venom_tls::Peer) -> venom_tls::TlsArgs {
+    let files = venom_tls::TlsFiles::in_dir(dir, peer);
+    venom_tls::TlsArgs {
+        tls_ca: Some(files.ca),
+        tls_cert: Some(files.cert),
+        tls_key: Some(files.key),
+    }
+}
+
+fn admin_files(dir: &std::path::Path) -> anyhow::Result<venom_tls::TlsFiles> {
+    let admin = venom_tls::Peer::new(venom_tls::Role::Admin, DEV_WORKER_NAME)?;
+    Ok(venom_tls::TlsFiles::in_dir(dir, &admin))
+}
+
 mod embedded_worker {
     use std::future::Future;
 

@@ -254,6 +254,8 @@ pub struct GroupView {
 pub struct WaveView {
     pub wave_id: u64,
     pub name: String,
+    /// Who submitted it (the name on their certificate); empty when anonymous.
+    pub owner: String,
     #[serde(serialize_with = "as_word")]
     pub state: WaveState,
     #[serde(serialize_with = "as_word")]
@@ -285,6 +287,7 @@ impl TryFrom<&pb::WaveSummary> for WaveView {
         Ok(Self {
             wave_id: w.wave_id,
             name: w.name.clone(),
+            owner: w.owner.clone(),
             state: w.state().try_into()?,
             on_failure: w.on_failure().try_into()?,
             n_micro_tasks: w.n_micro_tasks,
@@ -440,6 +443,7 @@ pub fn render_waves(waves: &[WaveView]) -> String {
     let mut table = Table::new(&[
         ">ID",
         "NAME",
+        "OWNER",
         "STATE",
         ">MICRO",
         ">DONE",
@@ -453,6 +457,11 @@ pub fn render_waves(waves: &[WaveView]) -> String {
         table.row(vec![
             wave.wave_id.to_string(),
             wave.name.clone(),
+            if wave.owner.is_empty() {
+                "-".to_owned()
+            } else {
+                wave.owner.clone()
+            },
             wave.state.as_str().to_owned(),
             wave.n_micro_tasks.to_string(),
             wave.counts.terminal().to_string(),

@@ -92,14 +92,14 @@ const MEMBER_VIEW_TIMEOUT: Duration = Duration::from_millis(800);
 /// Replaces every other member's row with the member's own view (asked concurrently);
 /// a member that does not answer is shown `unreachable`. Lag is then measured against
 /// the highest commit index any member reported.
-pub async fn gather_member_views(view: &mut pb::ClusterStatusResponse) {
+pub async fn gather_member_views(view: &mut pb::ClusterStatusResponse, dialer: &venom_tls::Dialer) {
     let asks = view
         .members
         .iter()
         .filter(|m| !m.reported)
         .map(|m| {
             let (id, address) = (m.id, m.address.clone());
-            async move { (id, ask_member(&address).await) }
+            async move { (id, ask_member(&address, dialer).await) }
         })
         .collect::<Vec<_>>();
     let answers: BTreeMap<u64, Option<pb::ClusterMember>> =
@@ -133,15 +133,20 @@ pub async fn gather_member_views(view: &mut pb::ClusterStatusResponse) {
 }
 
 /// One member's own row, or `None` when it does not answer in time.
-async fn ask_member(address: &str) -> Option<pb::ClusterMember> {
-    let view = member_view(address, MEMBER_VIEW_TIMEOUT).await?;
+async fn ask_member(address: &str, dialer: &venom_tls::Dialer) -> Option<pb::ClusterMember> {
+    let view = member_view(address, MEMBER_VIEW_TIMEOUT, dialer).await?;
     view.members.into_iter().find(|m| m.reported)
 }
 
 /// A coordinator's own view of the cluster (`ClusterStatus` without asking the others),
 /// or `None` when it does not answer within `timeout` (connecting included).
-pub async fn member_view(address: &str, timeout: Duration) -> Option<pb::ClusterStatusResponse> {
-    let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())
+pub async fn member_view(
+    address: &str,
+    timeout: Duration,
+    dialer: &venom_tls::Dialer,
+) -> Option<pb::ClusterStatusResponse> {
+    let endpoint = dialer
+        .endpoint(address)
         .ok()?
         .connect_timeout(timeout)
         .timeout(timeout);

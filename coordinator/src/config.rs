@@ -61,7 +61,22 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "VENOM_JOIN")]
     pub join: bool,
 
-    /// Address for the Prometheus `/metrics` endpoint (off when unset).
+    /// Mutual TLS (`venomctl tls init`): this member's certificate must name member `--id`.
+    /// Required to listen on, or reach peers at, an address beyond loopback.
+    #[command(flatten)]
+    pub tls: venom_tls::TlsArgs,
+
+    /// Serve and reach peers in plaintext beyond loopback, with no authentication: anyone
+    /// who can reach the port can run commands on every worker. Logged at every start.
+    #[arg(long, env = "VENOM_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub insecure: bool,
+
+    /// Do not serve gRPC reflection (`grpcurl list` and friends).
+    #[arg(long, env = "VENOM_NO_REFLECTION")]
+    pub no_reflection: bool,
+
+    /// Address for the Prometheus `/metrics` endpoint (off when unset; give a loopback
+    /// address unless the scraper is elsewhere: it is plain HTTP without authentication).
     #[arg(long, env = "VENOM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
@@ -103,6 +118,9 @@ impl CoordinatorConfig {
             peers: Vec::new(),
             bootstrap: true,
             join: false,
+            tls: venom_tls::TlsArgs::default(),
+            insecure: false,
+            no_reflection: false,
             metrics_listen: None,
             heartbeat_ttl_ms: defaults::HEARTBEAT_TTL_MS,
             max_micro_tasks: defaults::MAX_MICRO_TASKS,

@@ -21,12 +21,58 @@ use crate::state::{
 pub const MAX_NODE_NAME_BYTES: usize = 253;
 /// Most micro-tasks a node may ask to keep queued beyond its usable slots.
 pub const MAX_QUEUE_DEPTH: u32 = 1_024;
+/// Most slots a node may offer.
+pub const MAX_SLOTS: u32 = 4_096;
+/// Most labels a node may carry, and the longest key and value.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY_BYTES: usize = 63;
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+/// Largest hardware profile a node may register (encoded).
+pub const MAX_PROFILE_BYTES: usize = 64 * 1024;
+/// Most attempts a registration may report as running or finished.
+pub const MAX_REGISTER_ATTEMPTS: usize = 65_536;
+/// The most of each attempt's stdout and of its stderr the coordinator stores (the tail
+/// is kept), whatever a worker sends.
+pub const MAX_STORED_OUTPUT_BYTES: usize = 64 * 1024;
 
 /// The node a worker's `Register` describes; the error names the bad field.
 pub fn node_spec(register: &pb::Register) -> Result<NodeSpec, String> {
     if register.name.is_empty() || register.name.len() > MAX_NODE_NAME_BYTES {
         return Err(format!(
             "field `register.name`: must be 1 to {MAX_NODE_NAME_BYTES} characters"
+        ));
+    }
+    if register.slots > MAX_SLOTS {
+        return Err(format!(
+            "field `register.slots`: {} is more than {MAX_SLOTS}",
+            register.slots
+        ));
+    }
+    if register.labels.len() > MAX_LABELS {
+        return Err(format!(
+            "field `register.labels`: {} labels, at most {MAX_LABELS}",
+            register.labels.len()
+        ));
+    }
+    for (key, value) in &register.labels {
+        if key.is_empty() || key.len() > MAX_LABEL_KEY_BYTES || value.len() > MAX_LABEL_VALUE_BYTES
+        {
+            return Err(format!(
+                "field `register.labels`: keys are 1 to {MAX_LABEL_KEY_BYTES} bytes and values \
+                 at most {MAX_LABEL_VALUE_BYTES}"
+            ));
+        }
+    }
+    let profile_bytes = register.profile.as_ref().map_or(0, |p| p.encoded_len());
+    if profile_bytes > MAX_PROFILE_BYTES {
+        return Err(format!(
+            "field `register.profile`: {profile_bytes} bytes, at most {MAX_PROFILE_BYTES}"
+        ));
+    }
+    if register.running.len() + register.unacknowledged.len() > MAX_REGISTER_ATTEMPTS {
+        return Err(format!(
+            "fields `register.running` and `register.unacknowledged`: more than \
+             {MAX_REGISTER_ATTEMPTS} attempts"
         ));
     }
     let policy = match register.throttle_policy() {
@@ -146,16 +192,40 @@ pub fn assignment(state: &State, attempt: AttemptRef, node: &str) -> Option<pb::
             .get(node)
             .map_or(pb::ThetaMode::Unspecified, |n| n.throttle.mode.into())
             .into(),
+        workdir: spec.workdir.clone().unwrap_or_default(),
+        memory_bytes: spec.memory_bytes,
     })
 }
 
-pub fn result_from_pb(node: &str, f: pb::TaskFinished) -> Option<AttemptResult> {
+pub fn result_from_pb(node: &str, mut f: pb::TaskFinished) -> Option<AttemptResult> {
+    for (output, truncated) in [
+        (&mut f.stdout, &mut f.stdout_truncated),
+        (&mut f.stderr, &mut f.stderr_truncated),
+    ] {
+        if output.len() > MAX_STORED_OUTPUT_BYTES {
+            output.drain(..output.len() - MAX_STORED_OUTPUT_BYTES);
+            *truncated = true;
+        }
+    }
+    f.error
+        .truncate(floor_char_boundary(&f.error, MAX_STORED_OUTPUT_BYTES));
     let (attempt, outcome) = venom_proto::convert::from_task_finished(f)?;
     Some(AttemptResult {
         attempt,
         node: node.to_string(),
         outcome,
     })
+}
+
+/// The largest index ≤ `max` that starts a character of `s`.
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if s.len() <= max {
+        return s.len();
+    }
+    (0..=max)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0)
 }
 
 pub fn heartbeat_from_pb(node: &str, h: &pb::Heartbeat) -> HeartbeatReport {
@@ -193,6 +263,7 @@ pub fn wave_summary(state: &State, wave: &Wave) -> pb::WaveSummary {
     pb::WaveSummary {
         wave_id: h.id,
         name: h.spec.name.clone(),
+        owner: h.owner.clone(),
         state: pb::WaveState::from(h.state).into(),
         n_micro_tasks: wave.tasks.len() as u64,
         counts: Some(h.counts.into()),

@@ -2,6 +2,7 @@
 //! nodes persisted in sled, a pure scheduler, the Möbius model, and the gRPC services
 //! for clients, workers and raft peers — all served on one port.
 
+pub mod auth;
 pub mod cluster_view;
 pub mod config;
 pub mod convert;
@@ -14,6 +15,7 @@ pub mod server;
 pub mod state;
 pub mod storage;
 pub mod transport;
+mod wire_limits;
 
 #[cfg(test)]
 mod sim;
@@ -27,7 +29,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use venom_core::wave::WaveLimits;
 use venom_proto::v1::client_service_server::ClientServiceServer;
 use venom_proto::v1::raft_service_server::RaftServiceServer;
@@ -79,6 +80,7 @@ async fn open_data_dir(
     config: &CoordinatorConfig,
     data_dir: &std::path::Path,
     members: &BTreeMap<u64, String>,
+    dialer: &venom_tls::Dialer,
 ) -> anyhow::Result<(Store, u64)> {
     let empty = || DataDirError::Empty {
         dir: data_dir.to_path_buf(),
@@ -92,7 +94,7 @@ async fn open_data_dir(
         if !config.bootstrap && !config.join {
             return Err(empty().into());
         }
-        let views = peer_views(&configured_peers).await;
+        let views = peer_views(&configured_peers, dialer).await;
         let took_part = views
             .iter()
             .find(|(_, view)| view.members.iter().any(|m| m.id == config.id && m.started));
@@ -123,10 +125,11 @@ async fn check_peers_cluster(
     data_dir: std::path::PathBuf,
     cluster_id: u64,
     peers: BTreeMap<u64, String>,
+    dialer: venom_tls::Dialer,
 ) -> Result<(), DataDirError> {
     let deadline = tokio::time::Instant::now() + PEER_CLUSTER_CHECK_FOR;
     loop {
-        let views = peer_views(&peers).await;
+        let views = peer_views(&peers, &dialer).await;
         let named: Vec<&(u64, venom_proto::v1::ClusterStatusResponse)> =
             views.iter().filter(|(_, v)| v.cluster_id != 0).collect();
         match named.first() {
@@ -152,11 +155,12 @@ async fn check_peers_cluster(
 /// The views of the peers that answer within [`PEER_CHECK_TIMEOUT`] (asked at once).
 async fn peer_views(
     peers: &BTreeMap<u64, String>,
+    dialer: &venom_tls::Dialer,
 ) -> Vec<(u64, venom_proto::v1::ClusterStatusResponse)> {
     let asks = peers.iter().map(|(&id, address)| async move {
         (
             id,
-            cluster_view::member_view(address, PEER_CHECK_TIMEOUT).await,
+            cluster_view::member_view(address, PEER_CHECK_TIMEOUT, dialer).await,
         )
     });
     futures::future::join_all(asks)
@@ -173,6 +177,47 @@ pub async fn bind(config: &CoordinatorConfig) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {}", config.listen))
 }
 
+/// Streams one connection may carry at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
+/// HTTP/2 pings find connections whose peer vanished (and free their worker names).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// This member's certificate, checked against `--id`; without one, plaintext is allowed
+/// on loopback, or anywhere with `--insecure` (said loudly at every start).
+fn security(
+    config: &CoordinatorConfig,
+    local: std::net::SocketAddr,
+) -> anyhow::Result<Option<std::sync::Arc<venom_tls::files::Material>>> {
+    if let Some(files) = config.tls.files() {
+        let material = files.load().context("TLS")?;
+        anyhow::ensure!(
+            material.peer.member_id() == Some(config.id),
+            "--tls-cert: {} is the certificate of {}, not of member {} (issue one with \
+             `venomctl tls issue member {}`)",
+            files.cert.display(),
+            material.peer,
+            config.id,
+            config.id
+        );
+        return Ok(Some(std::sync::Arc::new(material)));
+    }
+    if config.insecure {
+        tracing::warn!(
+            listen = %local,
+            "--insecure: serving plaintext without authentication; anyone who can reach this \
+             port can run commands on every worker"
+        );
+    } else if !local.ip().is_loopback() {
+        anyhow::bail!(
+            "--listen {local}: refusing to serve beyond loopback without TLS; give \
+             --tls-ca, --tls-cert and --tls-key (see `venomctl tls init`), or --insecure to \
+             let anyone who reaches this port run commands on every worker"
+        );
+    }
+    Ok(None)
+}
+
 /// Runs a coordinator serving on `listener` until `shutdown` resolves.
 pub async fn run(
     config: CoordinatorConfig,
@@ -181,9 +226,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     anyhow::ensure!(config.id >= 1, "--id must be at least 1");
     let local = listener.local_addr().context("listener address")?;
+    let tls = security(&config, local)?;
+    let dialer = match &tls {
+        Some(material) => venom_tls::Dialer::tls(material.clone()),
+        None => venom_tls::Dialer::plaintext(config.insecure),
+    };
     let data_dir = config.data_dir();
     let members = parse_members(config.id, &format!("http://{local}"), &config.peers)?;
-    let (store, cluster_id) = open_data_dir(&config, &data_dir, &members).await?;
+    for (id, address) in members.iter().filter(|(&id, _)| id != config.id) {
+        dialer
+            .url(address)
+            .with_context(|| format!("--peers: member {id}"))?;
+    }
+    let (store, cluster_id) = open_data_dir(&config, &data_dir, &members, &dialer).await?;
     // Everyone this member could be clustered with: its recorded membership and --peers.
     let mut known_peers = store.members()?;
     known_peers.extend(members.iter().map(|(&id, a)| (id, a.clone())));
@@ -210,9 +265,9 @@ pub async fn run(
     }
     if cluster_id != 0 && !known_peers.is_empty() {
         let (refusal, refused) = (refusal.clone(), refused.clone());
-        let (id, dir) = (config.id, data_dir.clone());
+        let (id, dir, dialer) = (config.id, data_dir.clone(), dialer.clone());
         tokio::spawn(async move {
-            if let Err(e) = check_peers_cluster(id, dir, cluster_id, known_peers).await {
+            if let Err(e) = check_peers_cluster(id, dir, cluster_id, known_peers, dialer).await {
                 tracing::error!("{e}");
                 if let Ok(mut slot) = refusal.lock() {
                     *slot = Some(e);
@@ -222,7 +277,7 @@ pub async fn run(
         });
     }
     // Peers come and go with membership changes, so even a group of one has a transport.
-    let transport = GrpcTransport::start(config.id, &members);
+    let transport = GrpcTransport::start(config.id, &members, dialer.clone());
     let routes = transport.routes();
     let replica_config = ReplicaConfig {
         id: config.id,
@@ -257,16 +312,28 @@ pub async fn run(
     health_reporter
         .set_serving::<RaftServiceServer<server::RaftApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(venom_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("reflection service")?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(venom_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .context("reflection service")?;
+    let reflection = if config.no_reflection {
+        None
+    } else {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(venom_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .context("reflection service")?,
+        )
+    };
+    let reflection_alpha = if config.no_reflection {
+        None
+    } else {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(venom_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1alpha()
+                .context("reflection service")?,
+        )
+    };
 
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr)
@@ -289,12 +356,18 @@ pub async fn run(
         handle: handle.clone(),
         limits,
         shutdown: shutdown_rx.clone(),
+        dialer,
     };
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // Bounds per connection; the listener bounds connections per address.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(wire_limits::ResourceExhaustedLayer)
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
+        .add_optional_service(reflection)
+        .add_optional_service(reflection_alpha)
         .add_service(
             ClientServiceServer::new(client_api)
                 .max_decoding_message_size(max)
@@ -303,6 +376,7 @@ pub async fn run(
         .add_service(
             WorkerServiceServer::new(server::WorkerApi {
                 handle: handle.clone(),
+                live: server::LiveStreams::default(),
             })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
@@ -315,15 +389,19 @@ pub async fn run(
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
         );
-    tracing::info!(addr = %local, id = config.id, data_dir = %data_dir.display(), "coordinator serving");
+    tracing::info!(
+        addr = %local,
+        id = config.id,
+        data_dir = %data_dir.display(),
+        tls = tls.is_some(),
+        "coordinator serving"
+    );
     let mut server_shutdown = shutdown_rx.clone();
-    // `Server::tcp_nodelay` only covers listeners tonic binds itself; set it on every
-    // accepted socket here (delayed ACKs would otherwise cost ~40 ms per dependency link).
-    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |conn| {
-        conn.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    });
+    // The listener runs the handshakes, attaches each caller's identity and bounds
+    // connections per address (and sets TCP_NODELAY: delayed ACKs would otherwise cost
+    // ~40 ms per dependency link).
+    let incoming = venom_tls::listen::incoming(listener, venom_tls::ListenConfig::new(tls))
+        .context("TLS listener")?;
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = server_shutdown.wait_for(|s| *s).await;
     }));

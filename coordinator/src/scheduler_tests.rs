@@ -57,6 +57,7 @@ fn cluster(nodes: Vec<NodeSpec>) -> State {
 fn submit(state: &mut State, text: &str) -> WaveId {
     let spec = parse_wave(text.as_bytes(), Format::Toml, &WaveLimits::default()).unwrap();
     match state.apply(Command::SubmitWave {
+        owner: String::new(),
         spec,
         traceparent: String::new(),
         now_ms: 0,

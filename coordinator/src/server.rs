@@ -22,6 +22,7 @@ use venom_proto::v1::worker_service_server::WorkerService;
 use venom_core::url::{check_host_port, normalize_url};
 use venom_core::wave::{self, Format, WaveLimits};
 
+use crate::auth::{self, Caller};
 use crate::cluster_view;
 use crate::convert;
 use crate::replica::{now_ms, Event, Handle, MemberChange, ProposeError};
@@ -59,6 +60,8 @@ pub struct ClientApi {
     pub handle: Handle,
     pub limits: WaveLimits,
     pub shutdown: watch::Receiver<bool>,
+    /// How this coordinator reaches the other members (for `ClusterStatus`).
+    pub dialer: venom_tls::Dialer,
 }
 
 impl ClientApi {
@@ -66,6 +69,7 @@ impl ClientApi {
     /// the commit (a `raft.commit` span).
     async fn submit(
         &self,
+        owner: String,
         req: pb::SubmitWaveRequest,
         traceparent: String,
     ) -> Result<pb::SubmitWaveResponse, Status> {
@@ -89,6 +93,7 @@ impl ClientApi {
         let outcome = self
             .handle
             .propose(Command::SubmitWave {
+                owner,
                 spec,
                 traceparent,
                 now_ms: now_ms(),
@@ -151,6 +156,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::SubmitWaveRequest>,
     ) -> Result<Response<pb::SubmitWaveResponse>, Status> {
+        let owner = Caller::require(&request, auth::USERS, "SubmitWave")?.owner();
         // The caller's context: gRPC metadata first, else the request field.
         let caller = venom_telemetry::traceparent_from_metadata(request.metadata());
         let req = request.into_inner();
@@ -178,7 +184,10 @@ impl ClientService for ClientApi {
                 String::new()
             }
         });
-        let result = self.submit(req, traceparent).instrument(span.clone()).await;
+        let result = self
+            .submit(owner, req, traceparent)
+            .instrument(span.clone())
+            .await;
         match &result {
             Ok(response) => {
                 // As i64: OpenTelemetry attributes have no unsigned integers.
@@ -197,6 +206,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::GetWaveRequest>,
     ) -> Result<Response<pb::WaveSummary>, Status> {
+        Caller::require(&request, auth::USERS, "GetWave")?;
         self.read_barrier().await?;
         self.wave_summary(request.into_inner().wave_id)
             .map(Response::new)
@@ -204,8 +214,9 @@ impl ClientService for ClientApi {
 
     async fn list_waves(
         &self,
-        _request: Request<pb::ListWavesRequest>,
+        request: Request<pb::ListWavesRequest>,
     ) -> Result<Response<pb::ListWavesResponse>, Status> {
+        Caller::require(&request, auth::USERS, "ListWaves")?;
         self.read_barrier().await?;
         let state = self.handle.read_state();
         let waves = state
@@ -222,6 +233,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::WatchWaveRequest>,
     ) -> Result<Response<Self::WatchWaveStream>, Status> {
+        Caller::require(&request, auth::USERS, "WatchWave")?;
         let wave_id = request.into_inner().wave_id;
         self.wave_summary(wave_id)?;
         let (tx, rx) = mpsc::channel(16);
@@ -265,8 +277,15 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::CancelWaveRequest>,
     ) -> Result<Response<pb::CancelWaveResponse>, Status> {
+        let caller = Caller::require(&request, auth::USERS, "CancelWave")?;
         let wave_id = request.into_inner().wave_id;
-        self.wave_summary(wave_id)?;
+        let owner = self.wave_summary(wave_id)?.owner;
+        if !caller.may_cancel(&owner) {
+            return Err(Status::permission_denied(format!(
+                "wave {wave_id} belongs to `{owner}`: a client cancels only its own waves \
+                 (an admin certificate cancels any)"
+            )));
+        }
         let outcome = self
             .handle
             .propose(Command::CancelWave {
@@ -288,6 +307,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        Caller::require(&request, auth::USERS, "ListTasks")?;
         let wave_id = request.into_inner().wave_id;
         self.read_barrier().await?;
         let state = self.handle.read_state();
@@ -305,6 +325,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::GetLogsRequest>,
     ) -> Result<Response<pb::GetLogsResponse>, Status> {
+        Caller::require(&request, auth::USERS, "GetLogs")?;
         let req = request.into_inner();
         self.read_barrier().await?;
         let state = self.handle.read_state();
@@ -333,8 +354,9 @@ impl ClientService for ClientApi {
 
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        Caller::require(&request, auth::USERS, "ListNodes")?;
         let state = self.handle.read_state();
         let nodes = state
             .nodes
@@ -348,6 +370,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        Caller::require(&request, auth::ADMINS, "DrainNode")?;
         let req = request.into_inner();
         let outcome = self
             .handle
@@ -367,9 +390,10 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        Caller::require(&request, auth::STATUS_READERS, "ClusterStatus")?;
         let mut view = cluster_view::own_view(&self.handle);
         if request.into_inner().all_members {
-            cluster_view::gather_member_views(&mut view).await;
+            cluster_view::gather_member_views(&mut view, &self.dialer).await;
         }
         Ok(Response::new(view))
     }
@@ -378,6 +402,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        Caller::require(&request, auth::ADMINS, "AddMember")?;
         let request = request.into_inner();
         let address = request.address.trim();
         if request.id == 0 {
@@ -399,6 +424,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        Caller::require(&request, auth::ADMINS, "RemoveMember")?;
         let id = request.into_inner().id;
         self.handle
             .change_membership(MemberChange::Remove { id })
@@ -412,6 +438,49 @@ impl ClientService for ClientApi {
 #[derive(Debug, Clone)]
 pub struct WorkerApi {
     pub handle: Handle,
+    /// The node names with a live stream here, and which connection holds each.
+    pub live: LiveStreams,
+}
+
+/// One live worker stream per node name: a second worker under a taken name is refused
+/// (instead of the two taking the name from each other) until the first stream ends.
+#[derive(Debug, Clone, Default)]
+pub struct LiveStreams(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>);
+
+impl LiveStreams {
+    fn claim(&self, name: &str, conn: u64) -> bool {
+        match self.0.lock() {
+            Ok(mut live) => match live.entry(name.to_owned()) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(conn);
+                    true
+                }
+            },
+            Err(_) => false,
+        }
+    }
+
+    fn release(&self, name: &str, conn: u64) {
+        if let Ok(mut live) = self.0.lock() {
+            if live.get(name) == Some(&conn) {
+                live.remove(name);
+            }
+        }
+    }
+}
+
+/// Gives a claimed name back when the stream's task ends, however it ends.
+struct Claim {
+    live: LiveStreams,
+    name: String,
+    conn: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.live.release(&self.name, self.conn);
+    }
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -424,9 +493,14 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let caller = Caller::require(&request, &[venom_tls::Role::Worker], "Connect")?;
         if !self.handle.is_leader() {
             return Err(not_leader(&self.handle));
         }
+        let remote = request
+            .extensions()
+            .get::<venom_tls::ConnInfo>()
+            .and_then(|info| info.remote);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -436,8 +510,21 @@ impl WorkerService for WorkerApi {
             Status::invalid_argument("field `register`: the first message must register")
         })?;
         let spec = convert::node_spec(&register).map_err(Status::invalid_argument)?;
+        caller.check_worker_name(&spec.name)?;
         let name = spec.name.clone();
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        if !self.live.claim(&name, conn) {
+            tracing::warn!(node = %name, ?remote, "refused a second worker stream for a taken name");
+            return Err(Status::already_exists(format!(
+                "node name `{name}` already has a live worker stream here: give each worker a \
+                 name of its own (--name), or wait for the other one's stream to end"
+            )));
+        }
+        let claim = Claim {
+            live: self.live.clone(),
+            name: name.clone(),
+            conn,
+        };
         let (tx, rx) = mpsc::channel(WORKER_STREAM_QUEUE);
         self.handle
             .tx
@@ -460,6 +547,7 @@ impl WorkerService for WorkerApi {
 
         let handle = self.handle.clone();
         tokio::spawn(async move {
+            let _claim = claim;
             loop {
                 let message = match inbound.message().await {
                     Ok(Some(m)) => m,
@@ -507,7 +595,9 @@ pub struct RaftApi {
 #[tonic::async_trait]
 impl RaftService for RaftApi {
     async fn send(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        let caller = Caller::require(&request, &[venom_tls::Role::Member], "RaftService.Send")?;
         let batch = request.into_inner();
+        caller.check_member_id(batch.from)?;
         let status = self.handle.status();
         let admitted = transport::admit(&batch, status.cluster_id, &status.members)
             .map_err(|refusal| {

@@ -1328,6 +1328,7 @@ impl Sim {
             let spec = parse_wave(text.as_bytes(), Format::Toml, &WaveLimits::default())
                 .map_err(|e| format!("wave spec: {e}"))?;
             let command = Command::SubmitWave {
+                owner: String::new(),
                 spec,
                 traceparent: String::new(),
                 now_ms,

@@ -78,6 +78,8 @@ impl MicroTask {
 pub struct WaveHeader {
     pub id: WaveId,
     pub spec: WaveSpec,
+    /// Who submitted it: the name on their certificate ("" when anonymous).
+    pub owner: String,
     pub state: WaveState,
     pub traceparent: String,
     pub submitted_ms: u64,
@@ -285,6 +287,8 @@ pub struct Placement {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     SubmitWave {
+        /// Who submitted it: the name on their certificate ("" when anonymous).
+        owner: String,
         spec: WaveSpec,
         traceparent: String,
         now_ms: u64,
@@ -619,10 +623,11 @@ impl State {
     pub fn apply(&mut self, command: Command) -> Outcome {
         match command {
             Command::SubmitWave {
+                owner,
                 spec,
                 traceparent,
                 now_ms,
-            } => self.on_submit(spec, traceparent, now_ms),
+            } => self.on_submit(owner, spec, traceparent, now_ms),
             Command::CancelWave { wave_id, now_ms } => self.on_cancel(wave_id, now_ms),
             Command::RegisterNode {
                 spec,
@@ -686,7 +691,13 @@ impl State {
         }
     }
 
-    fn on_submit(&mut self, spec: WaveSpec, traceparent: String, now_ms: u64) -> Outcome {
+    fn on_submit(
+        &mut self,
+        owner: String,
+        spec: WaveSpec,
+        traceparent: String,
+        now_ms: u64,
+    ) -> Outcome {
         if let Err(error) = spec.validate(&self.limits.0) {
             return Outcome::Rejected(error.to_string());
         }
@@ -716,6 +727,7 @@ impl State {
         let header = WaveHeader {
             id,
             spec,
+            owner,
             state: WaveState::Pending,
             traceparent,
             submitted_ms: now_ms,

@@ -57,6 +57,7 @@ fn cluster(nodes: &[(&str, u32)]) -> State {
 
 fn submit(state: &mut State, text: &str, now_ms: u64) -> WaveId {
     match state.apply(Command::SubmitWave {
+        owner: String::new(),
         spec: spec(text),
         traceparent: String::new(),
         now_ms,
@@ -244,6 +245,7 @@ cmd = ["true"]
 fn submit_expands_arrays_marks_roots_ready_and_fills_dirty_sets() {
     let mut state = cluster(&[]);
     let outcome = state.apply(Command::SubmitWave {
+        owner: String::new(),
         spec: spec(ETL),
         traceparent: "00-trace-01".into(),
         now_ms: 42,
@@ -313,6 +315,7 @@ fn submit_rejects_a_spec_over_the_limits_and_stores_nothing() {
         ..WaveLimits::default()
     });
     let outcome = state.apply(Command::SubmitWave {
+        owner: String::new(),
         spec: spec(ETL),
         traceparent: String::new(),
         now_ms: 1,
@@ -1482,6 +1485,7 @@ fn batch_applies_in_order_and_returns_each_outcome() {
     let mut state = cluster(&[("n1", 1)]);
     let outcome = state.apply(Command::Batch(vec![
         Command::SubmitWave {
+            owner: String::new(),
             spec: spec("name = \"b\"\n[[task]]\nid = \"t\"\nrun = \"x\"\n"),
             traceparent: String::new(),
             now_ms: 0,

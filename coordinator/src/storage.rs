@@ -769,6 +769,7 @@ mod tests {
         .expect("wave");
         let mut state = State::new(WaveLimits::default());
         state.apply(Command::SubmitWave {
+            owner: String::new(),
             spec,
             traceparent: String::new(),
             now_ms: 5,

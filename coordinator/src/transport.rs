@@ -12,7 +12,6 @@ use std::time::Duration;
 use protobuf::Message as _;
 use raft::eraftpb::{Message as RaftMessage, MessageType};
 use tokio::sync::mpsc;
-use venom_core::url::normalize_url;
 use venom_proto::v1 as pb;
 use venom_proto::v1::raft_service_client::RaftServiceClient;
 
@@ -146,12 +145,15 @@ pub struct GrpcTransport {
     cluster_id: Arc<AtomicU64>,
     /// Peers whose snapshot was lost on the way, filled by the sender tasks.
     failed_snapshots: Arc<Mutex<BTreeSet<u64>>>,
+    /// How peers are reached (mutual TLS with this member's certificate, or plaintext).
+    dialer: venom_tls::Dialer,
 }
 
 impl GrpcTransport {
     /// Starts a sender task for every peer except `from`.
-    pub fn start(from: u64, members: &BTreeMap<u64, String>) -> Self {
+    pub fn start(from: u64, members: &BTreeMap<u64, String>, dialer: venom_tls::Dialer) -> Self {
         let mut transport = Self {
+            dialer,
             from,
             own_address: members.get(&from).cloned().unwrap_or_default(),
             peers: BTreeMap::new(),
@@ -178,6 +180,7 @@ impl GrpcTransport {
             addr.clone(),
             rx,
             self.failed_snapshots.clone(),
+            self.dialer.clone(),
         ));
         self.peers.insert(id, (addr, tx));
     }
@@ -261,6 +264,7 @@ async fn peer_sender(
     addr: String,
     mut rx: mpsc::Receiver<Vec<RaftMessage>>,
     failed_snapshots: Arc<Mutex<BTreeSet<u64>>>,
+    dialer: venom_tls::Dialer,
 ) {
     let note_failure = |batch: &[RaftMessage]| {
         if has_snapshot(batch) {
@@ -270,16 +274,18 @@ async fn peer_sender(
             }
         }
     };
-    let url = normalize_url(&addr);
     let mut client: Option<RaftServiceClient<tonic::transport::Channel>> = None;
     while let Some(mut batch) = rx.recv().await {
         while let Ok(more) = rx.try_recv() {
             batch.extend(more);
         }
         if client.is_none() {
-            let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.clone()) else {
-                tracing::error!(to, url, "bad peer address");
-                return;
+            let endpoint = match dialer.endpoint(&addr) {
+                Ok(endpoint) => endpoint,
+                Err(e) => {
+                    tracing::error!(to, error = %e, "cannot reach this peer");
+                    return;
+                }
             };
             let endpoint = endpoint
                 .tcp_nodelay(true)

@@ -27,6 +27,17 @@ pub struct WorkerConfig {
     )]
     pub coordinators: Vec<String>,
 
+    /// Mutual TLS: the cluster CA, and this worker's certificate (`venomctl tls issue worker
+    /// NAME`), whose name becomes the node name. Required to reach a coordinator beyond
+    /// loopback.
+    #[command(flatten)]
+    pub tls: venom_tls::TlsArgs,
+
+    /// Reach coordinators beyond loopback in plaintext, unauthenticated (logged at every
+    /// start): anyone on the path can read and alter this node's work.
+    #[arg(long, env = "VENOM_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub insecure: bool,
+
     /// Slots (CPUs) this node offers [default: logical CPUs, or the cgroup CPU quota].
     #[arg(long, env = "VENOM_SLOTS", value_parser = clap::value_parser!(u32).range(1..))]
     pub slots: Option<u32>,
@@ -35,7 +46,7 @@ pub struct WorkerConfig {
     #[arg(long, env = "VENOM_LABELS", value_delimiter = ',', value_parser = parse_label, value_name = "K=V[,K=V…]")]
     pub labels: Vec<(String, String)>,
 
-    /// This node's name [default: the host name].
+    /// This node's name [default: the name on its certificate, else the host name].
     #[arg(long, env = "VENOM_NAME")]
     pub name: Option<String>,
 
@@ -66,6 +77,8 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             coordinators: vec![DEFAULT_COORDINATOR.to_owned()],
+            tls: venom_tls::TlsArgs::default(),
+            insecure: false,
             slots: None,
             labels: Vec::new(),
             name: None,

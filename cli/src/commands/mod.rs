@@ -11,6 +11,7 @@
 
 pub mod machine;
 pub mod remote;
+pub mod tls;
 pub mod wavefile;
 
 use clap::CommandFactory;
@@ -26,7 +27,16 @@ pub struct Context {
 impl Context {
     /// A client for the configured coordinators (connects on first use).
     pub fn client(&self) -> anyhow::Result<Client> {
-        Client::new(&self.global.coordinator)
+        Client::new(&self.global.coordinator, self.dialer()?)
+    }
+
+    /// How coordinators are reached: mutual TLS with `--tls-*`, else plaintext (loopback
+    /// only, unless `--insecure`).
+    pub fn dialer(&self) -> anyhow::Result<venom_tls::Dialer> {
+        Ok(venom_tls::Dialer::from_files(
+            self.global.tls.files().as_ref(),
+            self.global.insecure,
+        )?)
     }
 
     /// Whether `--output json` was asked for.
@@ -52,6 +62,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Nodes => remote::nodes(&ctx).await,
         Command::Drain { node, undo } => remote::drain(&ctx, &node, !undo).await,
         Command::Cluster { action } => remote::cluster(&ctx, action).await,
+        Command::Tls { action } => tls::run(&ctx, action),
         Command::Scan => machine::scan(&ctx).await,
         Command::Compress { hours } => machine::compress(&ctx, hours).await,
         Command::Monitor {

@@ -14,7 +14,6 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tonic::{Status, Streaming};
 use venom_core::url::normalize_url;
 use venom_proto::worker_service_client::WorkerServiceClient;
@@ -99,15 +98,17 @@ impl Link {
 pub(super) fn open_stream(
     url: String,
     register: WorkerMessage,
+    dialer: &venom_tls::Dialer,
 ) -> (mpsc::Sender<WorkerMessage>, ConnectFuture) {
     let (sender, receiver) = mpsc::channel(OUTBOUND_CHANNEL_CAPACITY);
     if sender.try_send(register).is_err() {
         // Unreachable: the channel is new, empty and its receiver is held below.
         tracing::error!("cannot queue the registration on a new channel");
     }
+    let endpoint = dialer.endpoint(&url);
     let connecting = async move {
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|error| ConnectError::failed(format!("invalid URL {url}: {error}")))?
+        let endpoint = endpoint
+            .map_err(|error| ConnectError::failed(format!("cannot connect to {url}: {error}")))?
             .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)

@@ -34,9 +34,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
-use tonic::transport::Endpoint;
 use tonic::Status;
-use venom_core::url::normalize_url;
 use venom_proto::WorkerMessage;
 
 use self::link::{open_stream, Link, LinkEvent, Targets};
@@ -57,6 +55,8 @@ pub enum AgentError {
     NoCoordinator,
     #[error("invalid coordinator URL `{url}`: {reason}")]
     InvalidCoordinatorUrl { url: String, reason: String },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("--metrics-listen: cannot listen on {addr}: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -109,6 +109,8 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 struct Agent {
     identity: Identity,
     shared: Arc<Shared>,
+    /// How coordinators are reached: mutual TLS, or plaintext (loopback or `--insecure`).
+    dialer: venom_tls::Dialer,
     /// Where to connect next.
     targets: Targets,
     /// Where the current connection goes (for logs).
@@ -135,7 +137,7 @@ impl Agent {
         let url = self.targets.next();
         tracing::debug!(%url, "connecting to coordinator");
         let register = self.state().register(&self.identity);
-        let (sender, connecting) = open_stream(url.clone(), register);
+        let (sender, connecting) = open_stream(url.clone(), register, &self.dialer);
         self.current_url = url;
         self.pending_outbound = Some(sender);
         self.link = Link::Connecting(connecting);
@@ -306,24 +308,50 @@ pub async fn run(
     if config.coordinators.iter().all(|url| url.trim().is_empty()) {
         return Err(AgentError::NoCoordinator);
     }
+    let dialer = venom_tls::Dialer::from_files(config.tls.files().as_ref(), config.insecure)
+        .map_err(|e| AgentError::Tls(e.to_string()))?;
+    let certified_name = match dialer.material() {
+        Some(material) if material.peer.role != venom_tls::Role::Worker => {
+            return Err(AgentError::Tls(format!(
+                "--tls-cert: {} is the certificate of {}, not of a worker (issue one with \
+                 `venomctl tls issue worker NAME`)",
+                material.files.cert.display(),
+                material.peer
+            )));
+        }
+        Some(material) => Some(material.peer.name.clone()),
+        None => None,
+    };
+    if let (Some(certified), Some(name)) = (&certified_name, &config.name) {
+        if certified != name {
+            return Err(AgentError::Tls(format!(
+                "--name {name}: this worker's certificate is for node `{certified}`"
+            )));
+        }
+    }
+    if config.insecure {
+        tracing::warn!(
+            "--insecure: talking to coordinators in plaintext without authentication; \
+             anyone on the path can read and alter this node's work"
+        );
+    }
     let mut urls = Vec::new();
     for url in config
         .coordinators
         .iter()
         .filter(|url| !url.trim().is_empty())
     {
-        let normalized = normalize_url(url);
-        if let Err(error) = Endpoint::from_shared(normalized.clone()) {
-            return Err(AgentError::InvalidCoordinatorUrl {
+        let normalized = dialer
+            .url(url)
+            .map_err(|error| AgentError::InvalidCoordinatorUrl {
                 url: url.clone(),
                 reason: error.to_string(),
-            });
-        }
+            })?;
         urls.push(normalized);
     }
 
     let slots = config.slots.unwrap_or(profile.effective_cpus).max(1);
-    let name: Arc<str> = config.node_name().into();
+    let name: Arc<str> = certified_name.unwrap_or_else(|| config.node_name()).into();
     let fallback_theta = theta_from_profile(&profile);
     let identity = Identity {
         name,
@@ -380,6 +408,7 @@ pub async fn run(
     let mut agent = Agent {
         identity,
         shared,
+        dialer,
         targets: Targets::new(urls),
         current_url: String::new(),
         pending_outbound: None,
