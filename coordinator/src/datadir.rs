@@ -285,6 +285,11 @@ pub fn open(dir: &Path, member_id: u64) -> Result<(Store, Contents), DataDirErro
     };
     inspect(dir, member_id)?;
     durable::create_dir_all(dir).map_err(io)?;
+    // Every wave's commands and environment live here: this member's user only.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
     let identity = read_identity(dir)?;
     if let Err((problem, db_bytes)) = check_sled_config(dir) {
         return Err(DataDirError::SledConfig {

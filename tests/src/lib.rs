@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod pki;
 pub mod powercut;
 pub mod scenario;
 
@@ -217,6 +218,16 @@ impl Coordinator {
             .create(true)
             .append(true)
             .open(log_path(data_dir, port))?;
+        let mut env = env;
+        if !pki::chooses_tls(&env, &extra) {
+            let id = extra
+                .iter()
+                .position(|f| f == "--id")
+                .and_then(|i| extra.get(i + 1))
+                .cloned()
+                .unwrap_or_else(|| "1".to_owned());
+            env.extend(pki::pki().env(venom_tls::Role::Member, &id));
+        }
         let mut command = Command::new(bin_path("venom-coordinator"));
         let child = with_env(&mut command, &env)
             .arg("--listen")
@@ -280,8 +291,13 @@ pub fn start_worker_with_env(
     extra: &[&str],
     env: &[(String, String)],
 ) -> anyhow::Result<Proc> {
+    let mut env = env.to_vec();
+    let flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    if !pki::chooses_tls(&env, &flags) {
+        env.extend(pki::pki().env(venom_tls::Role::Worker, name));
+    }
     let mut command = Command::new(bin_path("venom-worker"));
-    let child = with_env(&mut command, env)
+    let child = with_env(&mut command, &env)
         .arg("--coordinator")
         .arg(coordinator_url)
         .arg("--name")
@@ -304,6 +320,7 @@ pub fn start_worker_with_env(
 /// Runs `venomctl --coordinator URLS ARGS…`; returns (success, stdout, stderr).
 pub fn venomctl(urls: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin_path("venomctl"))
+        .envs(pki::pki().env(venom_tls::Role::Admin, pki::ADMIN))
         .arg("--coordinator")
         .arg(urls)
         .args(args)
@@ -316,11 +333,16 @@ pub fn venomctl(urls: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// An endpoint for `url` with the test admin's certificate (mutual TLS).
+pub fn endpoint(url: &str) -> anyhow::Result<tonic::transport::Endpoint> {
+    Ok(pki::pki().admin().endpoint(url)?)
+}
+
 /// A gRPC client to a coordinator.
 pub async fn client(url: &str) -> anyhow::Result<ClientServiceClient<Channel>> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let attempt = tonic::transport::Endpoint::from_shared(url.to_string())?
+        let attempt = endpoint(url)?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_millis(500))
             .connect()
@@ -770,7 +792,7 @@ pub fn record_only(dir: &Path) -> String {
 
 /// One connection attempt with short timeouts (a killed member must not stall a test).
 pub async fn try_client(url: &str) -> Option<ClientServiceClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+    let channel = endpoint(url)
         .ok()?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_millis(300))

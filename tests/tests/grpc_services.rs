@@ -17,7 +17,7 @@ async fn health_and_reflection_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(&dir.path().join("c"), &[]).unwrap();
     wait_ready(&coordinator.url(), 0).await.unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(coordinator.url())
+    let channel = endpoint(&coordinator.url())
         .unwrap()
         .connect()
         .await
@@ -87,14 +87,17 @@ async fn raft_batches_from_unknown_peers_or_with_garbage_are_rejected_and_change
         .await
         .unwrap()
         .into_inner();
-    let channel = tonic::transport::Endpoint::from_shared(coordinator.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut raft = RaftServiceClient::new(channel);
+    // The batches below come with member certificates (the test stands in for a member):
+    // what refuses them is the admission of raft traffic, not the roles.
+    let member = |id: &str| {
+        let dialer = venom_tests::pki::pki().dialer(venom_tls::Role::Member, id);
+        let url = coordinator.url();
+        async move { RaftServiceClient::new(dialer.endpoint(&url).unwrap().connect().await.unwrap()) }
+    };
+    let mut raft = member("1").await;
+    let mut stranger = member("99").await;
 
-    let unknown = raft
+    let unknown = stranger
         .send(pb::RaftBatch {
             from: 99,
             messages: vec![Vec::new()],

@@ -19,7 +19,7 @@ use venom_proto::v1::client_service_client::ClientServiceClient;
 use venom_tests::*;
 
 async fn quick_client(url: &str) -> Option<ClientServiceClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+    let channel = endpoint(url)
         .ok()?
         .connect_timeout(Duration::from_millis(300))
         .timeout(Duration::from_secs(3))
