@@ -394,6 +394,71 @@ mod tests {
         address
     }
 
+    /// Serves `member` with mutual TLS, presenting `cert` (whatever its role).
+    async fn serve_tls(member: FakeMember, cert: venom_tls::TlsFiles) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let material = std::sync::Arc::new(cert.load().expect("test certificate"));
+        let incoming =
+            venom_tls::listen::incoming(listener, venom_tls::ListenConfig::new(Some(material)))
+                .expect("listener");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ClientServiceServer::new(member))
+                .serve_with_incoming(incoming),
+        );
+        address
+    }
+
+    /// A CA in `dir` with certificates for `peers`; returns each one's files.
+    fn certificates(dir: &std::path::Path, peers: &[venom_tls::Peer]) -> Vec<venom_tls::TlsFiles> {
+        use venom_tls::issue::{self, Validity};
+        issue::init(dir, Validity::days(1)).expect("CA");
+        peers
+            .iter()
+            .map(|peer| {
+                issue::issue_into(dir, peer, &[], Validity::days(1), false).expect("issue");
+                venom_tls::TlsFiles::in_dir(dir, peer)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_a_server_without_a_member_certificate_is_refused() {
+        use venom_tls::{Peer, Role};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = certificates(
+            dir.path(),
+            &[
+                Peer::new(Role::Member, "1").expect("peer"),
+                Peer::new(Role::Client, "impostor").expect("peer"),
+                Peer::new(Role::Admin, "root").expect("peer"),
+            ],
+        );
+        // The impostor answers with the leader's wave, if anyone ever gets to ask it.
+        let impostor = serve_tls(FakeMember { refusal: None }, files[1].clone()).await;
+        let member = serve_tls(
+            FakeMember {
+                refusal: Some(venom_proto::leader::not_leader(Some(&impostor))),
+            },
+            files[0].clone(),
+        )
+        .await;
+        let dialer = venom_tls::Dialer::from_files(Some(&files[2]), false).expect("dialer");
+        let mut client = Client::new(&[member], dialer).expect("valid client");
+        let err = list_waves(&mut client, Retry::RefusalsOnly)
+            .await
+            .expect_err("a server holding a client certificate is no leader");
+        let text = format!("{err:#}");
+        assert!(text.contains("cannot reach the leader"), "{text}");
+        assert_ne!(
+            client.current_url(),
+            Some(format!("https://{impostor}").as_str())
+        );
+    }
+
     async fn list_waves(client: &mut Client, retry: Retry) -> anyhow::Result<Vec<u64>> {
         let response = client
             .call(retry, |mut rpc| async move {

@@ -97,6 +97,7 @@ async fn malformed_waves_are_rejected_naming_task_and_field_and_change_nothing()
 
         // And through venomctl, which validates first and exits non-zero.
         let out = Command::new(bin_path("venomctl"))
+            .envs(venom_tests::pki::pki().env(venom_tls::Role::Admin, venom_tests::pki::ADMIN))
             .args(["--coordinator", &coordinator.url(), "submit"])
             .arg(&case.file)
             .output()

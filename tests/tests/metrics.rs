@@ -174,6 +174,7 @@ async fn metrics_parse_and_match_the_run() {
 
     // `venomctl monitor --cluster` streams every node's θ from the coordinator.
     let out = std::process::Command::new(bin_path("venomctl"))
+        .envs(venom_tests::pki::pki().env(venom_tls::Role::Admin, venom_tests::pki::ADMIN))
         .args(["--coordinator", &coordinator.url(), "--output", "json"])
         .args(["monitor", "--cluster", "2s"])
         .output()

@@ -56,6 +56,12 @@ impl Member {
             .map(|(i, port)| format!("{}=127.0.0.1:{port}", i + 1))
             .collect();
         config.compact_after_entries = COMPACT_AFTER_ENTRIES;
+        let files = venom_tests::pki::pki().files(venom_tls::Role::Member, &self.id.to_string());
+        config.tls = venom_tls::TlsArgs {
+            tls_ca: Some(files.ca),
+            tls_cert: Some(files.cert),
+            tls_key: Some(files.key),
+        };
         config.tick_ms = 50;
         let (stop, stopped) = oneshot::channel();
         self.stop = Some(stop);

@@ -185,6 +185,7 @@ fn export_env(receiver_url: &str) -> Vec<(String, String)> {
 /// Runs `venomctl ARGS` against `url` with `env`; returns exit code, stdout and stderr.
 async fn venomctl(url: &str, env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
     let mut command = std::process::Command::new(bin_path("venomctl"));
+    command.envs(venom_tests::pki::pki().env(venom_tls::Role::Admin, venom_tests::pki::ADMIN));
     with_env(&mut command, env)
         .arg("--coordinator")
         .arg(url)
@@ -273,6 +274,7 @@ retries = 0
 [[task]]
 id = "prep"
 run = "true"
+env = { VENOM_TEST_SECRET = "s3cr3t-9f2c" }
 [[task]]
 id = "shard"
 array = 4
@@ -329,6 +331,26 @@ run = "exit 3"
         "{processes:?}"
     );
     assert!(processes.len() >= 3, "{processes:?}");
+
+    // Spans carry ids, names, states and figures: never a command or an environment value.
+    for span in &spans {
+        for (key, value) in &span.attributes {
+            if let Value::StringValue(text) = value {
+                for secret in ["s3cr3t-9f2c", "sleep 0.1", "exit 3"] {
+                    assert!(
+                        !text.contains(secret),
+                        "span `{}` attribute `{key}` holds `{secret}`",
+                        span.name
+                    );
+                }
+            }
+        }
+    }
+    let log = std::fs::read_to_string(coordinator.log_path()).unwrap_or_default();
+    assert!(
+        !log.contains("s3cr3t-9f2c"),
+        "the coordinator logged an env value"
+    );
 
     // The tree: submit → SubmitWave → {validate, raft.commit, schedule → attempt}.
     let submit = one(&spans, "submit");
