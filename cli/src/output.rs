@@ -322,6 +322,7 @@ impl WaveView {
         Self {
             wave_id,
             name: name.to_owned(),
+            owner: String::new(),
             state,
             on_failure: OnFailure::default(),
             n_micro_tasks: groups.iter().map(|g| u64::from(g.n_micro_tasks)).sum(),
