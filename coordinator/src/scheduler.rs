@@ -86,7 +86,7 @@ impl Room<'_> {
         if self.usable == 0 {
             0
         } else {
-            self.usable + self.node.spec.queue_depth
+            self.usable.saturating_add(self.node.spec.queue_depth)
         }
     }
 

@@ -1035,8 +1035,10 @@ impl State {
         let outcome = result.outcome;
         let run_ms = outcome.run_ms();
         if outcome.started_ms > 0 {
-            wave.header.work_ms += run_ms;
-            wave.header.group_work_ms[group as usize] += run_ms;
+            // Times come from workers: absurd ones must not overflow (or differ by build).
+            wave.header.work_ms = wave.header.work_ms.saturating_add(run_ms);
+            let group_work = &mut wave.header.group_work_ms[group as usize];
+            *group_work = group_work.saturating_add(run_ms);
             let longest = &mut wave.header.group_longest_ms[group as usize];
             *longest = (*longest).max(run_ms);
             if wave.header.started_ms == 0 || outcome.started_ms < wave.header.started_ms {

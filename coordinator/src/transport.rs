@@ -172,16 +172,14 @@ impl GrpcTransport {
 
     fn spawn_peer(&mut self, id: u64, addr: String) {
         let (tx, rx) = mpsc::channel(PEER_QUEUE_BATCHES);
-        tokio::spawn(peer_sender(
-            self.from,
-            self.own_address.clone(),
-            self.cluster_id.clone(),
-            id,
-            addr.clone(),
-            rx,
-            self.failed_snapshots.clone(),
-            self.dialer.clone(),
-        ));
+        let sender = Sender {
+            from: self.from,
+            from_address: self.own_address.clone(),
+            cluster_id: self.cluster_id.clone(),
+            failed_snapshots: self.failed_snapshots.clone(),
+            dialer: self.dialer.clone(),
+        };
+        tokio::spawn(peer_sender(sender, id, addr.clone(), rx));
         self.peers.insert(id, (addr, tx));
     }
 }
@@ -256,16 +254,29 @@ fn has_snapshot(batch: &[RaftMessage]) -> bool {
         .any(|m| m.get_msg_type() == MessageType::MsgSnapshot)
 }
 
-async fn peer_sender(
+/// What every peer's sender task shares: who sends, and how peers are reached.
+struct Sender {
     from: u64,
+    /// This coordinator's address, sent with every batch.
     from_address: String,
     cluster_id: Arc<AtomicU64>,
+    failed_snapshots: Arc<Mutex<BTreeSet<u64>>>,
+    dialer: venom_tls::Dialer,
+}
+
+async fn peer_sender(
+    sender: Sender,
     to: u64,
     addr: String,
     mut rx: mpsc::Receiver<Vec<RaftMessage>>,
-    failed_snapshots: Arc<Mutex<BTreeSet<u64>>>,
-    dialer: venom_tls::Dialer,
 ) {
+    let Sender {
+        from,
+        from_address,
+        cluster_id,
+        failed_snapshots,
+        dialer,
+    } = sender;
     let note_failure = |batch: &[RaftMessage]| {
         if has_snapshot(batch) {
             tracing::debug!(to, "snapshot not delivered");

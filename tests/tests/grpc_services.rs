@@ -171,3 +171,34 @@ async fn raft_batches_from_unknown_peers_or_with_garbage_are_rejected_and_change
         .into_inner();
     assert_eq!(wave.name, "after-garbage");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("c"), &["--no-reflection"]).unwrap();
+    wait_ready(&coordinator.url(), 0).await.unwrap();
+    let channel = endpoint(&coordinator.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let refused = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect_err("no reflection service");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    // Health still answers.
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "venom.v1.ClientService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+}

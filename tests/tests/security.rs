@@ -23,10 +23,13 @@ use venom_tests::*;
 use venom_tls::issue::{self, Validity};
 use venom_tls::{Dialer, Peer, Role, TlsFiles};
 
+/// One member's view: its term, its leader, and the membership (id, address).
+type MemberView = (u64, u64, Vec<(u64, String)>);
+
 /// What must not change: every member's term, leader and membership; waves; nodes.
 #[derive(Debug, Clone, PartialEq)]
 struct Fingerprint {
-    members: Vec<(u64, u64, Vec<(u64, String)>)>,
+    members: Vec<MemberView>,
     waves: Vec<(u64, i32, String, u64)>,
     nodes: Vec<(String, i32)>,
 }
