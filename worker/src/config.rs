@@ -4,13 +4,16 @@
 //! [`crate::limits`]; `--throttle` takes the shared [`ThrottlePolicy`] of `venom-core`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use venom_core::mobius::ThrottlePolicy;
 
+use crate::isolation::{default_work_root, CgroupMode, IsolationSettings};
 use crate::limits::{
-    DEFAULT_COORDINATOR, DEFAULT_HEARTBEAT_MS, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_QUEUE_DEPTH,
+    DEFAULT_CGROUPS, DEFAULT_COORDINATOR, DEFAULT_HEARTBEAT_MS, DEFAULT_KEEP_FAILED_WORKDIRS_FOR,
+    DEFAULT_KEEP_FAILED_WORKDIRS_FOR_DURATION, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_QUEUE_DEPTH,
     DEFAULT_THROTTLE, MIN_HEARTBEAT_MS,
 };
 
@@ -70,6 +73,30 @@ pub struct WorkerConfig {
     /// Interval between heartbeats to the coordinator, milliseconds.
     #[arg(long, env = "VENOM_HEARTBEAT_MS", default_value_t = DEFAULT_HEARTBEAT_MS, value_parser = clap::value_parser!(u64).range(MIN_HEARTBEAT_MS..))]
     pub heartbeat_ms: u64,
+
+    /// Where attempts' working directories are made (each attempt runs in a fresh, private
+    /// directory under it, unless its wave names a `workdir`); created mode 0700 at start
+    /// [default: $TMPDIR/venom-worker-UID, /tmp without TMPDIR].
+    #[arg(long, env = "VENOM_WORK_DIR", value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// How long a failed attempt's working directory is kept for inspection ("30m", "2h";
+    /// 0 removes it at once). A successful or cancelled attempt's is removed when it ends; a
+    /// success also removes the kept directories of its micro-task's earlier failures.
+    #[arg(long, env = "VENOM_KEEP_FAILED_WORKDIRS_FOR", default_value = DEFAULT_KEEP_FAILED_WORKDIRS_FOR, value_parser = parse_duration, value_name = "DURATION")]
+    pub keep_failed_workdirs_for: Duration,
+
+    /// Run tasks as this user (its uid and primary gid, no supplementary groups; HOME, USER,
+    /// LOGNAME and SHELL from its passwd entry). Needs a worker running as root. Without it,
+    /// tasks run as the worker's user and can read the worker's /proc/PID/environ.
+    #[arg(long, env = "VENOM_RUN_AS", value_name = "USER")]
+    pub run_as: Option<String>,
+
+    /// Run each attempt in a cgroup v2 group of its own, with memory.max from the task's
+    /// `memory` and cpu.max from its `cpus`: when the machine allows (auto, which logs at start
+    /// which applies), never (off), or refuse to start without (required).
+    #[arg(long, env = "VENOM_CGROUPS", value_enum, default_value_t = DEFAULT_CGROUPS)]
+    pub cgroups: CgroupMode,
 }
 
 /// The flags' defaults ([`crate::limits`]), coordinator included.
@@ -87,6 +114,10 @@ impl Default for WorkerConfig {
             queue_depth: DEFAULT_QUEUE_DEPTH,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            work_dir: None,
+            keep_failed_workdirs_for: DEFAULT_KEEP_FAILED_WORKDIRS_FOR_DURATION,
+            run_as: None,
+            cgroups: DEFAULT_CGROUPS,
         }
     }
 }
@@ -114,6 +145,21 @@ impl WorkerConfig {
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms.max(MIN_HEARTBEAT_MS))
     }
+
+    /// The isolation flags, `--work-dir` defaulted.
+    pub fn isolation_settings(&self) -> IsolationSettings {
+        IsolationSettings {
+            work_dir: self.work_dir.clone().unwrap_or_else(default_work_root),
+            keep_failed_workdirs_for: self.keep_failed_workdirs_for,
+            run_as: self.run_as.clone(),
+            cgroups: self.cgroups,
+        }
+    }
+}
+
+/// Parses a duration the way wave files write them ("90s", "30m", "1h30m", "0").
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    venom_core::wave::parse_duration_ms(text).map(Duration::from_millis)
 }
 
 /// Parses one `key=value` label.
@@ -206,5 +252,72 @@ mod tests {
         assert_eq!(config.slots, Some(2));
         assert_eq!(config.name.as_deref(), Some("dev"));
         assert_eq!(config.queue_depth, 32);
+    }
+
+    #[test]
+    fn isolation_flags_parse_and_default() {
+        let cli = TestCli::try_parse_from(["venom-worker"]).expect("defaults parse");
+        let defaults = WorkerConfig::default();
+        assert_eq!(
+            cli.worker.keep_failed_workdirs_for,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            defaults.keep_failed_workdirs_for,
+            cli.worker.keep_failed_workdirs_for
+        );
+        assert_eq!(cli.worker.cgroups, CgroupMode::Auto);
+        assert_eq!(defaults.cgroups, CgroupMode::Auto);
+        assert_eq!(cli.worker.run_as, None);
+        let settings = defaults.isolation_settings();
+        assert_eq!(settings.work_dir, default_work_root());
+        let uid = crate::isolation::user::effective_uid();
+        assert!(
+            settings.work_dir.ends_with(format!("venom-worker-{uid}")),
+            "{}",
+            settings.work_dir.display()
+        );
+
+        let cli = TestCli::try_parse_from([
+            "venom-worker",
+            "--work-dir",
+            "/srv/venom",
+            "--keep-failed-workdirs-for",
+            "1h30m",
+            "--run-as",
+            "nobody",
+            "--cgroups",
+            "required",
+        ])
+        .expect("flags parse");
+        let settings = cli.worker.isolation_settings();
+        assert_eq!(settings.work_dir, PathBuf::from("/srv/venom"));
+        assert_eq!(settings.keep_failed_workdirs_for, Duration::from_secs(5400));
+        assert_eq!(settings.run_as.as_deref(), Some("nobody"));
+        assert_eq!(settings.cgroups, CgroupMode::Required);
+        let zero = TestCli::try_parse_from(["venom-worker", "--keep-failed-workdirs-for", "0"])
+            .expect("0 parses");
+        assert_eq!(zero.worker.keep_failed_workdirs_for, Duration::ZERO);
+
+        for bad in [
+            ["--keep-failed-workdirs-for", "soon"],
+            ["--cgroups", "maybe"],
+        ] {
+            let args = ["venom-worker", bad[0], bad[1]];
+            assert!(TestCli::try_parse_from(args).is_err(), "{args:?}");
+        }
+
+        let help = TestCli::command().render_long_help().to_string();
+        for variable in [
+            "VENOM_WORK_DIR",
+            "VENOM_KEEP_FAILED_WORKDIRS_FOR",
+            "VENOM_RUN_AS",
+            "VENOM_CGROUPS",
+        ] {
+            assert!(
+                help.contains(variable),
+                "--help does not mention {variable}"
+            );
+        }
     }
 }

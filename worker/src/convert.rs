@@ -39,7 +39,7 @@ pub fn instructions(message: pb::CoordinatorMessage) -> Instructions {
 
 /// An assignment as the worker runs it. Without an attempt reference the attempt is all
 /// zeros; a timeout of 0 is none; a mode of `UNSPECIFIED` (a coordinator that did not know)
-/// is `None`.
+/// is `None`; an empty `workdir` is none (a fresh directory per attempt).
 pub fn assignment(assignment: pb::Assignment) -> Assignment {
     let mode = Mode::try_from(assignment.mode()).ok();
     Assignment {
@@ -55,6 +55,9 @@ pub fn assignment(assignment: pb::Assignment) -> Assignment {
         cpus: assignment.cpus,
         traceparent: assignment.traceparent,
         mode,
+        workdir: (!assignment.workdir.is_empty())
+            .then(|| std::path::PathBuf::from(assignment.workdir)),
+        memory_bytes: assignment.memory_bytes,
     }
 }
 
@@ -288,6 +291,18 @@ mod tests {
         let read = assignment(wire.clone());
         assert_eq!(read.attempt, AttemptRef::new((7, 3), 2));
         assert_eq!(read.timeout, None);
+        assert_eq!(read.workdir, None, "no workdir: a fresh directory");
+        assert_eq!(read.memory_bytes, 0);
+        let with_place = assignment(pb::Assignment {
+            workdir: "/srv/data".to_owned(),
+            memory_bytes: 1 << 30,
+            ..wire.clone()
+        });
+        assert_eq!(
+            with_place.workdir,
+            Some(std::path::PathBuf::from("/srv/data"))
+        );
+        assert_eq!(with_place.memory_bytes, 1 << 30);
         assert_eq!(read.mode.map(Mode::as_str), Some("OPTIMIZE"));
         let unspecified = assignment(pb::Assignment {
             mode: pb::ThetaMode::Unspecified.into(),

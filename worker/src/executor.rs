@@ -13,14 +13,26 @@
 //! `spawn` + `wait` floor is the benchmark), while a slot's thread is reused from task to task.
 //! Cancelling kills the group directly from the canceller's thread; the loop then sees the exit.
 //!
+//! Every attempt is isolated as [`crate::isolation`] describes: a clean environment (the
+//! allow-list of [`TASK_ENV_ALLOW_LIST`](crate::isolation::TASK_ENV_ALLOW_LIST), the wave's
+//! `env`, then the `VENOM_*` variables), a working directory of its own (or the wave's
+//! `workdir`), optionally another user (`--run-as`) and a cgroup with its limits. None of it
+//! needs a `pre_exec` hook: the environment, the directory (`posix_spawn_file_actions_addchdir`)
+//! and the process group are all things `posix_spawn` does, a bare program name is looked up
+//! in the task's `PATH` here (std leaves the fast path when `PATH` is set and the program is
+//! not a path), and the cgroup is joined right after the spawn. Only `--run-as` costs the fast
+//! path: std spawns with fork + exec when a uid or gid is set.
+//!
 //! [`spawn_attempt`] starts the process of an [`Assignment`] (the agent reports the start with
 //! its pid), and [`RunningAttempt::wait_blocking`] drives it to the end. An attempt that never
 //! ran ends as [`failed_to_start`] or [`cancelled_before_start`] says.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -28,6 +40,8 @@ use std::time::{Duration, Instant};
 use venom_core::mobius::Mode;
 use venom_core::{AttemptOutcome, AttemptRef};
 
+use crate::isolation::env::resolve_program;
+use crate::isolation::{AttemptIsolation, Isolation, SetupError};
 use crate::limits::{PIPE_CLOSE_GRACE, READ_CHUNK_BYTES, REAP_POLL_INTERVAL};
 
 /// One attempt the coordinator assigned to this worker: what to run, and what the agent needs
@@ -43,7 +57,8 @@ pub struct Assignment {
     /// Run with `sh -c` when not empty; otherwise `argv` is run.
     pub shell: String,
     pub argv: Vec<String>,
-    /// Environment added to the worker's own.
+    /// The wave's environment, added to the allow-listed variables of the worker's (and
+    /// followed by `VENOM_*`).
     pub env: HashMap<String, String>,
     /// `None` = no timeout.
     pub timeout: Option<Duration>,
@@ -53,6 +68,11 @@ pub struct Assignment {
     pub traceparent: String,
     /// This node's throttle mode when the attempt was dispatched, if the coordinator said.
     pub mode: Option<Mode>,
+    /// The wave's `workdir`: run there, without making or removing it. `None`: a fresh
+    /// directory of the attempt's own.
+    pub workdir: Option<PathBuf>,
+    /// The task's `memory`, bytes (0 = none): the attempt's cgroup memory limit.
+    pub memory_bytes: u64,
 }
 
 /// Why an attempt could not be started.
@@ -60,12 +80,17 @@ pub struct Assignment {
 pub enum ExecError {
     #[error("the task has no command (neither a shell string nor an argv)")]
     EmptyCommand,
-    #[error("cannot start `{program}`: {source}")]
+    #[error("cannot start `{program}`: it is not in the task's PATH ({path})")]
+    NotInPath { program: String, path: String },
+    #[error("cannot start `{program}` in {dir}: {source}")]
     Spawn {
         program: String,
+        dir: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Setup(#[from] SetupError),
 }
 
 /// The outcome of an attempt that could not be started (tried at `started_ms`).
@@ -197,6 +222,9 @@ pub struct RunningAttempt {
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
     max_output_bytes: usize,
+    /// Its working directory and cgroup, given back when it ends. Declared after `guard`, so
+    /// an abandoned attempt's group is killed before its cgroup and directory go.
+    place: AttemptIsolation,
 }
 
 impl RunningAttempt {
@@ -338,6 +366,7 @@ impl RunningAttempt {
             }
             Err(error) => outcome.error = Some(format!("waiting for the process failed: {error}")),
         }
+        self.place.finish(&mut outcome);
         outcome
     }
 }
@@ -369,15 +398,18 @@ fn read_once<R: Read>(pipe: &mut Option<R>, chunk: &mut [u8], tail: &mut TailBuf
     }
 }
 
-/// Starts an attempt's process: `sh -c <shell>` or `argv`, in a new process group, with the
-/// assignment's environment plus the `VENOM_*` variables. `cancel` is bound to this attempt:
-/// cancelling it from now on kills the process group.
+/// Starts an attempt's process: `sh -c <shell>` or `argv`, in a new process group, isolated by
+/// `isolation` (its own directory and cgroup, the user of `--run-as`) with the allow-listed
+/// environment, the assignment's and the `VENOM_*` variables. `cancel` is bound to this
+/// attempt: cancelling it from now on kills the process group.
 pub fn spawn_attempt(
     assignment: &Assignment,
     node_name: &str,
     max_output_bytes: usize,
+    isolation: &Arc<Isolation>,
     cancel: CancelToken,
 ) -> Result<RunningAttempt, ExecError> {
+    let script = (!assignment.shell.is_empty()).then_some(assignment.shell.as_str());
     let (program, args): (&str, Vec<&str>) = if !assignment.shell.is_empty() {
         ("/bin/sh", vec!["-c", assignment.shell.as_str()])
     } else if let Some((program, args)) = assignment.argv.split_first() {
@@ -389,21 +421,82 @@ pub fn spawn_attempt(
         return Err(ExecError::EmptyCommand);
     }
 
-    let mut command = Command::new(program);
+    let place = isolation.begin(assignment)?;
+    let workdir = place.workdir();
+    let path = assignment
+        .env
+        .get("PATH")
+        .map_or_else(|| isolation.base_path(), OsStr::new);
+    let Some(executable) = resolve_program(program, path, workdir) else {
+        let error = ExecError::NotInPath {
+            program: program.to_owned(),
+            path: path.to_string_lossy().into_owned(),
+        };
+        place.discard();
+        return Err(error);
+    };
+
+    // An attempt with a cgroup waits at its gate until it is inside (see [`CGROUP_GATE`]).
+    let gated = place.has_cgroup();
+    let gated_script;
+    let mut command = match (gated, script) {
+        (false, _) => {
+            let mut command = Command::new(executable);
+            command.arg0(program).args(args);
+            command
+        }
+        (true, Some(script)) => {
+            gated_script = format!("{CGROUP_GATE}{script}");
+            let mut command = Command::new("/bin/sh");
+            command.args(["-c", gated_script.as_str()]);
+            command
+        }
+        (true, None) => {
+            let mut command = Command::new("/bin/sh");
+            command.args(["-c", GATED_EXEC, program]).args(args);
+            command
+        }
+    };
     command
-        .args(args)
+        .env_clear()
+        .envs(isolation.base_env().iter().map(|(key, value)| (key, value)))
         .envs(&assignment.env)
         .envs(venom_env(assignment, node_name))
-        .stdin(Stdio::null())
+        .env("VENOM_WORKDIR", workdir)
+        .current_dir(workdir)
+        .stdin(if gated { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if let Some(user) = isolation.run_as() {
+        command.uid(user.uid).gid(user.gid);
+    }
     let started_ms = crate::unix_now_ms();
-    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
-        program: program.to_owned(),
-        source,
-    })?;
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(source) => {
+            let error = ExecError::Spawn {
+                program: program.to_owned(),
+                dir: workdir.to_owned(),
+                source,
+            };
+            place.discard();
+            return Err(error);
+        }
+    };
     let pid = child.id();
+    if let Err(error) = place.attach(pid) {
+        // Never run a task outside the limits it was given.
+        kill_group_logged(pid);
+        let _ = child.wait();
+        place.discard();
+        return Err(error.into());
+    }
+    if let Some(mut gate) = child.stdin.take() {
+        // In its cgroup now: let it go. A write that fails means the process already died,
+        // which its outcome will say.
+        let _ = std::io::Write::write_all(&mut gate, b"\n");
+    }
     cancel.shared.register_group(pid);
     Ok(RunningAttempt {
         attempt: assignment.attempt,
@@ -419,8 +512,24 @@ pub fn spawn_attempt(
         started_ms,
         timeout: assignment.timeout,
         max_output_bytes,
+        place,
     })
 }
+
+/// What a shell task with a cgroup runs before its script, on the same line (so the script's
+/// line numbers do not change): it waits for one line on stdin, which the worker writes once
+/// the process is in its cgroup, then puts stdin back to /dev/null. Without it a task could
+/// run — and fork children that stay outside the group — for as long as the spawning thread
+/// waits for a CPU between the spawn and the write to `cgroup.procs` (milliseconds on a busy
+/// machine); with it, nothing of the task runs outside its group. The worker dying before
+/// the line comes ends the task (end of file: exit 125).
+pub const CGROUP_GATE: &str = "read -r venom_gate || exit 125; unset venom_gate; exec </dev/null; ";
+
+/// The same gate for an argv task: `sh -c GATED_EXEC program args…` waits, then execs the
+/// program (found in the task's `PATH`) in its place, argv unchanged. It costs one more
+/// `exec` per attempt, only for attempts with a cgroup.
+pub const GATED_EXEC: &str =
+    "read -r venom_gate || exit 125; unset venom_gate; exec \"$0\" \"$@\" </dev/null";
 
 /// The variables every micro-task sees besides the assignment's own environment: its wave,
 /// its task's id, its index within an array task (0 for a task without `array`), the attempt
@@ -537,6 +646,33 @@ pub(crate) fn kill_process_group(pgid: u32) -> std::io::Result<()> {
     }
 }
 
+/// Sends SIGKILL to process `pid`; a process that no longer exists is fine.
+pub(crate) fn kill_process(pid: u32) -> std::io::Result<()> {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return Ok(());
+    };
+    if pid <= 1 {
+        return Ok(());
+    }
+    if signal_process(pid) == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ESRCH) {
+        Ok(())
+    } else {
+        Err(error)
+    }
+}
+
+/// `kill(pid, SIGKILL)`; returns kill(2)'s result.
+#[allow(unsafe_code)]
+fn signal_process(pid: libc::pid_t) -> libc::c_int {
+    // SAFETY: kill(2) takes two integers and touches no memory of this process; `pid` is
+    // above 1 (checked by the caller), so it names exactly one process.
+    unsafe { libc::kill(pid, libc::SIGKILL) }
+}
+
 /// `kill(-pgid, SIGKILL)`; returns kill(2)'s result.
 #[allow(unsafe_code)]
 fn signal_group(pgid: libc::pid_t) -> libc::c_int {
@@ -597,6 +733,7 @@ fn poll_fds(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::isolation::{CgroupMode, IsolationSettings, DEFAULT_TASK_PATH, TASK_ENV_ALLOW_LIST};
     use crate::limits::DEFAULT_MAX_OUTPUT_BYTES;
 
     fn shell_task(shell: &str) -> Assignment {
@@ -620,18 +757,39 @@ mod tests {
     }
 
     /// Runs an attempt to its end as the agent's runners do: spawn, wait on a blocking thread,
-    /// and a process that cannot start is an outcome with `error` set.
+    /// and a process that cannot start is an outcome with `error` set. The attempt gets a work
+    /// root of its own, removed afterwards.
     async fn run(
         assignment: &Assignment,
         node_name: &str,
         max_output_bytes: usize,
         cancel: CancelToken,
     ) -> AttemptOutcome {
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let isolation = Isolation::for_tests(work_root.path());
+        run_isolated(assignment, node_name, max_output_bytes, &isolation, cancel).await
+    }
+
+    /// [`run`] under a given isolation.
+    async fn run_isolated(
+        assignment: &Assignment,
+        node_name: &str,
+        max_output_bytes: usize,
+        isolation: &Arc<Isolation>,
+        cancel: CancelToken,
+    ) -> AttemptOutcome {
         let assignment = assignment.clone();
         let node_name = node_name.to_owned();
+        let isolation = Arc::clone(isolation);
         tokio::task::spawn_blocking(move || {
             let started_ms = crate::unix_now_ms();
-            match spawn_attempt(&assignment, &node_name, max_output_bytes, cancel) {
+            match spawn_attempt(
+                &assignment,
+                &node_name,
+                max_output_bytes,
+                &isolation,
+                cancel,
+            ) {
                 Ok(running) => running.wait_blocking(),
                 Err(error) => failed_to_start(started_ms, &error),
             }
@@ -804,7 +962,8 @@ mod tests {
             pid_file.display()
         ));
         let (handle, token) = cancel_pair();
-        let running = spawn_attempt(&task, "node-a", 1024, token).expect("spawn");
+        let isolation = Isolation::for_tests(dir.path());
+        let running = spawn_attempt(&task, "node-a", 1024, &isolation, token).expect("spawn");
         let leader = i32::try_from(running.pid()).expect("pid fits");
         let waiter = tokio::task::spawn_blocking(move || running.wait_blocking());
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -837,6 +996,10 @@ mod tests {
         assert!(
             wait_until_dead(leader).await,
             "the main process survived the cancel"
+        );
+        assert!(
+            !isolation.work_dirs().own().join("w7/shard@3.a2").exists(),
+            "a cancelled attempt's directory is removed"
         );
     }
 
@@ -929,7 +1092,10 @@ mod tests {
         let (handle, token) = cancel_pair();
         handle.cancel();
         let started = std::time::Instant::now();
-        let running = spawn_attempt(&shell_task("sleep 30"), "node-a", 1024, token).expect("spawn");
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let isolation = Isolation::for_tests(work_root.path());
+        let running = spawn_attempt(&shell_task("sleep 30"), "node-a", 1024, &isolation, token)
+            .expect("spawn");
         let outcome = running.wait_blocking();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(outcome.cancelled);
@@ -941,7 +1107,9 @@ mod tests {
         let mut task = shell_task("exec sleep 30");
         task.timeout = Some(Duration::from_millis(100));
         let started = std::time::Instant::now();
-        let outcome = spawn_attempt(&task, "node-a", 1024, uncancelled())
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let isolation = Isolation::for_tests(work_root.path());
+        let outcome = spawn_attempt(&task, "node-a", 1024, &isolation, uncancelled())
             .expect("spawn")
             .wait_blocking();
         let elapsed = started.elapsed();
@@ -950,6 +1118,488 @@ mod tests {
             "{elapsed:?}"
         );
         assert!(outcome.timed_out && !outcome.cancelled);
+        assert!(
+            isolation.work_dirs().own().join("w7/shard@3.a2").is_dir(),
+            "a timed-out attempt's directory is kept for inspection"
+        );
+    }
+
+    // --- Isolation ---------------------------------------------------------------------
+
+    /// Isolation with `work_root`, no cgroups, and the test process's environment as the
+    /// worker's.
+    fn isolation_with_env(work_root: &std::path::Path, run_as: Option<&str>) -> Arc<Isolation> {
+        let settings = IsolationSettings {
+            work_dir: work_root.to_owned(),
+            keep_failed_workdirs_for: Duration::from_secs(3600),
+            run_as: run_as.map(str::to_owned),
+            cgroups: CgroupMode::Off,
+        };
+        Arc::new(
+            Isolation::prepare_with_env(&settings, std::env::vars_os()).expect("usable settings"),
+        )
+    }
+
+    /// The lines of a task's stdout.
+    fn lines(outcome: &AttemptOutcome) -> Vec<String> {
+        String::from_utf8_lossy(&outcome.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn tasks_see_the_allow_list_the_wave_env_and_venom_variables_only() {
+        // Cargo sets these for test binaries: here they stand for the worker's own secrets.
+        for variable in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME"] {
+            assert!(
+                std::env::var_os(variable).is_some(),
+                "{variable} is not set"
+            );
+        }
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let isolation = isolation_with_env(work_root.path(), None);
+        let mut task = shell_task("");
+        task.argv = vec!["env".to_owned()];
+        task.env.insert("GREETING".to_owned(), "hello".to_owned());
+        let finished = run_isolated(&task, "node-a", 1 << 20, &isolation, uncancelled()).await;
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        let seen: std::collections::BTreeMap<String, String> = lines(&finished)
+            .iter()
+            .filter_map(|line| line.split_once('='))
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect();
+        assert!(!seen.contains_key("CARGO_MANIFEST_DIR"), "{seen:?}");
+        assert!(!seen.contains_key("CARGO_PKG_NAME"), "{seen:?}");
+
+        let mut expected: std::collections::BTreeSet<&str> = TASK_ENV_ALLOW_LIST
+            .into_iter()
+            .filter(|name| *name == "PATH" || std::env::var_os(name).is_some())
+            .collect();
+        expected.extend([
+            "GREETING",
+            "VENOM_WAVE_ID",
+            "VENOM_TASK_ID",
+            "VENOM_TASK_INDEX",
+            "VENOM_ATTEMPT",
+            "VENOM_NODE",
+            "VENOM_WORKDIR",
+        ]);
+        let seen_names: std::collections::BTreeSet<&str> =
+            seen.keys().map(String::as_str).collect();
+        assert_eq!(seen_names, expected);
+        let worker_path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_TASK_PATH.to_owned());
+        assert_eq!(seen["PATH"], worker_path);
+        assert_eq!(seen["GREETING"], "hello");
+    }
+
+    #[tokio::test]
+    async fn a_task_running_as_the_workers_user_can_read_the_workers_environ() {
+        // Why `--run-as` matters: a clean environment does not stop a task of the same uid
+        // from reading the worker's through /proc.
+        let mut task = shell_task("tr '\\0' '\\n' < /proc/$WORKER_PID/environ");
+        task.env
+            .insert("WORKER_PID".to_owned(), std::process::id().to_string());
+        let finished = run(&task, "node-a", 1 << 20, uncancelled()).await;
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        assert!(
+            lines(&finished)
+                .iter()
+                .any(|line| line.starts_with("CARGO_MANIFEST_DIR=")),
+            "{finished:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_attempt_runs_in_a_fresh_private_directory_kept_only_after_a_failure() {
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let isolation = Isolation::for_tests(work_root.path());
+        let script = "printf '%s\\n' \"$(pwd -P)\" \"$VENOM_WORKDIR\" \"$(stat -c %a .)\" \
+                      \"$(ls -A | wc -l)\"; touch left-behind; exit $CODE";
+        let mut task = shell_task(script);
+        task.env.insert("CODE".to_owned(), "3".to_owned());
+        let dir = isolation
+            .work_dirs()
+            .own()
+            .canonicalize()
+            .expect("the worker's directory exists")
+            .join("w7/shard@3.a2");
+        let expected = |dir: &std::path::Path| {
+            vec![
+                dir.display().to_string(),
+                dir.display().to_string(),
+                "700".to_owned(),
+                "0".to_owned(),
+            ]
+        };
+
+        let failed = run_isolated(&task, "node-a", 1024, &isolation, uncancelled()).await;
+        assert_eq!(failed.exit_code, Some(3), "{failed:?}");
+        assert_eq!(lines(&failed), expected(&dir));
+        assert!(
+            dir.join("left-behind").exists(),
+            "a failed attempt's directory is kept"
+        );
+
+        // The same attempt again (a leftover at its place): it still starts empty.
+        let again = run_isolated(&task, "node-a", 1024, &isolation, uncancelled()).await;
+        assert_eq!(lines(&again), expected(&dir));
+
+        // The micro-task's next attempt succeeds: its directory and the kept one go.
+        task.attempt.attempt = 3;
+        task.env.insert("CODE".to_owned(), "0".to_owned());
+        let next = dir.with_file_name("shard@3.a3");
+        let succeeded = run_isolated(&task, "node-a", 1024, &isolation, uncancelled()).await;
+        assert_eq!(succeeded.exit_code, Some(0), "{succeeded:?}");
+        assert_eq!(lines(&succeeded), expected(&next));
+        assert!(!next.exists() && !dir.exists());
+        let wave_dir = dir.parent().expect("the wave's directory");
+        assert_eq!(std::fs::read_dir(wave_dir).expect("kept").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wave_workdir_is_used_as_it_is_and_left_alone() {
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let isolation = Isolation::for_tests(work_root.path());
+        let place = tempfile::tempdir().expect("temp dir");
+        let place_path = place.path().canonicalize().expect("canonical");
+        std::fs::write(place_path.join("input"), "data\n").expect("input");
+        let mut task = shell_task("pwd -P; echo \"$VENOM_WORKDIR\"; cat input; echo out > output");
+        task.workdir = Some(place_path.clone());
+        let finished = run_isolated(&task, "node-a", 1024, &isolation, uncancelled()).await;
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        let place_text = place_path.display().to_string();
+        assert_eq!(lines(&finished), [place_text.as_str(), &place_text, "data"]);
+        assert!(place_path.join("output").exists(), "the directory stays");
+        assert!(
+            !isolation.work_dirs().own().join("w7").exists(),
+            "no directory of the worker's own was made"
+        );
+
+        let file = place_path.join("input");
+        for (workdir, problem) in [
+            (place_path.join("missing"), "does not exist"),
+            (file, "not a directory"),
+            (PathBuf::from("relative/dir"), "not an absolute path"),
+        ] {
+            task.workdir = Some(workdir.clone());
+            let finished = run_isolated(&task, "node-a", 1024, &isolation, uncancelled()).await;
+            let error = finished.error.clone().unwrap_or_default();
+            assert!(
+                error.contains("the task's workdir") && error.contains(problem),
+                "{workdir:?}: {error}"
+            );
+            assert_eq!(finished.exit_code, None);
+            assert_eq!(finished.kind(), venom_core::OutcomeKind::NotStarted);
+        }
+    }
+
+    #[tokio::test]
+    async fn bare_program_names_are_looked_up_in_the_tasks_path() {
+        let bin = tempfile::tempdir().expect("temp dir");
+        let tool = bin.path().join("venom-test-tool");
+        std::fs::write(&tool, "#!/bin/sh\necho \"tool $0 ran\"\n").expect("tool");
+        std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let mut task = shell_task("");
+        task.argv = vec!["venom-test-tool".to_owned()];
+        task.env.insert(
+            "PATH".to_owned(),
+            format!("{}:/usr/bin:/bin", bin.path().display()),
+        );
+        let finished = run(&task, "node-a", 1024, uncancelled()).await;
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        assert_eq!(lines(&finished), [format!("tool {} ran", tool.display())]);
+
+        task.env.remove("PATH");
+        let finished = run(&task, "node-a", 1024, uncancelled()).await;
+        let error = finished.error.unwrap_or_default();
+        assert!(
+            error.contains("`venom-test-tool`") && error.contains("not in the task's PATH"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn run_as_confines_tasks_to_another_user() {
+        // A work root that another user may pass through (temp dirs are 0700).
+        let work_root = tempfile::tempdir().expect("temp dir");
+        std::fs::set_permissions(
+            work_root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .expect("chmod");
+        let settings = IsolationSettings {
+            work_dir: work_root.path().to_owned(),
+            keep_failed_workdirs_for: Duration::from_secs(3600),
+            run_as: Some("nobody".to_owned()),
+            cgroups: CgroupMode::Off,
+        };
+        if crate::isolation::user::effective_uid() != 0 {
+            let error = Isolation::prepare_with_env(&settings, []).expect_err("not root");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("--run-as nobody: the worker must run as root"),
+                "{error}"
+            );
+            return;
+        }
+        let nobody = crate::isolation::user::lookup_user("nobody")
+            .expect("the lookup works")
+            .expect("the system has a `nobody` user");
+
+        // Wave 1 ran as the worker's own user and kept a failed attempt's directory.
+        let as_worker = isolation_with_env(work_root.path(), None);
+        let mut secret_task = shell_task("echo s3cret > secret; exit 1");
+        secret_task.attempt.wave_id = 1;
+        let kept = run_isolated(&secret_task, "node-a", 1024, &as_worker, uncancelled()).await;
+        assert_eq!(kept.exit_code, Some(1), "{kept:?}");
+        let other_wave = as_worker.work_dirs().own().join("w1/shard@3.a2");
+        assert!(other_wave.join("secret").exists());
+
+        // Wave 2 runs as nobody.
+        let as_nobody = isolation_with_env(work_root.path(), Some("nobody"));
+        let mut task = shell_task(
+            r#"id -u; id -g; id -G; echo "$HOME|$USER|$LOGNAME"
+pwd -P; echo "$VENOM_WORKDIR"; stat -c '%u %a' .
+touch mine && echo can-write-own
+cat /proc/$WORKER_PID/environ > /dev/null 2>&1 && echo environ-readable || echo environ-denied
+ls "$OTHER_WAVE" > /dev/null 2>&1 && echo other-listable || echo other-denied
+cat "$OTHER_WAVE/secret" > /dev/null 2>&1 && echo secret-readable || echo secret-denied
+ls "$WORK_ROOT" > /dev/null 2>&1 && echo root-listable || echo root-denied"#,
+        );
+        task.attempt.wave_id = 2;
+        task.env
+            .insert("WORKER_PID".to_owned(), std::process::id().to_string());
+        task.env
+            .insert("OTHER_WAVE".to_owned(), other_wave.display().to_string());
+        task.env.insert(
+            "WORK_ROOT".to_owned(),
+            work_root.path().display().to_string(),
+        );
+        let finished = run_isolated(&task, "node-a", 1024, &as_nobody, uncancelled()).await;
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        let dir = as_nobody
+            .work_dirs()
+            .own()
+            .canonicalize()
+            .expect("exists")
+            .join("w2/shard@3.a2");
+        let (uid, gid) = (nobody.uid.to_string(), nobody.gid.to_string());
+        let home = nobody.home.to_string_lossy();
+        assert_eq!(
+            lines(&finished),
+            [
+                uid.clone(),
+                gid.clone(),
+                gid, // no supplementary groups
+                format!("{home}|nobody|nobody"),
+                dir.display().to_string(),
+                dir.display().to_string(),
+                format!("{uid} 700"),
+                "can-write-own".to_owned(),
+                "environ-denied".to_owned(),
+                "other-denied".to_owned(),
+                "secret-denied".to_owned(),
+                "root-denied".to_owned(),
+            ]
+        );
+        assert!(
+            !dir.exists(),
+            "removed as root after the success, though nobody's"
+        );
+    }
+
+    #[test]
+    fn run_as_refuses_a_user_that_does_not_exist_and_an_unreachable_work_root() {
+        let work_root = tempfile::tempdir().expect("temp dir");
+        // Others cannot pass through the work root's parent.
+        std::fs::set_permissions(
+            work_root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("chmod");
+        let settings = |user: &str| IsolationSettings {
+            work_dir: work_root.path().join("root"),
+            keep_failed_workdirs_for: Duration::ZERO,
+            run_as: Some(user.to_owned()),
+            cgroups: CgroupMode::Off,
+        };
+        let missing = Isolation::prepare_with_env(&settings("venom-no-such-user-7f3a"), [])
+            .expect_err("no such user");
+        let unreachable =
+            Isolation::prepare_with_env(&settings("nobody"), []).expect_err("cannot reach");
+        if crate::isolation::user::effective_uid() == 0 {
+            assert_eq!(
+                missing.to_string(),
+                "--run-as venom-no-such-user-7f3a: there is no such user"
+            );
+            let message = unreachable.to_string();
+            assert!(
+                message.starts_with(&format!(
+                    "--work-dir {}",
+                    work_root.path().join("root").display()
+                )) && message.contains("user nobody (--run-as) cannot reach it")
+                    && message.contains(&format!("{} is mode 0700", work_root.path().display())),
+                "{message}"
+            );
+        } else {
+            for error in [missing, unreachable] {
+                assert!(error.to_string().contains("must run as root"), "{error}");
+            }
+        }
+    }
+
+    /// This process's cgroup v2 directory, if it may make groups under it.
+    fn writable_own_cgroup() -> Option<PathBuf> {
+        use crate::isolation::cgroup::{cgroup2_mount, group_dir, unified_group};
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let (mount_root, mount_point) = cgroup2_mount(&mountinfo)?;
+        let group = unified_group(&std::fs::read_to_string("/proc/self/cgroup").ok()?)?;
+        let base = group_dir(&mount_point, &mount_root, &group)?;
+        let probe = base.join(format!("venom-probe-{}", std::process::id()));
+        std::fs::create_dir(&probe).ok()?;
+        std::fs::remove_dir(&probe).ok()?;
+        Some(base)
+    }
+
+    /// Serializes the tests that may move this process between cgroups.
+    static CGROUP_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    #[tokio::test]
+    async fn attempts_run_in_a_cgroup_of_their_own_which_kills_and_goes_at_the_end() {
+        let _serial = CGROUP_TESTS.lock().await;
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let Some(base) = writable_own_cgroup() else {
+            // No cgroup v2 this process may write: `--cgroups required` refuses to start.
+            let settings = IsolationSettings {
+                work_dir: work_root.path().to_owned(),
+                keep_failed_workdirs_for: Duration::ZERO,
+                run_as: None,
+                cgroups: CgroupMode::Required,
+            };
+            let error = Isolation::prepare_with_env(&settings, []).expect_err("refused");
+            assert!(
+                error.to_string().starts_with("--cgroups required: "),
+                "{error}"
+            );
+            return;
+        };
+        // Without the memory and cpu controllers no limit is written, but moving the process,
+        // killing the group and removing it work the same.
+        let parent = crate::isolation::CgroupParent::create(&base, false, false)
+            .expect("a parent group for attempts");
+        let parent_dir = parent.dir().to_owned();
+        let mut isolation = Isolation::prepare_with_env(
+            &IsolationSettings {
+                work_dir: work_root.path().to_owned(),
+                keep_failed_workdirs_for: Duration::ZERO,
+                run_as: None,
+                cgroups: CgroupMode::Off,
+            },
+            [],
+        )
+        .expect("usable settings");
+        isolation.set_cgroups(Some(parent));
+        let isolation = Arc::new(isolation);
+        let pid_file = work_root.path().join("escaped.pid");
+        // The escaped process leaves the process group (setsid) and its pipes: only the
+        // cgroup can still take it.
+        let task = shell_task(&format!(
+            "grep '^0::' /proc/self/cgroup; \
+             setsid sh -c 'echo $$ > {}; exec sleep 30' > /dev/null 2>&1 & sleep 0.2",
+            pid_file.display()
+        ));
+        let finished = run_isolated(&task, "node-a", 1024, &isolation, uncancelled()).await;
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        let attempt_dir = parent_dir.join("w7-m3-a2");
+        let membership = lines(&finished).concat();
+        let expected_suffix = format!(
+            "/{}/w7-m3-a2",
+            parent_dir.file_name().expect("named").to_string_lossy()
+        );
+        assert!(membership.ends_with(&expected_suffix), "{membership}");
+        // An argv task is held at the same gate, then runs as itself.
+        let mut argv_task = shell_task("");
+        argv_task.argv = ["grep", "^0::", "/proc/self/cgroup"]
+            .map(str::to_owned)
+            .to_vec();
+        argv_task.attempt.attempt = 5;
+        let finished = run_isolated(&argv_task, "node-a", 1024, &isolation, uncancelled()).await;
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        assert!(
+            lines(&finished)
+                .concat()
+                .ends_with(&expected_suffix.replace("-a2", "-a5")),
+            "{finished:?}"
+        );
+        let escaped: i32 = std::fs::read_to_string(&pid_file)
+            .expect("the escaped process wrote its pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        let dead = wait_until_dead(escaped).await;
+        if !dead {
+            let _ = kill_process(u32::try_from(escaped).expect("positive"));
+        }
+        assert!(dead, "the escaped process outlived its attempt's cgroup");
+        assert!(!attempt_dir.exists(), "the attempt's cgroup is removed");
+        drop(isolation);
+        assert!(
+            !parent_dir.exists(),
+            "the parent group goes with the worker"
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_limits_apply_where_cgroups_allow_and_required_refuses_otherwise() {
+        let _serial = CGROUP_TESTS.lock().await;
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let settings = |cgroups| IsolationSettings {
+            work_dir: work_root.path().to_owned(),
+            keep_failed_workdirs_for: Duration::ZERO,
+            run_as: None,
+            cgroups,
+        };
+        let off = Isolation::prepare_with_env(&settings(CgroupMode::Off), []).expect("off");
+        assert!(off.cgroups().is_none());
+        drop(off);
+        match crate::isolation::CgroupParent::for_this_process() {
+            Err(reason) => {
+                let error = Isolation::prepare_with_env(&settings(CgroupMode::Required), [])
+                    .expect_err("required without cgroups");
+                assert_eq!(error.to_string(), format!("--cgroups required: {reason}"));
+                let auto =
+                    Isolation::prepare_with_env(&settings(CgroupMode::Auto), []).expect("auto");
+                assert!(auto.cgroups().is_none(), "auto degrades: {reason}");
+            }
+            Ok(parent) => {
+                let enabled = std::fs::read_to_string(parent.dir().join("cgroup.subtree_control"))
+                    .expect("readable");
+                assert!(
+                    enabled.contains("memory") && enabled.contains("cpu"),
+                    "{enabled}"
+                );
+                drop(parent);
+                let isolation = Arc::new(
+                    Isolation::prepare_with_env(&settings(CgroupMode::Required), [])
+                        .expect("required with cgroups"),
+                );
+                let mut task = shell_task(
+                    "cat memory.max 2>/dev/null; x=$(head -c 268435456 /dev/zero | tr '\\0' a); \
+                     echo survived",
+                );
+                task.memory_bytes = 32 << 20;
+                let finished = run_isolated(&task, "node-a", 1024, &isolation, uncancelled()).await;
+                assert_eq!(finished.signal, Some(libc::SIGKILL), "{finished:?}");
+                assert!(!lines(&finished).contains(&"survived".to_owned()));
+                assert!(
+                    String::from_utf8_lossy(&finished.stderr).contains("OOM killer"),
+                    "{finished:?}"
+                );
+            }
+        }
     }
 
     #[tokio::test]

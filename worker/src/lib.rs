@@ -2,8 +2,9 @@
 //! coordinator assigns as real processes, and keeps one stream open to the coordinator's leader.
 //!
 //! The modules follow that order: [`scan`] (hardware profile), [`theta`] (health monitor),
-//! [`executor`] (one attempt as a process group), [`agent`] (the connection, the queue and the
-//! runners), [`convert`] (the only module that builds or reads `venom_proto` messages),
+//! [`executor`] (one attempt as a process group), [`isolation`] (what each attempt may see and
+//! use: a clean environment, its own directory, `--run-as`, cgroup limits), [`agent`] (the
+//! connection, the queue and the runners), [`convert`] (the only module that builds or reads `venom_proto` messages),
 //! [`config`] (flags), [`limits`] (every limit and default) and [`metrics`] (Prometheus). The
 //! shared vocabulary (attempts, outcomes, throttle policies, modes, URLs) is `venom-core`'s.
 //! [`run`] ties them together for the `venom-worker` binary and for `venomctl dev`, which
@@ -13,6 +14,7 @@ pub mod agent;
 pub mod config;
 pub mod convert;
 pub mod executor;
+pub mod isolation;
 pub mod limits;
 pub mod metrics;
 pub mod scan;

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use venom_core::mobius::ThrottlePolicy;
 
+use crate::isolation::CgroupMode;
+
 // --- Flag defaults -----------------------------------------------------------------------
 
 /// `--coordinator`: the coordinator a worker looks for when told none.
@@ -25,6 +27,13 @@ pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 * 1024;
 pub const DEFAULT_HEARTBEAT_MS: u64 = 1000;
 /// The shortest heartbeat interval accepted, milliseconds.
 pub const MIN_HEARTBEAT_MS: u64 = 10;
+// `--work-dir` depends on the machine: see `crate::isolation::default_work_root`.
+/// `--keep-failed-workdirs-for`: how long a failed attempt's working directory is kept for
+/// inspection (as clap reads it, and as a duration).
+pub const DEFAULT_KEEP_FAILED_WORKDIRS_FOR: &str = "1h";
+pub const DEFAULT_KEEP_FAILED_WORKDIRS_FOR_DURATION: Duration = Duration::from_secs(3600);
+/// `--cgroups`: use them where the machine allows.
+pub const DEFAULT_CGROUPS: CgroupMode = CgroupMode::Auto;
 
 // --- The connection to the coordinator ---------------------------------------------------
 

@@ -160,6 +160,27 @@ pub(crate) fn check_env(env: &BTreeMap<String, String>) -> Result<(), String> {
     Ok(())
 }
 
+pub(crate) fn check_workdir(workdir: &str) -> Result<(), String> {
+    if workdir.is_empty() {
+        return Err("must not be empty (leave it out for a fresh directory per attempt)".into());
+    }
+    if !workdir.starts_with('/') {
+        return Err(format!(
+            "{workdir:?} must be an absolute path (starting with `/`)"
+        ));
+    }
+    if workdir.contains('\0') {
+        return Err("must not contain NUL characters".into());
+    }
+    if workdir.len() > MAX_WORKDIR_BYTES {
+        return Err(format!(
+            "is {} bytes, above the limit of {MAX_WORKDIR_BYTES}",
+            workdir.len()
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     for (key, value) in labels {
         let valid_key = !key.is_empty()
@@ -217,6 +238,9 @@ impl WaveSpec {
             check_gpus(task.gpus).map_err(|m| at("gpus", m))?;
             check_env(&task.env).map_err(|m| at("env", m))?;
             check_labels(&task.labels).map_err(|m| at("labels", m))?;
+            if let Some(workdir) = &task.workdir {
+                check_workdir(workdir).map_err(|m| at("workdir", m))?;
+            }
             for (position, &dep) in task.deps.iter().enumerate() {
                 if dep >= self.tasks.len() {
                     return Err(at(

@@ -108,6 +108,7 @@ struct RawResources {
     gpus: Option<u32>,
     env: Option<BTreeMap<String, String>>,
     labels: Option<BTreeMap<String, String>>,
+    workdir: Option<String>,
 }
 
 /// One `[[task]]` as written, types checked, dependencies still names.
@@ -242,6 +243,7 @@ fn merge_defaults(raw: &RawTask, deps: Vec<usize>, defaults: &RawResources) -> T
         gpus: own.gpus.or(defaults.gpus).unwrap_or(0),
         env: merged_map(&own.env, &defaults.env),
         labels: merged_map(&own.labels, &defaults.labels),
+        workdir: own.workdir.clone().or_else(|| defaults.workdir.clone()),
     }
 }
 
@@ -394,6 +396,11 @@ fn read_resources(
         let labels = read_string_map(value, task, &field("labels"))?;
         checked("labels", check_labels(&labels))?;
         resources.labels = Some(labels);
+    }
+    if let Some(value) = table.get("workdir") {
+        let workdir: String = typed(value, task, &field("workdir"))?;
+        checked("workdir", check_workdir(&workdir))?;
+        resources.workdir = Some(workdir);
     }
     Ok(resources)
 }

@@ -19,22 +19,25 @@ pub const MAX_GPUS: u32 = 1024;
 pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
 /// Longest timeout: 366 days. Keeps `start + timeout` far from overflowing anywhere.
 pub const MAX_TIMEOUT_MS: u64 = 366 * 24 * 3_600 * 1_000;
+/// Longest `workdir`, in bytes: Linux's `PATH_MAX` less the terminating NUL.
+pub const MAX_WORKDIR_BYTES: usize = 4095;
 /// Environment variables every micro-task gets from its worker; a wave may not set them.
-pub const RESERVED_ENV_NAMES: [&str; 5] = [
+pub const RESERVED_ENV_NAMES: [&str; 6] = [
     "VENOM_WAVE_ID",
     "VENOM_TASK_ID",
     "VENOM_TASK_INDEX",
     "VENOM_ATTEMPT",
     "VENOM_NODE",
+    "VENOM_WORKDIR",
 ];
 
 pub(crate) const TOP_LEVEL_FIELDS: [&str; 4] = ["name", "on_failure", "defaults", "task"];
-pub(crate) const DEFAULTS_FIELDS: [&str; 7] = [
-    "timeout", "retries", "cpus", "memory", "gpus", "env", "labels",
+pub(crate) const DEFAULTS_FIELDS: [&str; 8] = [
+    "timeout", "retries", "cpus", "memory", "gpus", "env", "labels", "workdir",
 ];
-pub(crate) const TASK_FIELDS: [&str; 12] = [
+pub(crate) const TASK_FIELDS: [&str; 13] = [
     "id", "run", "cmd", "array", "deps", "timeout", "retries", "cpus", "memory", "gpus", "env",
-    "labels",
+    "labels", "workdir",
 ];
 
 /// Why a wave was rejected. Every error names the field it is about and, when it is about one
@@ -210,7 +213,8 @@ pub struct TaskSpec {
     pub retries: u32,
     /// Slots one micro-task occupies on a node.
     pub cpus: u32,
-    /// Free memory a node must have for one micro-task; 0 means no requirement.
+    /// Free memory a node must have for one micro-task; 0 means no requirement. Where the
+    /// worker runs attempts in cgroups, also each attempt's memory limit.
     pub memory_bytes: u64,
     /// GPUs one micro-task needs.
     pub gpus: u32,
@@ -218,6 +222,12 @@ pub struct TaskSpec {
     pub env: BTreeMap<String, String>,
     /// Node labels a node must carry to run this task (defaults merged in).
     pub labels: BTreeMap<String, String>,
+    /// An absolute directory, existing on the worker, that every attempt runs in; Venom
+    /// neither creates nor removes it. `None`: each attempt gets a fresh directory of its own,
+    /// made and removed by the worker. Last, and defaulted, so that a spec encoded before the
+    /// field existed still decodes from JSON.
+    #[serde(default)]
+    pub workdir: Option<String>,
 }
 
 /// How a micro-task's process is started.

@@ -166,6 +166,11 @@ fn each_task_field_is_read() {
         one_task("cmd = [\"echo\", \"a b\", \"\"]").command,
         CommandSpec::Argv(vec!["echo".into(), "a b".into(), String::new()])
     );
+    assert_eq!(one_task(base).workdir, None);
+    assert_eq!(
+        one_task(&format!("{base}workdir = \"/srv/data set\"")).workdir,
+        Some("/srv/data set".to_owned())
+    );
     let id = "A-z_0.9";
     let spec = parse_ok(&format!(
         "name = \"w\"\n[[task]]\nid = \"{id}\"\nrun = \"x\""
@@ -186,6 +191,7 @@ memory = "1GiB"
 gpus = 1
 env = { A = "default", B = "default" }
 labels = { arch = "x86_64", zone = "a" }
+workdir = "/srv/default"
 
 [[task]]
 id = "own"
@@ -197,6 +203,7 @@ memory = "512MB"
 gpus = 0
 env = { B = "task", C = "task" }
 labels = { zone = "b" }
+workdir = "/srv/own"
 
 [[task]]
 id = "inherits"
@@ -214,6 +221,7 @@ run = "true"
         map(&[("A", "default"), ("B", "task"), ("C", "task")])
     );
     assert_eq!(own.labels, map(&[("arch", "x86_64"), ("zone", "b")]));
+    assert_eq!(own.workdir.as_deref(), Some("/srv/own"));
     let inherits = &spec.tasks[1];
     assert_eq!(inherits.timeout_ms, 600_000);
     assert_eq!(inherits.retries, 3);
@@ -222,6 +230,7 @@ run = "true"
     assert_eq!(inherits.gpus, 1);
     assert_eq!(inherits.env, map(&[("A", "default"), ("B", "default")]));
     assert_eq!(inherits.labels, map(&[("arch", "x86_64"), ("zone", "a")]));
+    assert_eq!(inherits.workdir.as_deref(), Some("/srv/default"));
 }
 
 #[test]
@@ -302,6 +311,12 @@ fn a_spec_survives_a_serde_round_trip() {
     let decoded: WaveSpec = serde_json::from_str(&encoded).expect("decodable");
     assert_eq!(decoded, spec);
     assert_eq!(decoded.validate(&WaveLimits::default()), Ok(()));
+
+    // A spec encoded before tasks had a `workdir` decodes with none.
+    let without_workdir = encoded.replace(",\"workdir\":null", "");
+    assert_ne!(without_workdir, encoded, "{encoded}");
+    let decoded: WaveSpec = serde_json::from_str(&without_workdir).expect("decodable");
+    assert_eq!(decoded, spec);
 }
 
 /// (what, input, expected task, expected field, text the message must contain)
@@ -533,6 +548,49 @@ fn bad_cases() -> Vec<BadCase> {
             t,
             "env",
             "set by Venom",
+        ),
+        (
+            "reserved VENOM_WORKDIR",
+            task_file("run = \"1\"\nenv = { VENOM_WORKDIR = \"/tmp\" }"),
+            t,
+            "env",
+            "set by Venom",
+        ),
+        (
+            "relative workdir",
+            task_file("run = \"1\"\nworkdir = \"data/in\""),
+            t,
+            "workdir",
+            "must be an absolute path",
+        ),
+        (
+            "empty workdir",
+            task_file("run = \"1\"\nworkdir = \"\""),
+            t,
+            "workdir",
+            "must not be empty",
+        ),
+        (
+            "workdir that is not a string",
+            task_file("run = \"1\"\nworkdir = 7"),
+            t,
+            "workdir",
+            "invalid type",
+        ),
+        (
+            "workdir longer than PATH_MAX",
+            task_file(&format!("run = \"1\"\nworkdir = \"/{}\"", "d".repeat(4095))),
+            t,
+            "workdir",
+            "above the limit of 4095",
+        ),
+        (
+            "relative workdir in defaults",
+            b"name = \"w\"\n[defaults]\nworkdir = \"rel\"\n[[task]]\nid = \"t\"\nrun = \"1\"\n"
+                .to_vec(),
+            None,
+            "defaults.workdir",
+            "must be an absolute path",
         ),
         (
             "label with a comma",
@@ -945,6 +1003,7 @@ fn chain(n_tasks: usize) -> WaveSpec {
         gpus: 0,
         env: BTreeMap::new(),
         labels: BTreeMap::new(),
+        workdir: None,
     };
     WaveSpec {
         name: "chain".into(),
@@ -1014,6 +1073,16 @@ fn validate_rechecks_a_built_spec() {
         (err.task.as_deref(), err.field.as_str()),
         (Some("t1"), "cpus")
     );
+
+    let mut spec = chain(3);
+    spec.tasks[1].workdir = Some("relative/dir".into());
+    let err = spec.validate(&limits).expect_err("relative workdir");
+    assert_eq!(
+        (err.task.as_deref(), err.field.as_str()),
+        (Some("t1"), "workdir")
+    );
+    spec.tasks[1].workdir = Some("/absolute/dir".into());
+    assert_eq!(spec.validate(&limits), Ok(()));
 
     let mut spec = chain(3);
     spec.tasks.clear();

@@ -43,6 +43,7 @@ pub use self::state::{
     AgentState, ExecEvent, Heartbeat, Identity, Instructions, NextAttempt, Started,
 };
 use crate::config::WorkerConfig;
+use crate::isolation::{Isolation, IsolationError, Sweeper};
 use crate::limits::{DEFAULT_SAMPLE_INTERVAL, SHUTDOWN_GRACE, STARTED_COALESCE};
 use crate::metrics::WorkerMetrics;
 use crate::scan::HardwareProfile;
@@ -57,6 +58,11 @@ pub enum AgentError {
     InvalidCoordinatorUrl { url: String, reason: String },
     #[error("TLS: {0}")]
     Tls(String),
+    /// Task isolation cannot be set up (`--work-dir`, `--run-as`, `--cgroups required`).
+    #[error(transparent)]
+    Isolation(#[from] IsolationError),
+    #[error("cannot start the working directories' sweeper thread: {0}")]
+    Sweeper(std::io::Error),
     #[error("--metrics-listen: cannot listen on {addr}: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -72,6 +78,8 @@ struct Shared {
     wake: Notify,
     node_name: Arc<str>,
     max_output_bytes: usize,
+    /// What every attempt runs inside: clean environment, own directory, user, cgroup.
+    isolation: Arc<Isolation>,
     metrics: Arc<WorkerMetrics>,
     /// The latest θ sample (`f64` bits), recorded on attempt spans.
     theta_bits: AtomicU64,
@@ -369,12 +377,16 @@ pub async fn run(
         "worker starting"
     );
 
+    let isolation = Arc::new(Isolation::prepare(&config.isolation_settings())?);
+    // Stops (at its next wake-up) when dropped, as `run` returns.
+    let _sweeper = Sweeper::start(Arc::clone(&isolation)).map_err(AgentError::Sweeper)?;
     let metrics = Arc::new(WorkerMetrics::new());
     let shared = Arc::new(Shared {
         state: Mutex::new(AgentState::new(slots)),
         wake: Notify::new(),
         node_name: Arc::clone(&identity.name),
         max_output_bytes: config.max_output_bytes,
+        isolation,
         theta_bits: AtomicU64::new(fallback_theta.theta.to_bits()),
         metrics: Arc::clone(&metrics),
     });

@@ -142,6 +142,7 @@ fn execute(shared: &Shared, assignment: &Assignment, cancel: CancelToken) -> Att
         assignment,
         &shared.node_name,
         shared.max_output_bytes,
+        &shared.isolation,
         cancel,
     ) {
         Ok(running) => {
@@ -196,12 +197,13 @@ mod tests {
     use crate::agent::AgentState;
     use crate::executor::cancel_pair;
 
-    fn shared() -> Shared {
+    fn shared(work_root: &std::path::Path) -> Shared {
         Shared {
             state: Mutex::new(AgentState::new(1)),
             wake: Notify::new(),
             node_name: "node-a".into(),
             max_output_bytes: 1024,
+            isolation: crate::isolation::Isolation::for_tests(work_root),
             metrics: Arc::new(WorkerMetrics::new()),
             theta_bits: AtomicU64::new(1.0_f64.to_bits()),
         }
@@ -209,7 +211,8 @@ mod tests {
 
     #[test]
     fn a_token_cancelled_before_start_never_spawns() {
-        let shared = shared();
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let shared = shared(work_root.path());
         let (handle, token) = cancel_pair();
         handle.cancel();
         let assignment = Assignment {
@@ -219,5 +222,29 @@ mod tests {
         let finished = execute(&shared, &assignment, token);
         assert!(finished.cancelled);
         assert_eq!(finished.exit_code, None);
+    }
+
+    #[test]
+    fn an_attempt_runs_isolated_and_its_start_is_recorded() {
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let shared = shared(work_root.path());
+        let assignment = Assignment {
+            attempt: venom_core::AttemptRef {
+                wave_id: 4,
+                micro: 0,
+                attempt: 1,
+            },
+            task_id: "t".to_owned(),
+            shell: "echo \"$VENOM_WORKDIR\"; pwd".to_owned(),
+            ..Default::default()
+        };
+        let finished = execute(&shared, &assignment, cancel_pair().1);
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        let dir = shared.isolation.work_dirs().own().join("w4/t.a1");
+        let expected = format!("{}\n{}\n", dir.display(), dir.display());
+        assert_eq!(String::from_utf8_lossy(&finished.stdout), expected);
+        assert!(!dir.exists(), "a successful attempt's directory is removed");
+        let metrics = shared.metrics.render();
+        assert!(metrics.contains("outcome=\"succeeded\""), "{metrics}");
     }
 }
