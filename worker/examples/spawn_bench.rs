@@ -30,6 +30,7 @@ fn isolation() -> &'static Arc<Isolation> {
             work_dir: std::env::temp_dir().join("venom-spawn-bench"),
             keep_failed_workdirs_for: Duration::ZERO,
             run_as: None,
+            run_as_uids: None,
             cgroups: CgroupMode::Off,
         };
         Arc::new(Isolation::prepare(&settings).expect("a usable work root"))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Args;
 use venom_core::mobius::ThrottlePolicy;
 
-use crate::isolation::{default_work_root, CgroupMode, IsolationSettings};
+use crate::isolation::{default_work_root, CgroupMode, IsolationSettings, UidRange};
 use crate::limits::{
     DEFAULT_CGROUPS, DEFAULT_COORDINATOR, DEFAULT_HEARTBEAT_MS, DEFAULT_KEEP_FAILED_WORKDIRS_FOR,
     DEFAULT_KEEP_FAILED_WORKDIRS_FOR_DURATION, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_QUEUE_DEPTH,
@@ -92,6 +92,24 @@ pub struct WorkerConfig {
     #[arg(long, env = "VENOM_RUN_AS", value_name = "USER")]
     pub run_as: Option<String>,
 
+    /// Run each wave's tasks as a uid of its own: uid = FIRST + (wave id mod the range's size),
+    /// gid the same number, no supplementary groups; HOME is the attempt's working directory,
+    /// USER and LOGNAME venom-UID, SHELL /bin/sh. The wave's directory and its attempts' are
+    /// closed to other uids, so a task can neither read another wave's files nor signal its
+    /// processes, nor read the worker's /proc/PID/environ. Not protected: tasks of one wave
+    /// share their uid, as do waves whose ids are congruent modulo the range's size (make the
+    /// range larger than the number of waves alive at once); the network is not restricted.
+    /// Needs a worker running as root; the range must lie within 1000-4294967294 and no
+    /// account (uid or primary gid), group or /etc/subuid or /etc/subgid range may use an id
+    /// of it (checked at start). A wave's own `workdir` is used as it is, not chowned.
+    #[arg(
+        long,
+        env = "VENOM_RUN_AS_UIDS",
+        value_name = "FIRST-LAST",
+        conflicts_with = "run_as"
+    )]
+    pub run_as_uids: Option<UidRange>,
+
     /// Run each attempt in a cgroup v2 group of its own, with memory.max from the task's
     /// `memory` and cpu.max from its `cpus`: when the machine allows (auto, which logs at start
     /// which applies), never (off), or refuse to start without (required).
@@ -117,6 +135,7 @@ impl Default for WorkerConfig {
             work_dir: None,
             keep_failed_workdirs_for: DEFAULT_KEEP_FAILED_WORKDIRS_FOR_DURATION,
             run_as: None,
+            run_as_uids: None,
             cgroups: DEFAULT_CGROUPS,
         }
     }
@@ -152,6 +171,7 @@ impl WorkerConfig {
             work_dir: self.work_dir.clone().unwrap_or_else(default_work_root),
             keep_failed_workdirs_for: self.keep_failed_workdirs_for,
             run_as: self.run_as.clone(),
+            run_as_uids: self.run_as_uids,
             cgroups: self.cgroups,
         }
     }
@@ -269,6 +289,8 @@ mod tests {
         assert_eq!(cli.worker.cgroups, CgroupMode::Auto);
         assert_eq!(defaults.cgroups, CgroupMode::Auto);
         assert_eq!(cli.worker.run_as, None);
+        assert_eq!(cli.worker.run_as_uids, None);
+        assert_eq!(defaults.run_as_uids, None);
         let settings = defaults.isolation_settings();
         assert_eq!(settings.work_dir, default_work_root());
         let uid = crate::isolation::user::effective_uid();
@@ -307,11 +329,52 @@ mod tests {
             assert!(TestCli::try_parse_from(args).is_err(), "{args:?}");
         }
 
+        let cli = TestCli::try_parse_from(["venom-worker", "--run-as-uids", "200000-200999"])
+            .expect("a range parses");
+        let settings = cli.worker.isolation_settings();
+        assert_eq!(
+            settings.run_as_uids,
+            Some(UidRange::new(200_000, 200_999).expect("a range"))
+        );
+        assert_eq!(settings.run_as, None);
+        let both = TestCli::try_parse_from([
+            "venom-worker",
+            "--run-as",
+            "nobody",
+            "--run-as-uids",
+            "200000-200999",
+        ])
+        .expect_err("--run-as and --run-as-uids conflict");
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+        for (bad, reason) in [
+            (
+                "200999-200000",
+                "FIRST (200999) is greater than LAST (200000)",
+            ),
+            ("10-20", "10-20 reaches outside 1000-4294967294"),
+            (
+                "1000-4294967295",
+                "1000-4294967295 reaches outside 1000-4294967294",
+            ),
+            ("200000", "is not of the form FIRST-LAST"),
+        ] {
+            let error = TestCli::try_parse_from(["venom-worker", "--run-as-uids", bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                error.contains(&format!(
+                    "invalid value '{bad}' for '--run-as-uids <FIRST-LAST>'"
+                )) && error.contains(reason),
+                "{error}"
+            );
+        }
+
         let help = TestCli::command().render_long_help().to_string();
         for variable in [
             "VENOM_WORK_DIR",
             "VENOM_KEEP_FAILED_WORKDIRS_FOR",
             "VENOM_RUN_AS",
+            "VENOM_RUN_AS_UIDS",
             "VENOM_CGROUPS",
         ] {
             assert!(

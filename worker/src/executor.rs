@@ -16,12 +16,12 @@
 //! Every attempt is isolated as [`crate::isolation`] describes: a clean environment (the
 //! allow-list of [`TASK_ENV_ALLOW_LIST`](crate::isolation::TASK_ENV_ALLOW_LIST), the wave's
 //! `env`, then the `VENOM_*` variables), a working directory of its own (or the wave's
-//! `workdir`), optionally another user (`--run-as`) and a cgroup with its limits. None of it
-//! needs a `pre_exec` hook: the environment, the directory (`posix_spawn_file_actions_addchdir`)
-//! and the process group are all things `posix_spawn` does, a bare program name is looked up
-//! in the task's `PATH` here (std leaves the fast path when `PATH` is set and the program is
-//! not a path), and the cgroup is joined right after the spawn. Only `--run-as` costs the fast
-//! path: std spawns with fork + exec when a uid or gid is set.
+//! `workdir`), optionally another user (`--run-as`, or a uid per wave with `--run-as-uids`)
+//! and a cgroup with its limits. None of it needs a `pre_exec` hook: the environment, the
+//! directory (`posix_spawn_file_actions_addchdir`) and the process group are all things
+//! `posix_spawn` does, a bare program name is looked up in the task's `PATH` here (std leaves the fast path when `PATH` is set and the program is
+//! not a path), and the cgroup is joined right after the spawn. Only `--run-as` and
+//! `--run-as-uids` cost the fast path: std spawns with fork + exec when a uid or gid is set.
 //!
 //! [`spawn_attempt`] starts the process of an [`Assignment`] (the agent reports the start with
 //! its pid), and [`RunningAttempt::wait_blocking`] drives it to the end. An attempt that never
@@ -399,8 +399,9 @@ fn read_once<R: Read>(pipe: &mut Option<R>, chunk: &mut [u8], tail: &mut TailBuf
 }
 
 /// Starts an attempt's process: `sh -c <shell>` or `argv`, in a new process group, isolated by
-/// `isolation` (its own directory and cgroup, the user of `--run-as`) with the allow-listed
-/// environment, the assignment's and the `VENOM_*` variables. `cancel` is bound to this
+/// `isolation` (its own directory and cgroup, the user of `--run-as` or its wave's uid of
+/// `--run-as-uids`) with the allow-listed environment, the attempt's identity
+/// (`--run-as-uids`), the assignment's and the `VENOM_*` variables. `cancel` is bound to this
 /// attempt: cancelling it from now on kills the process group.
 pub fn spawn_attempt(
     assignment: &Assignment,
@@ -460,6 +461,7 @@ pub fn spawn_attempt(
     command
         .env_clear()
         .envs(isolation.base_env().iter().map(|(key, value)| (key, value)))
+        .envs(place.identity_env().into_iter().flatten())
         .envs(&assignment.env)
         .envs(venom_env(assignment, node_name))
         .env("VENOM_WORKDIR", workdir)
@@ -468,8 +470,8 @@ pub fn spawn_attempt(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    if let Some(user) = isolation.run_as() {
-        command.uid(user.uid).gid(user.gid);
+    if let Some(ids) = place.ids() {
+        command.uid(ids.uid).gid(ids.gid);
     }
     let started_ms = crate::unix_now_ms();
     let mut child = match command.spawn() {
@@ -732,6 +734,8 @@ fn poll_fds(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> std::io::Res
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt;
+
     use super::*;
     use crate::isolation::{CgroupMode, IsolationSettings, DEFAULT_TASK_PATH, TASK_ENV_ALLOW_LIST};
     use crate::limits::DEFAULT_MAX_OUTPUT_BYTES;
@@ -1133,6 +1137,7 @@ mod tests {
             work_dir: work_root.to_owned(),
             keep_failed_workdirs_for: Duration::from_secs(3600),
             run_as: run_as.map(str::to_owned),
+            run_as_uids: None,
             cgroups: CgroupMode::Off,
         };
         Arc::new(
@@ -1333,6 +1338,7 @@ mod tests {
             work_dir: work_root.path().to_owned(),
             keep_failed_workdirs_for: Duration::from_secs(3600),
             run_as: Some("nobody".to_owned()),
+            run_as_uids: None,
             cgroups: CgroupMode::Off,
         };
         if crate::isolation::user::effective_uid() != 0 {
@@ -1411,6 +1417,172 @@ ls "$WORK_ROOT" > /dev/null 2>&1 && echo root-listable || echo root-denied"#,
         );
     }
 
+    /// `--run-as-uids 300000-300999` over `work_root`, with the test process's environment.
+    fn per_wave_settings(work_root: &std::path::Path) -> IsolationSettings {
+        IsolationSettings {
+            work_dir: work_root.to_owned(),
+            keep_failed_workdirs_for: Duration::from_secs(3600),
+            run_as: None,
+            run_as_uids: Some("300000-300999".parse().expect("a range")),
+            cgroups: CgroupMode::Off,
+        }
+    }
+
+    #[tokio::test]
+    async fn run_as_uids_keeps_each_wave_from_the_others_but_congruent_ones() {
+        let work_root = tempfile::tempdir().expect("temp dir");
+        std::fs::set_permissions(
+            work_root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .expect("chmod");
+        let settings = per_wave_settings(work_root.path());
+        if crate::isolation::user::effective_uid() != 0 {
+            let error = Isolation::prepare_with_env(&settings, []).expect_err("not root");
+            assert!(
+                error.to_string().starts_with(
+                    "--run-as-uids 300000-300999: the worker must run as root to run each \
+                     wave's tasks as a uid of its own"
+                ),
+                "{error}"
+            );
+            return;
+        }
+        let isolation =
+            Arc::new(Isolation::prepare_with_env(&settings, std::env::vars_os()).expect("usable"));
+        let own = isolation.work_dirs().own().canonicalize().expect("exists");
+        assert_eq!(
+            std::fs::metadata(&own).expect("exists").mode() & 0o7777,
+            0o711,
+            "every wave's uid passes through the worker's directory"
+        );
+
+        // Wave 1 keeps a failed attempt's directory with a secret in it.
+        let mut secret_task = shell_task("echo s3cret > secret; exit 1");
+        secret_task.attempt.wave_id = 1;
+        let kept = run_isolated(&secret_task, "node-a", 1024, &isolation, uncancelled()).await;
+        assert_eq!(kept.exit_code, Some(1), "{kept:?}");
+        let wave_1 = own.join("w1");
+        let secret = wave_1.join("shard@3.a2/secret");
+        assert!(secret.exists());
+        let owner = |path: &std::path::Path| {
+            let metadata = std::fs::symlink_metadata(path).expect("exists");
+            (metadata.uid(), metadata.gid(), metadata.mode() & 0o7777)
+        };
+        assert_eq!(owner(&wave_1), (0, 300_001, 0o710));
+        assert_eq!(owner(&wave_1.join("shard@3.a2")), (300_001, 300_001, 0o700));
+        assert_eq!(owner(&secret).0, 300_001, "the task wrote it as its uid");
+
+        // Wave 3 runs while wave 2 looks at it.
+        let (sleeper_handle, sleeper_token) = cancel_pair();
+        let mut sleeper_task = shell_task("exec sleep 30");
+        sleeper_task.attempt.wave_id = 3;
+        let sleeper =
+            spawn_attempt(&sleeper_task, "node-a", 1024, &isolation, sleeper_token).expect("spawn");
+        let sleeper_pid = sleeper.pid();
+        let sleeper = tokio::task::spawn_blocking(move || sleeper.wait_blocking());
+
+        let probe = r#"id -u; id -g; id -G; echo "$HOME|$USER|$LOGNAME|$SHELL"
+pwd -P; stat -c '%u %g %a' . ..
+touch mine && echo can-write-own
+cat /proc/$WORKER_PID/environ > /dev/null 2>&1 && echo environ-readable || echo environ-denied
+kill -0 $WORKER_PID 2> /dev/null && echo worker-signalable || echo worker-signal-denied
+kill -0 $SLEEPER_PID 2> /dev/null && echo other-wave-signalable || echo other-wave-signal-denied
+ls "$OTHER_WAVE" > /dev/null 2>&1 && echo other-listable || echo other-denied
+cat "$OTHER_WAVE/shard@3.a2/secret" 2> /dev/null || echo secret-denied
+ls "$OTHER_WAVE/.." > /dev/null 2>&1 && echo worker-dir-listable || echo worker-dir-denied"#;
+        let probe_as = |wave_id: u64| {
+            let mut task = shell_task(probe);
+            task.attempt.wave_id = wave_id;
+            for (key, value) in [
+                ("WORKER_PID", std::process::id().to_string()),
+                ("SLEEPER_PID", sleeper_pid.to_string()),
+                ("OTHER_WAVE", wave_1.display().to_string()),
+            ] {
+                task.env.insert(key.to_owned(), value);
+            }
+            task
+        };
+        let finished = run_isolated(&probe_as(2), "node-a", 4096, &isolation, uncancelled()).await;
+        assert_eq!(finished.exit_code, Some(0), "{finished:?}");
+        let dir = own.join("w2/shard@3.a2").display().to_string();
+        assert_eq!(
+            lines(&finished),
+            [
+                "300002",
+                "300002",
+                "300002", // no supplementary groups
+                &format!("{dir}|venom-300002|venom-300002|/bin/sh"),
+                &dir,
+                "300002 300002 700",
+                "0 300002 710",
+                "can-write-own",
+                "environ-denied",
+                "worker-signal-denied",
+                "other-wave-signal-denied",
+                "other-denied",
+                "secret-denied",
+                "worker-dir-denied",
+            ]
+        );
+        assert!(
+            !own.join("w2/shard@3.a2").exists(),
+            "removed by the worker after the success, though the wave's uid's"
+        );
+
+        // Wave 1001 ≡ 1 (mod 1000): the same uid as wave 1, and so its files (documented).
+        let congruent =
+            run_isolated(&probe_as(1001), "node-a", 4096, &isolation, uncancelled()).await;
+        let congruent = lines(&congruent);
+        assert_eq!(congruent[0], "300001");
+        assert!(congruent.contains(&"s3cret".to_owned()), "{congruent:?}");
+
+        sleeper_handle.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(5), sleeper)
+            .await
+            .expect("the cancel ends it")
+            .expect("no panic");
+        assert!(ended.cancelled);
+    }
+
+    #[test]
+    fn run_as_uids_refuses_a_range_someone_has_and_the_company_of_run_as() {
+        let work_root = tempfile::tempdir().expect("temp dir");
+        let mut settings = per_wave_settings(work_root.path());
+        settings.run_as = Some("nobody".to_owned());
+        let both = Isolation::prepare_with_env(&settings, []).expect_err("both");
+        assert_eq!(
+            both.to_string(),
+            "--run-as nobody and --run-as-uids 300000-300999 cannot be used together: choose one"
+        );
+
+        let nobody = crate::isolation::user::lookup_user("nobody")
+            .expect("the lookup works")
+            .expect("the system has a `nobody` user");
+        let range = crate::isolation::UidRange::new(nobody.uid, nobody.uid).expect("above 1000");
+        let settings = IsolationSettings {
+            run_as_uids: Some(range),
+            ..per_wave_settings(work_root.path())
+        };
+        let taken = Isolation::prepare_with_env(&settings, []).expect_err("nobody's uid");
+        if crate::isolation::user::effective_uid() == 0 {
+            // `nobody`, or an account whose primary group is `nogroup` (Debian's `sync`),
+            // whichever the passwd database lists first.
+            let message = taken.to_string();
+            assert!(
+                message.starts_with(&format!("--run-as-uids {range}: account `"))
+                    && message.contains(&format!(
+                        " {}, inside the range, and tasks would run as (or with the group of) \
+                         whoever has it",
+                        nobody.uid
+                    )),
+                "{message}"
+            );
+        } else {
+            assert!(taken.to_string().contains("must run as root"), "{taken}");
+        }
+    }
+
     #[test]
     fn run_as_refuses_a_user_that_does_not_exist_and_an_unreachable_work_root() {
         let work_root = tempfile::tempdir().expect("temp dir");
@@ -1424,6 +1596,7 @@ ls "$WORK_ROOT" > /dev/null 2>&1 && echo root-listable || echo root-denied"#,
             work_dir: work_root.path().join("root"),
             keep_failed_workdirs_for: Duration::ZERO,
             run_as: Some(user.to_owned()),
+            run_as_uids: None,
             cgroups: CgroupMode::Off,
         };
         let missing = Isolation::prepare_with_env(&settings("venom-no-such-user-7f3a"), [])
@@ -1477,6 +1650,7 @@ ls "$WORK_ROOT" > /dev/null 2>&1 && echo root-listable || echo root-denied"#,
                 work_dir: work_root.path().to_owned(),
                 keep_failed_workdirs_for: Duration::ZERO,
                 run_as: None,
+                run_as_uids: None,
                 cgroups: CgroupMode::Required,
             };
             let error = Isolation::prepare_with_env(&settings, []).expect_err("refused");
@@ -1496,6 +1670,7 @@ ls "$WORK_ROOT" > /dev/null 2>&1 && echo root-listable || echo root-denied"#,
                 work_dir: work_root.path().to_owned(),
                 keep_failed_workdirs_for: Duration::ZERO,
                 run_as: None,
+                run_as_uids: None,
                 cgroups: CgroupMode::Off,
             },
             [],
@@ -1560,6 +1735,7 @@ ls "$WORK_ROOT" > /dev/null 2>&1 && echo root-listable || echo root-denied"#,
             work_dir: work_root.path().to_owned(),
             keep_failed_workdirs_for: Duration::ZERO,
             run_as: None,
+            run_as_uids: None,
             cgroups,
         };
         let off = Isolation::prepare_with_env(&settings(CgroupMode::Off), []).expect("off");

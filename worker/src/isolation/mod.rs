@@ -4,8 +4,9 @@
 //! then applied to every attempt by the executor ([`Isolation::begin`]).
 //!
 //! - **A clean environment** ([`env`](mod@env)): a task never inherits the worker's
-//!   environment, only the variables of [`TASK_ENV_ALLOW_LIST`], then the wave's `env`, then
-//!   `VENOM_*` (`VENOM_WORKDIR` among them).
+//!   environment, only the variables of [`TASK_ENV_ALLOW_LIST`] (with `--run-as-uids`, the
+//!   attempt's own `HOME`, `USER`, `LOGNAME` and `SHELL` instead of the worker's), then the
+//!   wave's `env`, then `VENOM_*` (`VENOM_WORKDIR` among them).
 //! - **A working directory per attempt** ([`workdir`]): fresh, 0700, under `--work-dir`, and
 //!   removed by a documented policy (`--keep-failed-workdirs-for`); or, when the wave names a
 //!   `workdir`, that existing directory, which the worker neither makes nor removes.
@@ -14,16 +15,28 @@
 //!   belong to USER. This is what keeps a task away from the worker's own process: a task
 //!   running as the worker's uid can read `/proc/<worker pid>/environ` (the worker's whole
 //!   environment, however clean its own environment is) and every other attempt's directory.
+//! - **A user per wave** ([`uids`], `--run-as-uids FIRST-LAST`, only for a worker running as
+//!   root, instead of `--run-as`): each wave's tasks run as uid = gid = FIRST + (wave id mod
+//!   the range's size), ids no account, group or subordinate id range may hold (checked at
+//!   start), with `HOME` the attempt's directory, `USER` and `LOGNAME` `venom-<uid>` and
+//!   `SHELL` `/bin/sh`; the wave's directory and its attempts' are closed to every other uid.
+//!   On top of what `--run-as` gives, this keeps waves from each other: a task cannot list or
+//!   read another wave's directories, nor signal (or ptrace) its processes. Not from the
+//!   tasks of its own wave, which share the uid, nor from a wave whose id is congruent modulo
+//!   the range's size (make the range larger than the number of waves alive at once); and
+//!   nothing here restricts the network.
 //! - **cgroup v2 limits** ([`cgroup`], `--cgroups auto|off|required`): `memory.max` from the
 //!   task's `memory`, `cpu.max` from its `cpus`, the OOM killer reported in the outcome.
 //!
 //! All of it keeps the executor's fast `posix_spawn` path (no `pre_exec` hook), except that
-//! std itself leaves that path for fork + exec when a uid or gid is set (`--run-as`). What it
-//! costs: a directory made and removed per attempt (one `mkdir` and one `rmdir`, about 75 µs
-//! on ext4), and for an argv task with a cgroup one more `exec` (the gate).
+//! std itself leaves that path for fork + exec when a uid or gid is set (`--run-as`,
+//! `--run-as-uids`). What it costs: a directory made and removed per attempt (one `mkdir` and
+//! one `rmdir`, about 75 µs on ext4), and for an argv task with a cgroup one more `exec` (the
+//! gate).
 
 pub mod cgroup;
 pub mod env;
+pub mod uids;
 pub mod user;
 pub mod workdir;
 
@@ -36,7 +49,8 @@ use venom_core::AttemptOutcome;
 
 pub use self::cgroup::{CgroupMode, CgroupParent};
 pub use self::env::{task_base_env, DEFAULT_TASK_PATH, TASK_ENV_ALLOW_LIST};
-pub use self::user::RunAs;
+pub use self::uids::UidRange;
+pub use self::user::{RunAs, TaskIds, TaskUsers};
 pub use self::workdir::{default_work_root, WorkDirs};
 
 use self::cgroup::AttemptCgroup;
@@ -52,6 +66,8 @@ pub struct IsolationSettings {
     pub keep_failed_workdirs_for: Duration,
     /// `--run-as`.
     pub run_as: Option<String>,
+    /// `--run-as-uids` (never together with `run_as`).
+    pub run_as_uids: Option<UidRange>,
     /// `--cgroups`.
     pub cgroups: CgroupMode,
 }
@@ -73,6 +89,30 @@ pub enum IsolationError {
          uid {uid}); start it as root, or leave --run-as out"
     )]
     NotRoot { user: String, uid: u32 },
+    #[error("--run-as {user} and --run-as-uids {range} cannot be used together: choose one")]
+    RunAsConflict { user: String, range: UidRange },
+    #[error(
+        "--run-as-uids {range}: the worker must run as root to run each wave's tasks as a uid \
+         of its own (it runs as uid {uid}); start it as root, or leave --run-as-uids out"
+    )]
+    UidsNotRoot { range: UidRange, uid: u32 },
+    #[error(
+        "--run-as-uids {range}: {taken}, inside the range, and tasks would run as (or with the \
+         group of) whoever has it; choose a range that no account, group or subordinate id range \
+         (/etc/subuid, /etc/subgid) uses"
+    )]
+    UidsTaken {
+        range: UidRange,
+        taken: uids::TakenIds,
+    },
+    #[error(
+        "--run-as-uids {range}: cannot read the accounts and groups to check that the range is \
+         free: {source}"
+    )]
+    UidsLookup {
+        range: UidRange,
+        source: std::io::Error,
+    },
     #[error("--cgroups required: {reason}")]
     CgroupsRequired { reason: String },
 }
@@ -99,8 +139,8 @@ pub enum SetupError {
 pub struct Isolation {
     /// The allow-listed part of the worker's environment every task starts from.
     base_env: Vec<(OsString, OsString)>,
-    /// `--run-as`.
-    run_as: Option<RunAs>,
+    /// `--run-as` or `--run-as-uids`.
+    users: TaskUsers,
     /// The per-attempt directories.
     work_dirs: WorkDirs,
     /// Where attempts' cgroups go; `None` when attempts run without.
@@ -114,7 +154,7 @@ impl Isolation {
         let isolation = Isolation::prepare_with_env(settings, std::env::vars_os())?;
         tracing::info!(
             work_dir = %isolation.work_dirs.own().display(),
-            run_as = isolation.run_as.as_ref().map_or("(the worker's user)", |user| user.name.as_str()),
+            run_as = %isolation.users,
             cgroups = %isolation.cgroups.as_ref().map_or_else(
                 || "off".to_owned(),
                 |parent| format!("memory.max and cpu.max under {}", parent.dir().display())
@@ -130,9 +170,14 @@ impl Isolation {
         settings: &IsolationSettings,
         parent_env: impl IntoIterator<Item = (OsString, OsString)>,
     ) -> Result<Isolation, IsolationError> {
-        let run_as = match &settings.run_as {
-            None => None,
-            Some(name) => {
+        let users = match (&settings.run_as, settings.run_as_uids) {
+            (Some(user), Some(range)) => {
+                return Err(IsolationError::RunAsConflict {
+                    user: user.clone(),
+                    range,
+                })
+            }
+            (Some(name), None) => {
                 let uid = user::effective_uid();
                 if uid != 0 {
                     return Err(IsolationError::NotRoot {
@@ -141,7 +186,7 @@ impl Isolation {
                     });
                 }
                 match user::lookup_user(name) {
-                    Ok(Some(user)) => Some(user),
+                    Ok(Some(user)) => TaskUsers::User(user),
                     Ok(None) => return Err(IsolationError::NoSuchUser { user: name.clone() }),
                     Err(source) => {
                         return Err(IsolationError::UserLookup {
@@ -151,11 +196,23 @@ impl Isolation {
                     }
                 }
             }
+            (None, Some(range)) => {
+                let uid = user::effective_uid();
+                if uid != 0 {
+                    return Err(IsolationError::UidsNotRoot { range, uid });
+                }
+                match uids::find_taken(range) {
+                    Ok(None) => TaskUsers::PerWave(range),
+                    Ok(Some(taken)) => return Err(IsolationError::UidsTaken { range, taken }),
+                    Err(source) => return Err(IsolationError::UidsLookup { range, source }),
+                }
+            }
+            (None, None) => TaskUsers::Worker,
         };
         let work_dirs = WorkDirs::open(
             &settings.work_dir,
             settings.keep_failed_workdirs_for,
-            run_as.as_ref(),
+            &users,
         )?;
         let cgroups = match settings.cgroups {
             CgroupMode::Off => None,
@@ -171,8 +228,8 @@ impl Isolation {
             },
         };
         Ok(Isolation {
-            base_env: task_base_env(parent_env, run_as.as_ref()),
-            run_as,
+            base_env: task_base_env(parent_env, &users),
+            users,
             work_dirs,
             cgroups,
         })
@@ -183,9 +240,14 @@ impl Isolation {
         &self.base_env
     }
 
-    /// The user tasks run as, when not the worker's.
+    /// The user all tasks run as with `--run-as`.
     pub fn run_as(&self) -> Option<&RunAs> {
-        self.run_as.as_ref()
+        self.users.run_as()
+    }
+
+    /// Who tasks run as.
+    pub fn users(&self) -> &TaskUsers {
+        &self.users
     }
 
     /// The attempts' directories.
@@ -206,6 +268,7 @@ impl Isolation {
             work_dir: work_root.to_owned(),
             keep_failed_workdirs_for: Duration::from_secs(3600),
             run_as: None,
+            run_as_uids: None,
             cgroups: CgroupMode::Off,
         };
         Arc::new(Isolation::prepare_with_env(&settings, []).expect("a usable work root"))
@@ -227,7 +290,7 @@ impl Isolation {
             })
     }
 
-    /// Gives an attempt its working directory and cgroup.
+    /// Gives an attempt its working directory, cgroup and user.
     pub fn begin(
         self: &Arc<Self>,
         assignment: &Assignment,
@@ -250,6 +313,7 @@ impl Isolation {
         };
         let mut place = AttemptIsolation {
             isolation: Arc::clone(self),
+            ids: self.users.ids_for_wave(assignment.attempt.wave_id),
             workdir,
             owned_dir,
             cgroup: None,
@@ -304,6 +368,8 @@ fn check_given_workdir(path: &Path) -> Result<(), SetupError> {
 #[derive(Debug)]
 pub struct AttemptIsolation {
     isolation: Arc<Isolation>,
+    /// Who the attempt's process runs as; `None`: the worker's user.
+    ids: Option<TaskIds>,
     workdir: PathBuf,
     /// The worker made `workdir` (and so removes it); false for a wave's own `workdir`.
     owned_dir: bool,
@@ -316,6 +382,23 @@ impl AttemptIsolation {
     /// Where the attempt runs.
     pub fn workdir(&self) -> &Path {
         &self.workdir
+    }
+
+    /// The uid and gid the attempt's process gets; `None` when it runs as the worker's user.
+    pub fn ids(&self) -> Option<TaskIds> {
+        self.ids
+    }
+
+    /// With `--run-as-uids`, the variables that say who the attempt is
+    /// ([`env::per_wave_identity_env`]), to come after the base environment and before the
+    /// wave's `env`; nothing otherwise (the base environment has them).
+    pub fn identity_env(&self) -> Option<[(&'static str, OsString); 4]> {
+        match (&self.isolation.users, self.ids) {
+            (TaskUsers::PerWave(_), Some(ids)) => {
+                Some(env::per_wave_identity_env(ids.uid, &self.workdir))
+            }
+            _ => None,
+        }
     }
 
     /// True when the attempt runs in a cgroup of its own.

@@ -1,16 +1,20 @@
-//! `--run-as USER`: who that is (its passwd entry, read with `getpwnam_r`), and who the worker
-//! itself runs as.
+//! Who tasks run as ([`TaskUsers`]): the worker's own user, `--run-as USER` (its passwd
+//! entry, read with `getpwnam_r`), or a uid per wave (`--run-as-uids`, [`super::uids`]); and
+//! who the worker itself runs as.
 //!
-//! Tasks get the user's uid and primary gid through std's `CommandExt::uid`/`gid`. What std
-//! does with them, and so what a task really gets: setting either makes std leave the
-//! `posix_spawn` path for fork + exec (posix_spawn cannot change ids), and in the child it
-//! calls `setgroups(0, NULL)` before `setgid` and `setuid`, because no explicit group list was
-//! given (`Command::groups` is unstable). A task therefore runs with the user's uid and
-//! primary gid and **no supplementary groups** — not the groups `/etc/group` lists for the
-//! user; a task that needs a group's files must own them through its primary group.
+//! Tasks get their uid and gid through std's `CommandExt::uid`/`gid`. What std does with them,
+//! and so what a task really gets: setting either makes std leave the `posix_spawn` path for
+//! fork + exec (posix_spawn cannot change ids; the task's parent is still the worker), and in
+//! the child it calls `setgroups(0, NULL)` before `setgid` and `setuid`, because no explicit
+//! group list was given (`Command::groups` is unstable). A task therefore runs with that uid
+//! and gid and **no supplementary groups** — with `--run-as`, not the groups `/etc/group`
+//! lists for the user; a task that needs a group's files must own them through its primary
+//! group. (The executor's tests check it: `id -G` prints the one gid.)
 
 use std::ffi::{CStr, CString, OsString};
 use std::os::unix::ffi::OsStringExt;
+
+use super::uids::UidRange;
 
 /// Largest passwd buffer tried (`getpwnam_r` answers `ERANGE` while the buffer is too small).
 const MAX_PASSWD_BUFFER_BYTES: usize = 1 << 20;
@@ -27,6 +31,60 @@ pub struct RunAs {
     pub home: OsString,
     /// `pw_shell`: the tasks' `SHELL` (`/bin/sh` when empty).
     pub shell: OsString,
+}
+
+/// Who the tasks of this worker run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskUsers {
+    /// The worker's own user (neither `--run-as` nor `--run-as-uids`).
+    Worker,
+    /// `--run-as USER`: every task as USER.
+    User(RunAs),
+    /// `--run-as-uids`: each wave's tasks as a uid (and gid) of the wave's own.
+    PerWave(UidRange),
+}
+
+/// The uid and gid an attempt's process gets when it does not run as the worker's user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskIds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl TaskUsers {
+    /// The ids the attempts of `wave_id` run as; `None` for the worker's own.
+    pub fn ids_for_wave(&self, wave_id: u64) -> Option<TaskIds> {
+        match self {
+            TaskUsers::Worker => None,
+            TaskUsers::User(user) => Some(TaskIds {
+                uid: user.uid,
+                gid: user.gid,
+            }),
+            TaskUsers::PerWave(range) => {
+                let (uid, gid) = range.ids_for_wave(wave_id);
+                Some(TaskIds { uid, gid })
+            }
+        }
+    }
+
+    /// `--run-as`'s user, if that is who tasks run as.
+    pub fn run_as(&self) -> Option<&RunAs> {
+        match self {
+            TaskUsers::User(user) => Some(user),
+            TaskUsers::Worker | TaskUsers::PerWave(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TaskUsers {
+    /// For the start-up log line and error messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskUsers::Worker => f.write_str("the worker's user"),
+            TaskUsers::User(user) => write!(f, "user {} (--run-as)", user.name),
+            TaskUsers::PerWave(range) => write!(f, "uids {range}, one per wave (--run-as-uids)"),
+        }
+    }
 }
 
 /// The passwd entry of `name`; `None` when there is no such user.

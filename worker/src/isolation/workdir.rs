@@ -25,9 +25,20 @@
 //! USER's (0700), and the directories above it (the root included) are the worker's with
 //! USER's primary group and mode 0710: USER can pass through them to its own directory but
 //! cannot list them, create anything in them or rename them, and nobody outside that group
-//! can even pass through. Tasks of one worker all run as one user, so they can enter each
-//! other's attempt directories when they guess the names; separating waves from each other
-//! takes different users (separate workers).
+//! can even pass through. Tasks of one worker then all run as one user, so they can enter each
+//! other's attempt directories when they guess the names.
+//!
+//! With `--run-as-uids` each wave has a uid and gid of its own ([`super::uids`]), so no one
+//! group may pass through everything: the root and `worker-<n>` are the worker's, mode 0711
+//! (anyone passes through, nobody but the worker lists or changes them); the wave's directory
+//! `w<wave>` is the worker's with the wave's gid, 0710 (the wave's tasks pass through, other
+//! waves cannot even do that, nor list it); the attempt's directory is the wave's uid's, 0700.
+//! The wave's directory stays the worker's, not the wave's, for the reason it does with
+//! `--run-as`: a task that owned it could rename or replace its entries while the worker (as
+//! root) makes, times and removes them. When the worker starts, the wave directories its
+//! predecessor left in its `worker-<n>` are given the owner and mode of the current flags (a
+//! worker restarted from `--run-as` to `--run-as-uids` may get more attempts of those waves);
+//! kept attempt directories keep the owner they had, and are swept by age.
 //!
 //! **Removal policy.** When an attempt ends:
 //! - it succeeded: its directory is removed at once, and with it the directories this worker
@@ -62,7 +73,7 @@ use std::time::{Duration, SystemTime};
 
 use venom_core::AttemptRef;
 
-use super::user::{effective_uid, RunAs};
+use super::user::{effective_uid, TaskIds, TaskUsers};
 
 /// Most worker directories (`worker-<n>`) looked at under one root: how many workers may
 /// share a root at once.
@@ -141,13 +152,14 @@ pub enum WorkRootError {
     #[error("--work-dir {path}: {problem}")]
     Unusable { path: PathBuf, problem: String },
     #[error(
-        "--work-dir {path}: user {user} (--run-as) cannot reach it: {blocking} is mode {mode:04o}, \
-         owned by uid {owner_uid}, gid {owner_gid}; choose a --work-dir whose parent directories \
-         others may pass through (like /tmp or /var/tmp)"
+        "--work-dir {path}: {who} cannot reach it: {blocking} is mode {mode:04o}, owned by uid \
+         {owner_uid}, gid {owner_gid}; choose a --work-dir whose parent directories others may \
+         pass through (like /tmp or /var/tmp)"
     )]
     Unreachable {
         path: PathBuf,
-        user: String,
+        /// Who tasks run as ([`TaskUsers`]'s `Display`).
+        who: String,
         blocking: PathBuf,
         mode: u32,
         owner_uid: u32,
@@ -172,12 +184,8 @@ pub struct WorkDirs {
     _own_lock: File,
     /// `--keep-failed-workdirs-for`.
     keep_failed_for: Duration,
-    /// Mode of the directories above attempts: 0700, or 0710 with `--run-as`.
-    shared_mode: u32,
-    /// Group of the directories above attempts: the `--run-as` user's primary group.
-    shared_group: Option<u32>,
-    /// Owner of attempts' directories when not the worker: the `--run-as` user.
-    attempt_owner: Option<(u32, u32)>,
+    /// Who tasks run as: says who owns which directory (see the module docs).
+    users: TaskUsers,
     /// Which attempts run and which failures are kept; held for bookkeeping only, but for a
     /// sweep removing one old directory.
     state: Mutex<DirState>,
@@ -206,19 +214,30 @@ fn micro_key(attempt_dir: &Path) -> PathBuf {
     attempt_dir.with_file_name(micro)
 }
 
+/// Mode and group (when not the worker's) of the root and `worker-<n>` directories.
+fn top_access(users: &TaskUsers) -> (u32, Option<u32>) {
+    match users {
+        TaskUsers::Worker => (0o700, None),
+        TaskUsers::User(user) => (0o710, Some(user.gid)),
+        TaskUsers::PerWave(_) => (0o711, None),
+    }
+}
+
+/// The wave whose directory `dir` is (`w<wave id>`).
+fn wave_of_dir(dir: &Path) -> Option<u64> {
+    dir.file_name()?.to_str()?.strip_prefix('w')?.parse().ok()
+}
+
 impl WorkDirs {
-    /// Creates (0700, or 0710 with USER's group for `run_as`) and checks `root`, and takes a
-    /// `worker-<n>` directory in it.
+    /// Creates and checks `root` (0700, or 0710 with USER's group for `--run-as`, or 0711 for
+    /// `--run-as-uids`), and takes a `worker-<n>` directory in it.
     pub fn open(
         root: &Path,
         keep_failed_for: Duration,
-        run_as: Option<&RunAs>,
+        users: &TaskUsers,
     ) -> Result<WorkDirs, WorkRootError> {
         let root = absolute(root);
-        let (shared_mode, shared_group) = match run_as {
-            Some(user) => (0o710, Some(user.gid)),
-            None => (0o700, None),
-        };
+        let (shared_mode, shared_group) = top_access(users);
         if let Some(parent) = root.parent() {
             std::fs::create_dir_all(parent).map_err(|source| WorkRootError::Create {
                 path: root.clone(),
@@ -235,20 +254,46 @@ impl WorkDirs {
                 problem,
             },
         })?;
-        if let Some(user) = run_as {
-            check_reachable(&root, user)?;
+        // Every uid of a range is an "other" to the directories above the root (no account
+        // has one), so the first stands for all.
+        if let Some(ids) = users.ids_for_wave(0) {
+            check_reachable(&root, ids, users)?;
         }
         let (own, own_lock) = take_worker_dir(&root, shared_mode, shared_group)?;
-        Ok(WorkDirs {
+        let dirs = WorkDirs {
             root,
             own,
             _own_lock: own_lock,
             keep_failed_for,
-            shared_mode,
-            shared_group,
-            attempt_owner: run_as.map(|user| (user.uid, user.gid)),
+            users: users.clone(),
             state: Mutex::new(DirState::default()),
-        })
+        };
+        for wave_dir in subdirs(&dirs.own) {
+            let Some(wave_id) = wave_of_dir(&wave_dir) else {
+                continue;
+            };
+            if let Err(error) = dirs.set_wave_dir_access(&wave_dir, wave_id) {
+                tracing::warn!(
+                    dir = %wave_dir.display(),
+                    %error,
+                    "cannot give a left-over wave directory the current owner and mode"
+                );
+            }
+        }
+        Ok(dirs)
+    }
+
+    /// Gives a wave's directory its group and mode: the worker's and 0700; with `--run-as`,
+    /// the user's group and 0710; with `--run-as-uids`, the wave's gid and 0710.
+    fn set_wave_dir_access(&self, wave_dir: &Path, wave_id: u64) -> std::io::Result<()> {
+        let mode = match self.users.ids_for_wave(wave_id) {
+            Some(TaskIds { gid, .. }) => {
+                std::os::unix::fs::lchown(wave_dir, None, Some(gid))?;
+                0o710
+            }
+            None => 0o700,
+        };
+        std::fs::set_permissions(wave_dir, std::fs::Permissions::from_mode(mode))
     }
 
     /// `--work-dir`, absolute.
@@ -288,7 +333,7 @@ impl WorkDirs {
                 kept.retain(|kept| *kept != dir);
             }
         }
-        let made = self.make_attempt_dir(&dir);
+        let made = self.make_attempt_dir(&dir, attempt.wave_id);
         if made.is_err() {
             self.state().live.remove(&dir);
         }
@@ -297,7 +342,7 @@ impl WorkDirs {
 
     /// Makes `dir` and, when missing, its wave's directory. A sweep may remove an empty wave
     /// directory at any moment: then it is made again.
-    fn make_attempt_dir(&self, dir: &Path) -> std::io::Result<()> {
+    fn make_attempt_dir(&self, dir: &Path, wave_id: u64) -> std::io::Result<()> {
         /// Tries when a sweep keeps removing the wave's directory under us.
         const TRIES: u32 = 3;
         let wave_dir = dir.parent().expect("an attempt directory has a parent");
@@ -309,17 +354,9 @@ impl WorkDirs {
                 Ok(()) => break,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound && tries < TRIES => {
                     // Nobody but the worker makes entries in its own directory (it is the
-                    // worker's, at most passable for the `--run-as` group).
+                    // worker's, at most passable for others).
                     match DirBuilder::new().mode(0o700).create(wave_dir) {
-                        Ok(()) => {
-                            if let Some(gid) = self.shared_group {
-                                std::os::unix::fs::lchown(wave_dir, None, Some(gid))?;
-                            }
-                            std::fs::set_permissions(
-                                wave_dir,
-                                std::fs::Permissions::from_mode(self.shared_mode),
-                            )?;
-                        }
+                        Ok(()) => self.set_wave_dir_access(wave_dir, wave_id)?,
                         Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
                         Err(error) => return Err(error),
                     }
@@ -333,7 +370,7 @@ impl WorkDirs {
                 Err(error) => return Err(error),
             }
         }
-        if let Some((uid, gid)) = self.attempt_owner {
+        if let Some(TaskIds { uid, gid }) = self.users.ids_for_wave(wave_id) {
             std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
         }
         Ok(())
@@ -535,10 +572,10 @@ fn make_private_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), Dir
     Ok(())
 }
 
-/// Checks that `user` can pass through every directory from `/` to `root` (the root itself
-/// is made passable for the user's group by the worker).
-fn check_reachable(root: &Path, user: &RunAs) -> Result<(), WorkRootError> {
-    if user.uid == 0 {
+/// Checks that a task running as `ids` can pass through every directory from `/` to `root`
+/// (the root itself is made passable by the worker); `users` names them in the error.
+fn check_reachable(root: &Path, ids: TaskIds, users: &TaskUsers) -> Result<(), WorkRootError> {
+    if ids.uid == 0 {
         return Ok(());
     }
     for dir in root.ancestors() {
@@ -547,9 +584,9 @@ fn check_reachable(root: &Path, user: &RunAs) -> Result<(), WorkRootError> {
             source,
         })?;
         let mode = metadata.mode();
-        let passable = if metadata.uid() == user.uid {
+        let passable = if metadata.uid() == ids.uid {
             mode & 0o100 != 0
-        } else if metadata.gid() == user.gid {
+        } else if metadata.gid() == ids.gid {
             mode & 0o010 != 0
         } else {
             mode & 0o001 != 0
@@ -557,7 +594,7 @@ fn check_reachable(root: &Path, user: &RunAs) -> Result<(), WorkRootError> {
         if !passable {
             return Err(WorkRootError::Unreachable {
                 path: root.to_owned(),
-                user: user.name.clone(),
+                who: users.to_string(),
                 blocking: dir.to_owned(),
                 mode: mode & 0o7777,
                 owner_uid: metadata.uid(),
@@ -757,7 +794,8 @@ mod tests {
     fn the_root_and_every_directory_are_private() {
         let temp = tempfile::tempdir().expect("temp dir");
         let root = temp.path().join("nested").join("root");
-        let dirs = WorkDirs::open(&root, Duration::from_secs(3600), None).expect("usable");
+        let dirs =
+            WorkDirs::open(&root, Duration::from_secs(3600), &TaskUsers::Worker).expect("usable");
         assert_eq!(dirs.root(), root);
         assert_eq!(dirs.own(), root.join("worker-0"));
         assert_eq!(mode_of(&root), 0o700);
@@ -778,33 +816,66 @@ mod tests {
     }
 
     #[test]
+    fn left_over_wave_directories_get_the_current_owner_and_mode() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let left_over = temp.path().join("worker-0/w5");
+        std::fs::create_dir_all(&left_over).expect("a predecessor's wave directory");
+        std::fs::set_permissions(&left_over, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        std::fs::create_dir(temp.path().join("worker-0/not-a-wave")).expect("mkdir");
+        let dirs = WorkDirs::open(temp.path(), Duration::ZERO, &TaskUsers::Worker).expect("usable");
+        assert_eq!(dirs.own(), temp.path().join("worker-0"));
+        assert_eq!(mode_of(&left_over), 0o700);
+        drop(dirs);
+
+        if effective_uid() != 0 {
+            return; // giving directories other groups takes root
+        }
+        std::fs::create_dir_all(&left_over).expect("made again");
+        let users = TaskUsers::PerWave("300000-300999".parse().expect("a range"));
+        let dirs = WorkDirs::open(temp.path(), Duration::ZERO, &users).expect("usable");
+        let owner = |path: &Path| {
+            let metadata = std::fs::symlink_metadata(path).expect("exists");
+            (metadata.uid(), metadata.gid(), metadata.mode() & 0o7777)
+        };
+        assert_eq!(owner(&left_over), (0, 300_005, 0o710));
+        assert_eq!(owner(temp.path()).2, 0o711);
+        assert_eq!(owner(dirs.own()).2, 0o711);
+        let attempt_dir = dirs.create(attempt(1007, 1), "t", None).expect("made");
+        assert_eq!(owner(&attempt_dir), (300_007, 300_007, 0o700));
+        assert_eq!(owner(&dirs.own().join("w1007")), (0, 300_007, 0o710));
+    }
+
+    #[test]
     fn a_root_that_is_a_link_or_someone_elses_is_refused() {
         let temp = tempfile::tempdir().expect("temp dir");
         let target = temp.path().join("target");
         std::fs::create_dir(&target).expect("target");
         let link = temp.path().join("link");
         std::os::unix::fs::symlink(&target, &link).expect("link");
-        let error = WorkDirs::open(&link, Duration::ZERO, None).expect_err("a link");
+        let error = WorkDirs::open(&link, Duration::ZERO, &TaskUsers::Worker).expect_err("a link");
         assert!(error.to_string().contains("symbolic link"), "{error}");
         assert!(error.to_string().starts_with("--work-dir "), "{error}");
 
         let file = temp.path().join("file");
         std::fs::write(&file, "x").expect("file");
-        let error = WorkDirs::open(&file, Duration::ZERO, None).expect_err("a file");
+        let error = WorkDirs::open(&file, Duration::ZERO, &TaskUsers::Worker).expect_err("a file");
         assert!(error.to_string().contains("not a directory"), "{error}");
 
         if effective_uid() == 0 {
             let foreign = temp.path().join("foreign");
             std::fs::create_dir(&foreign).expect("foreign");
             std::os::unix::fs::chown(&foreign, Some(65534), None).expect("chown");
-            let error = WorkDirs::open(&foreign, Duration::ZERO, None).expect_err("not ours");
+            let error =
+                WorkDirs::open(&foreign, Duration::ZERO, &TaskUsers::Worker).expect_err("not ours");
             assert!(
                 error.to_string().contains("belongs to uid 65534"),
                 "{error}"
             );
         } else {
-            let error = WorkDirs::open(Path::new("/proc/venom"), Duration::ZERO, None)
-                .expect_err("cannot create under /proc");
+            let error =
+                WorkDirs::open(Path::new("/proc/venom"), Duration::ZERO, &TaskUsers::Worker)
+                    .expect_err("cannot create under /proc");
             assert!(error.to_string().contains("cannot create it"), "{error}");
         }
     }
@@ -812,21 +883,23 @@ mod tests {
     #[test]
     fn workers_sharing_a_root_get_their_own_directories() {
         let temp = tempfile::tempdir().expect("temp dir");
-        let first = WorkDirs::open(temp.path(), Duration::ZERO, None).expect("first");
-        let second = WorkDirs::open(temp.path(), Duration::ZERO, None).expect("second");
+        let first = WorkDirs::open(temp.path(), Duration::ZERO, &TaskUsers::Worker).expect("first");
+        let second =
+            WorkDirs::open(temp.path(), Duration::ZERO, &TaskUsers::Worker).expect("second");
         assert_eq!(first.own(), temp.path().join("worker-0"));
         assert_eq!(second.own(), temp.path().join("worker-1"));
         drop(first);
         // The first worker's (empty) directory is gone and free again.
         assert!(!temp.path().join("worker-0").exists());
-        let third = WorkDirs::open(temp.path(), Duration::ZERO, None).expect("third");
+        let third = WorkDirs::open(temp.path(), Duration::ZERO, &TaskUsers::Worker).expect("third");
         assert_eq!(third.own(), temp.path().join("worker-0"));
     }
 
     #[test]
     fn success_removes_the_directory_and_earlier_failures_of_the_micro_task() {
         let temp = tempfile::tempdir().expect("temp dir");
-        let dirs = WorkDirs::open(temp.path(), Duration::from_secs(3600), None).expect("usable");
+        let dirs = WorkDirs::open(temp.path(), Duration::from_secs(3600), &TaskUsers::Worker)
+            .expect("usable");
         let failed = dirs.create(attempt(1, 1), "t", Some(0)).expect("a1");
         std::fs::write(failed.join("core"), "dump").expect("write");
         dirs.finish(&failed, Ending::Failed);
@@ -866,7 +939,8 @@ mod tests {
     #[test]
     fn a_success_keeps_the_directory_of_a_sibling_that_still_runs() {
         let temp = tempfile::tempdir().expect("temp dir");
-        let dirs = WorkDirs::open(temp.path(), Duration::from_secs(3600), None).expect("usable");
+        let dirs = WorkDirs::open(temp.path(), Duration::from_secs(3600), &TaskUsers::Worker)
+            .expect("usable");
         let running = dirs.create(attempt(1, 1), "t", None).expect("a1");
         let succeeded = dirs.create(attempt(1, 2), "t", None).expect("a2");
         dirs.finish(&succeeded, Ending::Succeeded);
@@ -880,7 +954,8 @@ mod tests {
     #[test]
     fn a_discarded_attempt_leaves_the_micro_tasks_kept_failures() {
         let temp = tempfile::tempdir().expect("temp dir");
-        let dirs = WorkDirs::open(temp.path(), Duration::from_secs(3600), None).expect("usable");
+        let dirs = WorkDirs::open(temp.path(), Duration::from_secs(3600), &TaskUsers::Worker)
+            .expect("usable");
         let failed = dirs.create(attempt(1, 1), "t", None).expect("a1");
         dirs.finish(&failed, Ending::Failed);
         let cancelled = dirs.create(attempt(1, 2), "t", None).expect("a2");
@@ -892,7 +967,8 @@ mod tests {
     #[test]
     fn failures_are_swept_once_older_than_the_keep_time() {
         let temp = tempfile::tempdir().expect("temp dir");
-        let dirs = WorkDirs::open(temp.path(), Duration::from_secs(3600), None).expect("usable");
+        let dirs = WorkDirs::open(temp.path(), Duration::from_secs(3600), &TaskUsers::Worker)
+            .expect("usable");
         let old = dirs.create(attempt(1, 1), "old", None).expect("old");
         dirs.finish(&old, Ending::Failed);
         assert_eq!(dirs.state().kept.len(), 1);
@@ -924,7 +1000,7 @@ mod tests {
     #[test]
     fn a_zero_keep_time_removes_failures_at_once() {
         let temp = tempfile::tempdir().expect("temp dir");
-        let dirs = WorkDirs::open(temp.path(), Duration::ZERO, None).expect("usable");
+        let dirs = WorkDirs::open(temp.path(), Duration::ZERO, &TaskUsers::Worker).expect("usable");
         let failed = dirs.create(attempt(1, 1), "t", None).expect("a1");
         dirs.finish(&failed, Ending::Failed);
         assert!(!failed.exists());
@@ -935,8 +1011,8 @@ mod tests {
     fn a_stopped_workers_leftovers_are_swept_and_a_live_workers_are_not() {
         let temp = tempfile::tempdir().expect("temp dir");
         let keep = Duration::from_secs(60);
-        let sweeper = WorkDirs::open(temp.path(), keep, None).expect("worker-0");
-        let alive = WorkDirs::open(temp.path(), keep, None).expect("worker-1");
+        let sweeper = WorkDirs::open(temp.path(), keep, &TaskUsers::Worker).expect("worker-0");
+        let alive = WorkDirs::open(temp.path(), keep, &TaskUsers::Worker).expect("worker-1");
         let alive_kept = alive.create(attempt(1, 1), "t", None).expect("kept");
         alive.finish(&alive_kept, Ending::Failed);
         // A worker that died: its directory exists, nobody holds its lock.
@@ -962,7 +1038,8 @@ mod tests {
         std::fs::create_dir(&outside).expect("outside");
         std::fs::write(outside.join("precious"), "x").expect("precious");
         let root = temp.path().join("root");
-        let dirs = WorkDirs::open(&root, Duration::from_secs(3600), None).expect("usable");
+        let dirs =
+            WorkDirs::open(&root, Duration::from_secs(3600), &TaskUsers::Worker).expect("usable");
         let dir = dirs.create(attempt(1, 1), "t", None).expect("a1");
         std::os::unix::fs::symlink(&outside, dir.join("link")).expect("link");
         let locked = dir.join("locked");
