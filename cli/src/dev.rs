@@ -134,6 +134,7 @@ impl DevCluster {
         ));
         let url = format!("http://{}", reachable(addr));
         let mut worker_config = embedded_worker::config(url, options.slots, options.throttle);
+        worker_config.work_dir = Some(data_dir.join("work"));
         if let Some(dir) = &tls {
             worker_config.tls = tls_args(
                 dir,
@@ -406,7 +407,8 @@ mod embedded_worker {
 
     use super::DEV_WORKER_NAME;
 
-    /// A worker named `dev` connecting to `coordinator_url` (it keeps nothing on disk).
+    /// A worker named `dev` connecting to `coordinator_url`; its attempts' working
+    /// directories go under the dev data dir.
     pub fn config(
         coordinator_url: String,
         slots: Option<u32>,

@@ -54,7 +54,7 @@ use crate::theta::{ThetaMonitor, ThetaSnapshot};
 pub enum AgentError {
     #[error("no coordinator URL given")]
     NoCoordinator,
-    #[error("invalid coordinator URL `{url}`: {reason}")]
+    #[error("coordinator `{url}`: {reason}")]
     InvalidCoordinatorUrl { url: String, reason: String },
     #[error("TLS: {0}")]
     Tls(String),
