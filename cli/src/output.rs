@@ -366,7 +366,13 @@ pub fn render_wave(wave: &WaveView) -> String {
         wave.name,
         wave.state.as_str()
     );
+    let owner = if wave.owner.is_empty() {
+        "- (submitted without a certificate)".to_owned()
+    } else {
+        wave.owner.clone()
+    };
     let mut fields: Vec<(&str, String)> = vec![
+        ("owner", owner),
         ("on failure", wave.on_failure.as_str().to_owned()),
         (
             "micro-tasks",
