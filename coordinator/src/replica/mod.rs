@@ -777,8 +777,40 @@ impl<T: Transport> Replica<T> {
             cluster_id: self.cluster_id,
         };
         if let Ok(mut s) = self.shared.status.write() {
+            log_role_change(&s, &status);
             *s = status;
         }
+    }
+}
+
+/// One log line per change of this member's role or leader: an election started, the
+/// leadership won or lost, a new leader followed.
+fn log_role_change(before: &RaftStatus, now: &RaftStatus) {
+    if before.role == now.role && before.leader_id == now.leader_id {
+        return;
+    }
+    let term = now.term;
+    match (before.role, now.role) {
+        (StateRole::Leader, StateRole::Leader) => {}
+        (_, StateRole::Leader) => tracing::info!(term, "became leader"),
+        (StateRole::Leader, role) => tracing::warn!(
+            term,
+            ?role,
+            leader = now.leader_id,
+            "stepped down as leader"
+        ),
+        (StateRole::Candidate | StateRole::PreCandidate, StateRole::Candidate)
+        | (StateRole::PreCandidate, StateRole::PreCandidate)
+        | (StateRole::Candidate, StateRole::PreCandidate) => {}
+        (_, StateRole::Candidate | StateRole::PreCandidate) => tracing::info!(
+            term,
+            last_leader = before.leader_id,
+            "no leader heard within the election timeout: starting an election"
+        ),
+        (_, StateRole::Follower) if now.leader_id != 0 && now.leader_id != before.leader_id => {
+            tracing::info!(term, leader = now.leader_id, "following a new leader")
+        }
+        _ => {}
     }
 }
 
