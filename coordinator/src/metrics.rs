@@ -135,6 +135,8 @@ impl Metrics {
                     .with_label_values(&[outcome])
                     .observe(seconds(*end_to_end_ms));
             }
+            // Logged by the replica; the node gauges are read from the state.
+            Observation::NodeState { .. } => {}
             Observation::WaveFinished { state, duration_ms } => {
                 self.wave_seconds
                     .with_label_values(&[state.as_str()])

@@ -488,6 +488,13 @@ pub enum Observation {
     },
     /// A wave reached a final state `duration_ms` after it was submitted.
     WaveFinished { state: WaveState, duration_ms: u64 },
+    /// A node registered (`from` is `None` the first time), came back, was marked down or
+    /// started or stopped draining.
+    NodeState {
+        node: String,
+        from: Option<NodeState>,
+        to: NodeState,
+    },
 }
 
 /// Limits the state machine enforces on apply (set from configuration, same on every replica).
@@ -840,6 +847,7 @@ impl State {
 
     fn on_register(&mut self, spec: NodeSpec, running: Vec<AttemptRef>, now_ms: u64) -> Outcome {
         let name = spec.name.clone();
+        let before = self.nodes.get(&name).map(|n| n.state);
         let node = self.nodes.entry(name.clone()).or_insert_with(|| Node {
             spec: spec.clone(),
             state: NodeState::Ready,
@@ -863,6 +871,13 @@ impl State {
             NodeState::Ready
         };
         node.last_heartbeat_ms = now_ms;
+        if before != Some(node.state) {
+            self.observations.push(Observation::NodeState {
+                node: name.clone(),
+                from: before,
+                to: node.state,
+            });
+        }
         self.dirty.nodes.insert(name.clone());
 
         // Reconcile: what we think runs there against what the node says runs there.
@@ -1192,6 +1207,13 @@ impl State {
         let Some(node) = self.nodes.get_mut(name) else {
             return Outcome::Rejected(format!("node `{name}` not found"));
         };
+        if node.state != NodeState::Down {
+            self.observations.push(Observation::NodeState {
+                node: name.to_string(),
+                from: Some(node.state),
+                to: NodeState::Down,
+            });
+        }
         node.state = NodeState::Down;
         let active: Vec<MicroKey> = node.active.iter().copied().collect();
         self.dirty.nodes.insert(name.to_string());
@@ -1207,11 +1229,19 @@ impl State {
         };
         node.draining = drain;
         if node.state != NodeState::Down {
-            node.state = if drain {
+            let to = if drain {
                 NodeState::Draining
             } else {
                 NodeState::Ready
             };
+            if node.state != to {
+                self.observations.push(Observation::NodeState {
+                    node: name.to_string(),
+                    from: Some(node.state),
+                    to,
+                });
+            }
+            node.state = to;
         }
         self.dirty.nodes.insert(name.to_string());
         let slots = node.usable_slots();

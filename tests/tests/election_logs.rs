@@ -58,3 +58,35 @@ async fn elections_leader_changes_and_step_downs_are_logged() {
     let log = wait_log(&group, second, "stepped down as leader").await;
     assert!(log.contains("WARN"), "a step-down is a warning:\n{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_registering_draining_and_marked_down_are_logged_by_the_leader() {
+    std::env::set_var("VENOM_TEST_LOG", "info");
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator =
+        Coordinator::start(&dir.path().join("c"), &["--heartbeat-ttl-ms", "1500"]).unwrap();
+    let log = || std::fs::read_to_string(coordinator.log_path()).unwrap_or_default();
+    let wait = |needle: &'static str| {
+        let log = &log;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !log().contains(needle) {
+                assert!(
+                    Instant::now() < deadline,
+                    "never logged `{needle}`:\n{}",
+                    log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut worker = start_worker(&coordinator.url(), "n1", 1, &[]).unwrap();
+    wait_ready(&coordinator.url(), 1).await.unwrap();
+    wait("node ready node=n1 from=\"unregistered\"").await;
+    let (ok, _, stderr) = venomctl(&coordinator.url(), &["drain", "n1"]);
+    assert!(ok, "{stderr}");
+    wait("node draining node=n1 from=\"ready\"").await;
+    worker.kill9();
+    wait("node marked down").await;
+    assert!(log().contains("from=\"draining\""), "{}", log());
+}

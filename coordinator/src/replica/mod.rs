@@ -36,7 +36,7 @@ use crate::convert;
 use crate::datadir::DataDirError;
 use crate::metrics::Metrics;
 use crate::scheduler::{self, SchedulerConfig};
-use crate::state::{Command, Outcome, State};
+use crate::state::{Command, NodeState, Observation, Outcome, State};
 use crate::storage::{Store, StoreError, BOOTSTRAP_INDEX};
 use crate::transport::Transport;
 
@@ -716,6 +716,7 @@ impl<T: Transport> Replica<T> {
             if is_leader {
                 for observation in &observations {
                     self.shared.metrics.observe(observation);
+                    log_node_state(observation);
                 }
             }
             let drained = std::mem::take(&mut state.effects);
@@ -779,6 +780,22 @@ impl<T: Transport> Replica<T> {
         if let Ok(mut s) = self.shared.status.write() {
             log_role_change(&s, &status);
             *s = status;
+        }
+    }
+}
+
+/// One log line per change of a node's state (on the leader, as the change applies).
+fn log_node_state(observation: &Observation) {
+    if let Observation::NodeState { node, from, to } = observation {
+        let from = from.map_or("unregistered", NodeState::as_str);
+        match to {
+            NodeState::Down => tracing::warn!(
+                %node,
+                from,
+                "node marked down: no heartbeat within the heartbeat TTL; its attempts go back to ready"
+            ),
+            NodeState::Ready => tracing::info!(%node, from, "node ready"),
+            NodeState::Draining => tracing::info!(%node, from, "node draining"),
         }
     }
 }
