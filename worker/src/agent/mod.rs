@@ -142,7 +142,9 @@ impl Agent {
 
     /// Begins connecting to the next coordinator.
     fn connect(&mut self) {
-        let url = self.targets.next();
+        let next = self.targets.next();
+        // As it is dialled (`https://` under TLS, whatever a leader hint said).
+        let url = self.dialer.url(&next).unwrap_or(next);
         tracing::debug!(%url, "connecting to coordinator");
         let register = self.state().register(&self.identity);
         let (sender, connecting) = open_stream(url.clone(), register, &self.dialer);
