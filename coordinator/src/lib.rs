@@ -312,26 +312,26 @@ pub async fn run(
     health_reporter
         .set_serving::<RaftServiceServer<server::RaftApi>>()
         .await;
-    let reflection = if config.no_reflection {
-        None
-    } else {
-        Some(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(venom_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1()
-                .context("reflection service")?,
-        )
+    // Reflection in both versions grpcurl and friends ask for, unless turned off.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(venom_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_alpha = if config.no_reflection {
-        None
+    let (reflection, reflection_alpha) = if config.no_reflection {
+        (None, None)
     } else {
-        Some(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(venom_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1alpha()
-                .context("reflection service")?,
+        (
+            Some(
+                reflection_builder()
+                    .build_v1()
+                    .context("reflection service")?,
+            ),
+            Some(
+                reflection_builder()
+                    .build_v1alpha()
+                    .context("reflection service")?,
+            ),
         )
     };
 

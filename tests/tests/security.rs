@@ -102,6 +102,18 @@ fn transport_refusal(status: &tonic::Status) -> bool {
     )
 }
 
+/// `ListWaves` through `dialer` is refused below gRPC, at connect or at the first call.
+async fn refused_by_transport(dialer: &Dialer, url: &str, why: &str) {
+    let status = match channel_as(dialer, url).await {
+        Err(e) => tonic::Status::unavailable(e),
+        Ok(channel) => ClientServiceClient::new(channel)
+            .list_waves(pb::ListWavesRequest {})
+            .await
+            .expect_err(why),
+    };
+    assert!(transport_refusal(&status), "{why}: {status:?}");
+}
+
 fn write_issued(dir: &Path, peer: &Peer, issued: &issue::Issued, ca_pem: &str) -> TlsFiles {
     std::fs::create_dir_all(dir).unwrap();
     let (cert, key) = issue::paths(dir, peer);
@@ -287,14 +299,7 @@ async fn a_secured_cluster_refuses_every_adversarial_case_and_changes_nothing() 
     // Trust the real CA (so the server is accepted) but present the other CA's certificate.
     files.ca = pki().ca_cert();
     let dialer = Dialer::tls(Arc::new(files.load().unwrap()));
-    let status = match channel_as(&dialer, &url).await {
-        Err(e) => tonic::Status::unavailable(e),
-        Ok(channel) => ClientServiceClient::new(channel)
-            .list_waves(pb::ListWavesRequest {})
-            .await
-            .expect_err("another CA's certificate"),
-    };
-    assert!(transport_refusal(&status), "{status:?}");
+    refused_by_transport(&dialer, &url, "another CA's certificate").await;
     table.row("admin certificate from another CA", "handshake failed");
     check("another CA").await;
 
@@ -320,14 +325,7 @@ async fn a_secured_cluster_refuses_every_adversarial_case_and_changes_nothing() 
         &ca_text,
     );
     let dialer = Dialer::tls(Arc::new(files.load().unwrap()));
-    let status = match channel_as(&dialer, &url).await {
-        Err(e) => tonic::Status::unavailable(e),
-        Ok(channel) => ClientServiceClient::new(channel)
-            .list_waves(pb::ListWavesRequest {})
-            .await
-            .expect_err("an expired certificate"),
-    };
-    assert!(transport_refusal(&status), "{status:?}");
+    refused_by_transport(&dialer, &url, "an expired certificate").await;
     table.row("expired admin certificate", "handshake failed");
     check("expired").await;
 

@@ -203,9 +203,10 @@ fn san(name: &str) -> Result<SanType, TlsError> {
     ))
 }
 
+/// The first certificate in `pem` (read as the listener and dialer read them).
 fn pem_der(pem: &str) -> Option<Vec<u8>> {
-    let parsed = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
-    Some(parsed.1.contents)
+    let der = rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok()?;
+    Some(der.to_vec())
 }
 
 /// The certificate and key files of `peer` in `dir`.
