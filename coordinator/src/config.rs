@@ -9,16 +9,16 @@ use std::path::PathBuf;
 use clap::Args;
 use venom_core::wave::WaveLimits;
 
-use crate::scheduler::SchedulerConfig;
-
 /// Defaults of the flags below, named once: clap's defaults and
 /// [`CoordinatorConfig::single_node`] both take them from here.
 pub mod defaults {
-    use super::{SchedulerConfig, WaveLimits};
+    use super::WaveLimits;
 
     pub const ID: u64 = 1;
     pub const LISTEN: &str = venom_core::url::DEFAULT_LISTEN;
-    pub const HEARTBEAT_TTL_MS: u64 = SchedulerConfig::DEFAULT_HEARTBEAT_TTL_MS;
+    /// 10 s: a leader change (an election, then workers finding the new leader) fits well
+    /// inside it, so it costs no re-run.
+    pub const WORKER_LEASE_MS: u64 = 10_000;
     pub const MAX_MICRO_TASKS: u64 = WaveLimits::DEFAULT_MAX_MICRO_TASKS;
     pub const MAX_SPEC_BYTES: usize = WaveLimits::DEFAULT_MAX_SPEC_BYTES;
     /// 16 MiB: also bounds a snapshot, which travels as one message.
@@ -80,9 +80,13 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "VENOM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// A node that sends no heartbeat for this long is marked down.
-    #[arg(long, env = "VENOM_HEARTBEAT_TTL_MS", default_value_t = defaults::HEARTBEAT_TTL_MS)]
-    pub heartbeat_ttl_ms: u64,
+    /// How long a worker's lease lasts. Each committed heartbeat renews it; a worker that
+    /// cannot renew it within this time kills its attempts and starts nothing, and the leader
+    /// re-dispatches the node's attempts once the lease plus a margin (a tenth of it plus
+    /// 1 s) has passed since its last renewal. A fault shorter than the lease costs no re-run.
+    #[arg(long, env = "VENOM_WORKER_LEASE_MS", default_value_t = defaults::WORKER_LEASE_MS,
+          value_parser = clap::value_parser!(u64).range(1_000..=86_400_000))]
+    pub worker_lease_ms: u64,
 
     /// Most micro-tasks a single wave may expand to.
     #[arg(long, env = "VENOM_MAX_MICRO_TASKS", default_value_t = defaults::MAX_MICRO_TASKS)]
@@ -122,7 +126,7 @@ impl CoordinatorConfig {
             insecure: false,
             no_reflection: false,
             metrics_listen: None,
-            heartbeat_ttl_ms: defaults::HEARTBEAT_TTL_MS,
+            worker_lease_ms: defaults::WORKER_LEASE_MS,
             max_micro_tasks: defaults::MAX_MICRO_TASKS,
             max_spec_bytes: defaults::MAX_SPEC_BYTES,
             max_message_bytes: defaults::MAX_MESSAGE_BYTES,

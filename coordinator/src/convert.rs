@@ -102,14 +102,14 @@ pub fn node_spec(register: &pb::Register) -> Result<NodeSpec, String> {
 
 /// The command that registers a worker: `spec` (decoded from `register`), what it still
 /// runs and the results it kept.
-pub fn registration(spec: NodeSpec, register: pb::Register, now_ms: u64) -> Command {
+pub fn registration(spec: NodeSpec, register: pb::Register, seq: u64, now_ms: u64) -> Command {
     let unacknowledged = register
         .unacknowledged
         .into_iter()
         .filter_map(|f| result_from_pb(&spec.name, f))
         .collect();
     let running = register.running.into_iter().map(AttemptRef::from).collect();
-    Command::register(spec, running, unacknowledged, now_ms)
+    Command::register(spec, running, unacknowledged, seq, now_ms)
 }
 
 /// The one command a worker message amounts to (`None` for an empty message).
@@ -124,15 +124,18 @@ pub fn worker_report(node: &str, message: pb::WorkerMessage, now_ms: u64) -> Opt
         .into_iter()
         .filter_map(|f| result_from_pb(node, f))
         .collect();
-    let heartbeat = message.heartbeat.map(|h| heartbeat_from_pb(node, &h));
+    let heartbeat = message
+        .heartbeat
+        .map(|h| heartbeat_from_pb(node, &h, message.seq));
     Command::worker_report(node, started, results, heartbeat, now_ms)
 }
 
 /// The effects of one turn as worker messages: every effect for one node packed into one
-/// message, nodes in name order.
+/// message, nodes in name order. A lease is granted for `lease_ms`.
 pub fn worker_messages(
     state: &State,
     effects: Vec<Effect>,
+    lease_ms: u64,
 ) -> Vec<(String, pb::CoordinatorMessage)> {
     let mut by_node: BTreeMap<String, pb::CoordinatorMessage> = BTreeMap::new();
     for effect in effects {
@@ -161,6 +164,13 @@ pub fn worker_messages(
             }
             Effect::SlotsLimit { node, slots } => {
                 by_node.entry(node).or_default().slots_limit = Some(slots);
+            }
+            Effect::Lease { node, seq } => {
+                let lease = &mut by_node.entry(node).or_default().lease;
+                // The latest message committed renews furthest.
+                if lease.as_ref().is_none_or(|grant| grant.seq < seq) {
+                    *lease = Some(pb::LeaseGrant { seq, lease_ms });
+                }
             }
         }
     }
@@ -228,9 +238,10 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
         .unwrap_or(0)
 }
 
-pub fn heartbeat_from_pb(node: &str, h: &pb::Heartbeat) -> HeartbeatReport {
+pub fn heartbeat_from_pb(node: &str, h: &pb::Heartbeat, seq: u64) -> HeartbeatReport {
     HeartbeatReport {
         node: node.to_string(),
+        seq,
         theta: h.theta.clamp(0.0, 1.0),
         h_cpu: h.h_cpu.clamp(0.0, 1.0),
         h_mem: h.h_mem.clamp(0.0, 1.0),

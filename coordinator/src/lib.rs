@@ -8,6 +8,7 @@ pub mod config;
 pub mod convert;
 pub mod datadir;
 pub mod durable;
+pub mod leases;
 pub mod metrics;
 pub mod replica;
 pub mod scheduler;
@@ -286,7 +287,7 @@ pub async fn run(
         bootstrap: config.bootstrap,
         election_ticks: (10, 20),
         tick: Duration::from_millis(config.tick_ms.max(1)),
-        heartbeat_ttl_ms: config.heartbeat_ttl_ms,
+        worker_lease_ms: config.worker_lease_ms,
         max_entry_bytes: 4 << 20,
         compact_after_entries: config.compact_after_entries,
     };

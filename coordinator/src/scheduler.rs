@@ -1,4 +1,4 @@
-//! The scheduler: reads an immutable [`State`] and a time, writes a [`Plan`].
+//! The scheduler: reads an immutable [`State`] and the leader's inputs, writes a [`Plan`].
 //!
 //! It holds only business logic — placement, resource fit, per-node throttling and
 //! failure detection — and no plumbing: the plan goes through raft as commands and
@@ -28,10 +28,10 @@ use crate::state::{MicroKey, Node, NodeState, Placement, State};
 /// computes the same plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SchedulerConfig {
-    /// A node with no heartbeat for this long is marked down.
-    pub heartbeat_ttl_ms: u64,
-    /// Heartbeats are not judged before this time (a new leader's grace period).
-    pub grace_until_ms: u64,
+    /// Nodes whose worker lease the leader let expire (plus the safety margin) on its own
+    /// monotonic clock: they are marked down and their attempts go back to ready. The leader
+    /// judges leases, not the state machine, because only it knows when it granted them.
+    pub lease_expired: BTreeSet<String>,
     /// Upper bound on placements in one plan (bounds the raft entry size).
     pub max_placements: usize,
     /// Nodes with no open stream to this leader: nothing is placed there.
@@ -39,8 +39,6 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
-    /// Default heartbeat TTL (`--heartbeat-ttl-ms`).
-    pub const DEFAULT_HEARTBEAT_TTL_MS: u64 = 5_000;
     /// Most placements in one plan.
     pub const MAX_PLACEMENTS: usize = 4_096;
 }
@@ -48,8 +46,7 @@ impl SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
-            heartbeat_ttl_ms: SchedulerConfig::DEFAULT_HEARTBEAT_TTL_MS,
-            grace_until_ms: 0,
+            lease_expired: BTreeSet::new(),
             max_placements: SchedulerConfig::MAX_PLACEMENTS,
             unreachable: BTreeSet::new(),
         }
@@ -60,7 +57,7 @@ impl Default for SchedulerConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub placements: Vec<Placement>,
-    /// Nodes that missed heartbeats for the TTL.
+    /// Nodes whose lease expired.
     pub mark_down: Vec<String>,
 }
 
@@ -149,16 +146,15 @@ pub fn unplaceable_warnings(state: &State, spec: &WaveSpec) -> Vec<String> {
 }
 
 /// Computes one scheduling round.
-pub fn schedule(state: &State, now_ms: u64, config: &SchedulerConfig) -> Plan {
+pub fn schedule(state: &State, config: &SchedulerConfig) -> Plan {
     let mut plan = Plan::default();
-    let judge_from = config.grace_until_ms;
-    for node in state.nodes.values() {
-        if node.state != NodeState::Down
-            && now_ms >= judge_from
-            && now_ms.saturating_sub(node.last_heartbeat_ms.max(judge_from))
-                > config.heartbeat_ttl_ms
+    for name in &config.lease_expired {
+        if state
+            .nodes
+            .get(name)
+            .is_some_and(|node| node.state != NodeState::Down)
         {
-            plan.mark_down.push(node.spec.name.clone());
+            plan.mark_down.push(name.clone());
         }
     }
 

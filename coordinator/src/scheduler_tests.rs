@@ -1,6 +1,6 @@
 //! Tests of the scheduler: resource fit (cpus window, memory, GPUs, labels), the preference
 //! order, θ throttling through the state machine's heartbeats, excluded nodes, heartbeat
-//! expiry with a leader's grace period, the placement bound, group skipping and determinism.
+//! expired leases, the placement bound, group skipping and determinism.
 //! States are built only through `State::apply`, and plans are applied as the replica does.
 
 #![allow(clippy::unwrap_used)]
@@ -13,12 +13,9 @@ use crate::state::{Command, HeartbeatReport, NodeSpec, Outcome, WaveId};
 
 const GIB: u64 = 1 << 30;
 
-/// Heartbeats never expire unless a test says otherwise.
+/// No lease expired unless a test says otherwise.
 fn config() -> SchedulerConfig {
-    SchedulerConfig {
-        heartbeat_ttl_ms: u64::MAX,
-        ..SchedulerConfig::default()
-    }
+    SchedulerConfig::default()
 }
 
 /// A node offering `slots` cpus and 16 GiB, no GPUs, no labels, no queue, adaptive throttling.
@@ -41,6 +38,7 @@ fn register(state: &mut State, spec: NodeSpec, now_ms: u64) {
     let outcome = state.apply(Command::RegisterNode {
         spec,
         running: Vec::new(),
+        seq: 0,
         now_ms,
     });
     assert_eq!(outcome, Outcome::Done);
@@ -80,11 +78,7 @@ fn apply_plan(state: &mut State, plan: &Plan, now_ms: u64) {
 
 /// [`apply_plan`] under `config`; the plan computed inside apply must be `plan`.
 fn apply_plan_with(state: &mut State, plan: &Plan, now_ms: u64, config: &SchedulerConfig) {
-    assert_eq!(
-        &schedule(state, now_ms, config),
-        plan,
-        "the plan apply computes"
-    );
+    assert_eq!(&schedule(state, config), plan, "the plan apply computes");
     state.apply(Command::Schedule {
         now_ms,
         config: config.clone(),
@@ -100,6 +94,7 @@ fn heartbeat(state: &mut State, node: &str, theta: f64, memory_available_bytes: 
     state.apply(Command::Heartbeats {
         reports: vec![HeartbeatReport {
             node: node.to_string(),
+            seq: 0,
             theta,
             h_cpu: theta,
             h_mem: theta,
@@ -131,7 +126,7 @@ fn cpus_window_is_usable_slots_plus_queue_depth() {
         spec.queue_depth = queue_depth;
         let mut state = cluster(vec![spec]);
         submit(&mut state, &array_wave(10, &format!("cpus = {cpus}")));
-        let plan = schedule(&state, 1, &config());
+        let plan = schedule(&state, &config());
         assert_eq!(
             plan.placements.len(),
             expected,
@@ -142,7 +137,7 @@ fn cpus_window_is_usable_slots_plus_queue_depth() {
         assert_eq!(keys, in_order, "ready micro-tasks go in order");
         // Applied, the node is full: the next round places nothing more.
         apply_plan(&mut state, &plan, 1);
-        assert!(schedule(&state, 2, &config()).placements.is_empty());
+        assert!(schedule(&state, &config()).placements.is_empty());
     }
 }
 
@@ -150,11 +145,11 @@ fn cpus_window_is_usable_slots_plus_queue_depth() {
 fn oversized_task_runs_alone_and_only_on_an_idle_node() {
     let mut state = cluster(vec![node_spec("n1", 4)]);
     submit(&mut state, &array_wave(1, ""));
-    let plan = schedule(&state, 1, &config());
+    let plan = schedule(&state, &config());
     apply_plan(&mut state, &plan, 1);
     let big = submit(&mut state, &array_wave(2, "cpus = 8"));
     assert!(
-        schedule(&state, 2, &config()).placements.is_empty(),
+        schedule(&state, &config()).placements.is_empty(),
         "node busy"
     );
 
@@ -176,7 +171,7 @@ fn oversized_task_runs_alone_and_only_on_an_idle_node() {
         }],
         now_ms: 3,
     });
-    let plan = schedule(&state, 4, &config());
+    let plan = schedule(&state, &config());
     assert_eq!(
         plan.placements,
         vec![Placement {
@@ -186,7 +181,7 @@ fn oversized_task_runs_alone_and_only_on_an_idle_node() {
     );
     apply_plan(&mut state, &plan, 4);
     assert_eq!(state.nodes["n1"].used_cpus, 8);
-    assert!(schedule(&state, 5, &config()).placements.is_empty());
+    assert!(schedule(&state, &config()).placements.is_empty());
 }
 
 #[test]
@@ -209,7 +204,7 @@ fn memory_requests_fit_total_minus_reserved_and_reported_available() {
             heartbeat(&mut state, "n1", 1.0, available, 1);
         }
         submit(&mut state, &array_wave(10, &format!("memory = {memory}")));
-        let plan = schedule(&state, 2, &config());
+        let plan = schedule(&state, &config());
         assert_eq!(
             plan.placements.len(),
             expected,
@@ -217,7 +212,7 @@ fn memory_requests_fit_total_minus_reserved_and_reported_available() {
         );
         // What was reserved stays reserved in the next round.
         apply_plan(&mut state, &plan, 2);
-        let next = schedule(&state, 3, &config());
+        let next = schedule(&state, &config());
         assert!(next.placements.is_empty(), "memory {memory}: next round");
     }
 }
@@ -238,7 +233,7 @@ fn gpu_requests_fit_free_gpus() {
         spec.gpus = node_gpus;
         let mut state = cluster(vec![spec]);
         submit(&mut state, &array_wave(5, &format!("gpus = {gpus}")));
-        let plan = schedule(&state, 1, &config());
+        let plan = schedule(&state, &config());
         assert_eq!(
             plan.placements.len(),
             expected,
@@ -278,11 +273,7 @@ fn labels_restrict_placement() {
     for (labels, expected) in cases {
         let mut state = cluster(nodes());
         submit(&mut state, &array_wave(3, labels));
-        assert_eq!(
-            nodes_of(&schedule(&state, 1, &config())),
-            expected,
-            "{labels}"
-        );
+        assert_eq!(nodes_of(&schedule(&state, &config())), expected, "{labels}");
     }
 }
 
@@ -353,7 +344,7 @@ fn prefers_most_free_usable_slots_then_highest_theta_then_name() {
     let mut state = cluster(vec![node_spec("n1", 4), node_spec("n2", 4)]);
     submit(&mut state, &array_wave(4, ""));
     assert_eq!(
-        nodes_of(&schedule(&state, 1, &config())),
+        nodes_of(&schedule(&state, &config())),
         ["n1", "n2", "n1", "n2"]
     );
 
@@ -362,7 +353,7 @@ fn prefers_most_free_usable_slots_then_highest_theta_then_name() {
     heartbeat(&mut state, "n2", 0.95, 16 * GIB, 1);
     assert_eq!(state.nodes["n1"].usable_slots(), 4);
     assert_eq!(
-        nodes_of(&schedule(&state, 2, &config())),
+        nodes_of(&schedule(&state, &config())),
         ["n2", "n1", "n2", "n1"]
     );
 
@@ -371,7 +362,7 @@ fn prefers_most_free_usable_slots_then_highest_theta_then_name() {
     heartbeat(&mut state, "n1", 0.95, 16 * GIB, 1);
     heartbeat(&mut state, "n2", 0.92, 16 * GIB, 1);
     submit(&mut state, &array_wave(2, "labels = {}"));
-    let plan = schedule(&state, 2, &config());
+    let plan = schedule(&state, &config());
     assert_eq!(nodes_of(&plan), ["n1", "n2"]);
     // Put both on n1 by hand, then schedule three more.
     state.assign(
@@ -386,10 +377,7 @@ fn prefers_most_free_usable_slots_then_highest_theta_then_name() {
     );
     assert_eq!(state.nodes["n1"].used_cpus, 2);
     submit(&mut state, &array_wave(3, ""));
-    assert_eq!(
-        nodes_of(&schedule(&state, 3, &config())),
-        ["n2", "n2", "n1"]
-    );
+    assert_eq!(nodes_of(&schedule(&state, &config())), ["n2", "n2", "n1"]);
 }
 
 #[test]
@@ -435,7 +423,7 @@ fn throttling_from_heartbeats_limits_placements() {
         assert_eq!(announced, expected_announcement, "{what}");
 
         submit(&mut state, &array_wave(10, ""));
-        let plan = schedule(&state, 100, &config());
+        let plan = schedule(&state, &config());
         assert_eq!(plan.placements.len(), usable as usize, "{what}");
     }
 }
@@ -448,7 +436,7 @@ fn throttled_node_loses_placements_to_a_healthy_one() {
     }
     assert_eq!(state.nodes["n1"].usable_slots(), 4);
     submit(&mut state, &array_wave(20, ""));
-    let plan = schedule(&state, 100, &config());
+    let plan = schedule(&state, &config());
     let on = |name: &str| nodes_of(&plan).iter().filter(|&&n| n == name).count();
     assert_eq!((on("n1"), on("n2")), (4, 8));
     // The healthy node gets the first placements (more free usable slots).
@@ -471,67 +459,47 @@ fn draining_down_and_unreachable_nodes_get_nothing() {
     submit(&mut state, &array_wave(8, ""));
     let mut config = config();
     config.unreachable.insert("n4".into());
-    let plan = schedule(&state, 2, &config);
+    let plan = schedule(&state, &config);
     assert_eq!(nodes_of(&plan), ["n1", "n1"]);
     assert!(plan.mark_down.is_empty());
 
     // Nothing reachable at all: an empty plan.
     config.unreachable.insert("n1".into());
-    assert!(schedule(&state, 2, &config).is_empty());
+    assert!(schedule(&state, &config).is_empty());
 }
 
 #[test]
-fn heartbeat_ttl_marks_nodes_down_but_not_during_the_grace_period() {
-    const TTL_MS: u64 = 5_000;
-    // (grace until, last heartbeat, now, marked down)
-    let cases = [
-        (0, 1_000, 6_000, false),
-        (0, 1_000, 6_001, true),
-        (0, 1_000, 60_000, true),
-        // Before the grace period ends nothing is judged, however old the heartbeat.
-        (20_000, 1_000, 19_999, false),
-        (20_000, 1_000, 6_001, false),
-        // Long after it, a silent node is marked down.
-        (20_000, 1_000, 25_001, true),
-        // A node heard after the grace period is judged from its heartbeat.
-        (20_000, 22_000, 27_000, false),
-        (20_000, 22_000, 27_001, true),
-    ];
-    for (grace_until_ms, heartbeat_ms, now_ms, marked) in cases {
-        let what = format!("grace {grace_until_ms}, heartbeat {heartbeat_ms}, now {now_ms}");
+fn nodes_whose_lease_expired_are_marked_down_once_and_get_nothing() {
+    for expired in [false, true] {
+        let what = format!("n1's lease expired: {expired}");
         let mut state = cluster(vec![node_spec("n1", 2), node_spec("n2", 2)]);
-        heartbeat(&mut state, "n1", 1.0, 16 * GIB, heartbeat_ms);
-        // n2 is always fresh.
-        heartbeat(&mut state, "n2", 1.0, 16 * GIB, now_ms);
         submit(&mut state, &array_wave(3, ""));
-        let config = SchedulerConfig {
-            heartbeat_ttl_ms: TTL_MS,
-            grace_until_ms,
-            ..SchedulerConfig::default()
-        };
-        let plan = schedule(&state, now_ms, &config);
-        let expected_down: Vec<String> = if marked { vec!["n1".into()] } else { vec![] };
+        let mut config = config();
+        if expired {
+            config.lease_expired.insert("n1".into());
+        }
+        // A name the state does not know is ignored.
+        config.lease_expired.insert("ghost".into());
+        let plan = schedule(&state, &config);
+        let expected_down: Vec<String> = if expired { vec!["n1".into()] } else { vec![] };
         assert_eq!(plan.mark_down, expected_down, "{what}");
         // A node marked down in this plan gets no placement in it.
-        let expected_nodes: &[&str] = if marked {
+        let expected_nodes: &[&str] = if expired {
             &["n2", "n2"]
         } else {
             &["n1", "n2", "n1"]
         };
         assert_eq!(nodes_of(&plan), expected_nodes, "{what}");
 
-        apply_plan_with(&mut state, &plan, now_ms, &config);
-        let expected_state = if marked {
+        apply_plan_with(&mut state, &plan, 10, &config);
+        let expected_state = if expired {
             NodeState::Down
         } else {
             NodeState::Ready
         };
         assert_eq!(state.nodes["n1"].state, expected_state, "{what}");
         // A down node is not reported again.
-        assert!(
-            schedule(&state, now_ms, &config).mark_down.is_empty(),
-            "{what}"
-        );
+        assert!(schedule(&state, &config).mark_down.is_empty(), "{what}");
     }
 }
 
@@ -543,11 +511,11 @@ fn max_placements_bounds_the_plan() {
         max_placements: 3,
         ..config()
     };
-    let plan = schedule(&state, 1, &config);
+    let plan = schedule(&state, &config);
     let keys: Vec<MicroKey> = plan.placements.iter().map(|p| p.key).collect();
     assert_eq!(keys, vec![(1, 0), (1, 1), (1, 2)]);
     apply_plan_with(&mut state, &plan, 1, &config);
-    let keys: Vec<MicroKey> = schedule(&state, 2, &config)
+    let keys: Vec<MicroKey> = schedule(&state, &config)
         .placements
         .iter()
         .map(|p| p.key)
@@ -560,7 +528,7 @@ fn earlier_waves_go_first() {
     let mut state = cluster(vec![node_spec("n1", 3)]);
     let first = submit(&mut state, &array_wave(2, ""));
     let second = submit(&mut state, &array_wave(2, ""));
-    let keys: Vec<MicroKey> = schedule(&state, 1, &config())
+    let keys: Vec<MicroKey> = schedule(&state, &config())
         .placements
         .iter()
         .map(|p| p.key)
@@ -596,7 +564,7 @@ run = "x"
 "#,
     );
     let later = submit(&mut state, &array_wave(1, ""));
-    let keys: Vec<MicroKey> = schedule(&state, 1, &config())
+    let keys: Vec<MicroKey> = schedule(&state, &config())
         .placements
         .iter()
         .map(|p| p.key)
@@ -620,12 +588,12 @@ fn the_same_state_gives_the_same_plan() {
         state
     };
     let state = build();
-    let plan = schedule(&state, 10, &config());
+    let plan = schedule(&state, &config());
     assert_eq!(plan.placements.len(), 5);
     for _ in 0..5 {
-        assert_eq!(schedule(&state, 10, &config()), plan);
+        assert_eq!(schedule(&state, &config()), plan);
     }
-    assert_eq!(schedule(&build(), 10, &config()), plan);
+    assert_eq!(schedule(&build(), &config()), plan);
     // Free slots, then θ (b 0.97 > a 0.95 > c 0.93); the 2-cpu wave fits nowhere after.
     assert_eq!(nodes_of(&plan), ["b", "a", "b", "a", "c"]);
 }
@@ -634,10 +602,10 @@ fn the_same_state_gives_the_same_plan() {
 fn a_full_cluster_gives_an_empty_plan() {
     let mut state = cluster(vec![node_spec("n1", 2), node_spec("n2", 1)]);
     submit(&mut state, &array_wave(5, ""));
-    let plan = schedule(&state, 1, &config());
+    let plan = schedule(&state, &config());
     assert_eq!(nodes_of(&plan), ["n1", "n1", "n2"]);
     apply_plan(&mut state, &plan, 1);
-    let next = schedule(&state, 2, &config());
+    let next = schedule(&state, &config());
     assert!(next.is_empty());
     assert_eq!(next, Plan::default());
 }

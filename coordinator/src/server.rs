@@ -535,7 +535,7 @@ impl WorkerService for WorkerApi {
             })
             .await
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
-        let command = convert::registration(spec, register, now_ms());
+        let command = convert::registration(spec, register, first.seq, now_ms());
         self.handle.propose(command).await.map_err(propose_status)?;
         let _ = tx
             .send(pb::CoordinatorMessage {

@@ -140,6 +140,10 @@ impl Clock for VirtualClock {
     fn now_us(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    fn monotonic_ms(&self) -> u64 {
+        self.now_us() / 1_000
+    }
 }
 
 /// Messages in flight, shared by every replica's transport.
@@ -740,7 +744,7 @@ impl Sim {
             members: join.unwrap_or_else(|| self.founders.clone()),
             election_ticks: (ticks, ticks + 1),
             tick: Duration::from_millis(100),
-            heartbeat_ttl_ms: 3_000,
+            worker_lease_ms: 3_000,
             max_entry_bytes: self.params.max_entry_bytes,
             compact_after_entries: self.params.compact_after,
         };
@@ -1359,6 +1363,7 @@ impl Sim {
         let command = Command::RegisterNode {
             spec,
             running: Vec::new(),
+            seq: 0,
             now_ms,
         };
         Ok((command, None))

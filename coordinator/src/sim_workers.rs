@@ -1132,6 +1132,7 @@ impl Sim {
             worker.spec(),
             running,
             worker.unacked.values().cloned().collect(),
+            0,
             now_ms,
         );
         let name = worker.name.clone();
@@ -1182,6 +1183,7 @@ impl Sim {
         }
         let heartbeat = heartbeat_due.then(|| HeartbeatReport {
             node: worker.name.clone(),
+            seq: 0,
             theta: 1.0,
             h_cpu: 1.0,
             h_mem: 1.0,

@@ -269,6 +269,9 @@ pub struct AttemptResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatReport {
     pub node: String,
+    /// The worker's number for the message that carried it: committed, it renews the
+    /// worker's lease from when the worker sent it (`Effect::Lease`).
+    pub seq: u64,
     pub theta: f64,
     pub h_cpu: f64,
     pub h_mem: f64,
@@ -301,6 +304,8 @@ pub enum Command {
     RegisterNode {
         spec: NodeSpec,
         running: Vec<AttemptRef>,
+        /// The registration's message number (the first lease of the stream).
+        seq: u64,
         now_ms: u64,
     },
     Heartbeats {
@@ -387,11 +392,13 @@ impl Command {
         spec: NodeSpec,
         running: Vec<AttemptRef>,
         unacknowledged: Vec<AttemptResult>,
+        seq: u64,
         now_ms: u64,
     ) -> Command {
         let register = Command::RegisterNode {
             spec,
             running,
+            seq,
             now_ms,
         };
         if unacknowledged.is_empty() {
@@ -436,6 +443,11 @@ pub enum Effect {
     SlotsLimit {
         node: String,
         slots: u32,
+    },
+    /// The node's message `seq` is committed: its lease runs from when it sent it.
+    Lease {
+        node: String,
+        seq: u64,
     },
 }
 
@@ -639,8 +651,9 @@ impl State {
             Command::RegisterNode {
                 spec,
                 running,
+                seq,
                 now_ms,
-            } => self.on_register(spec, running, now_ms),
+            } => self.on_register(spec, running, seq, now_ms),
             Command::Heartbeats { reports, now_ms } => {
                 for report in reports {
                     self.on_heartbeat(report, now_ms);
@@ -683,7 +696,7 @@ impl State {
                 Outcome::Done
             }
             Command::Schedule { now_ms, config } => {
-                let plan = crate::scheduler::schedule(self, now_ms, &config);
+                let plan = crate::scheduler::schedule(self, &config);
                 for node in plan.mark_down {
                     self.on_mark_down(&node, now_ms);
                 }
@@ -845,7 +858,13 @@ impl State {
         n
     }
 
-    fn on_register(&mut self, spec: NodeSpec, running: Vec<AttemptRef>, now_ms: u64) -> Outcome {
+    fn on_register(
+        &mut self,
+        spec: NodeSpec,
+        running: Vec<AttemptRef>,
+        seq: u64,
+        now_ms: u64,
+    ) -> Outcome {
         let name = spec.name.clone();
         let before = self.nodes.get(&name).map(|n| n.state);
         let node = self.nodes.entry(name.clone()).or_insert_with(|| Node {
@@ -918,6 +937,10 @@ impl State {
             });
         }
         let slots = self.nodes[&name].usable_slots();
+        self.effects.push(Effect::Lease {
+            node: name.clone(),
+            seq,
+        });
         self.effects.push(Effect::SlotsLimit { node: name, slots });
         Outcome::Done
     }
@@ -933,10 +956,17 @@ impl State {
         node.h_term = report.h_term;
         node.memory_available_bytes = report.memory_available_bytes;
         node.last_heartbeat_ms = now_ms;
-        // A node marked down stays down (no new work) until it registers again.
         node.throttle.observe(report.theta, node.spec.policy);
         let after = node.usable_slots();
         self.dirty.nodes.insert(report.node.clone());
+        // A node marked down stays down (no new work, no lease) until it registers again:
+        // without a lease its worker kills what it still runs and reconnects.
+        if node.state != NodeState::Down {
+            self.effects.push(Effect::Lease {
+                node: report.node.clone(),
+                seq: report.seq,
+            });
+        }
         if after != before {
             self.effects.push(Effect::SlotsLimit {
                 node: report.node,

@@ -38,6 +38,7 @@ fn register(state: &mut State, spec: NodeSpec, running: Vec<AttemptRef>, now_ms:
     let outcome = state.apply(Command::RegisterNode {
         spec,
         running,
+        seq: 0,
         now_ms,
     });
     assert_eq!(outcome, Outcome::Done);
@@ -72,14 +73,11 @@ fn take_effects(state: &mut State) -> Vec<Effect> {
 }
 
 /// One scheduling round applied exactly as the replica proposes it: a `Schedule` command
-/// (the plan is computed inside apply). Heartbeats never expire here. Returns the plan's
+/// (the plan is computed inside apply). No lease expires here. Returns the plan's
 /// placements.
 fn schedule_and_assign(state: &mut State, now_ms: u64) -> Vec<Placement> {
-    let config = SchedulerConfig {
-        heartbeat_ttl_ms: u64::MAX,
-        ..SchedulerConfig::default()
-    };
-    let plan = schedule(state, now_ms, &config);
+    let config = SchedulerConfig::default();
+    let plan = schedule(state, &config);
     assert_eq!(
         state.apply(Command::Schedule { now_ms, config }),
         Outcome::Done
@@ -1154,6 +1152,10 @@ fn reregistering_node_reconciles_what_it_runs() {
                 node: "n1".into(),
                 attempts: vec![at(5, 1), at(1, 7)]
             },
+            Effect::Lease {
+                node: "n1".into(),
+                seq: 0
+            },
             Effect::SlotsLimit {
                 node: "n1".into(),
                 slots: 4
@@ -1176,6 +1178,10 @@ fn reregistering_node_reconciles_what_it_runs() {
             Effect::Cancel {
                 node: "n2".into(),
                 attempts: vec![at(0, 1)]
+            },
+            Effect::Lease {
+                node: "n2".into(),
+                seq: 0
             },
             Effect::SlotsLimit {
                 node: "n2".into(),
@@ -1203,6 +1209,10 @@ fn reregistering_node_reconciles_what_it_runs() {
                 node: "n1".into(),
                 attempts: vec![at(0, 1)]
             },
+            Effect::Lease {
+                node: "n1".into(),
+                seq: 0
+            },
             Effect::SlotsLimit {
                 node: "n1".into(),
                 slots: 4
@@ -1228,10 +1238,16 @@ fn registering_a_new_node_records_it() {
     assert_eq!(n1.usable_slots(), 6);
     assert_eq!(
         state.effects,
-        vec![Effect::SlotsLimit {
-            node: "n1".into(),
-            slots: 6
-        }]
+        vec![
+            Effect::Lease {
+                node: "n1".into(),
+                seq: 0
+            },
+            Effect::SlotsLimit {
+                node: "n1".into(),
+                slots: 6
+            }
+        ]
     );
     assert_eq!(state.dirty.nodes, BTreeSet::from(["n1".to_string()]));
     assert!(state.cluster_s_total() > 0.0);
@@ -1584,7 +1600,7 @@ fn rebuild_indexes_after_reload_reproduces_ready_set_and_node_usage() {
     assert_eq!(fresh.nodes, state.nodes);
     assert_eq!(fresh.waves, state.waves);
     let config = SchedulerConfig::default();
-    assert_eq!(schedule(&fresh, 3, &config), schedule(&state, 3, &config));
+    assert_eq!(schedule(&fresh, &config), schedule(&state, &config));
 
     // Rebuilding twice is idempotent.
     fresh.rebuild_indexes();
@@ -1592,10 +1608,51 @@ fn rebuild_indexes_after_reload_reproduces_ready_set_and_node_usage() {
 }
 
 #[test]
+fn committed_registrations_and_heartbeats_grant_leases_but_not_to_a_down_node() {
+    let mut state = State::default();
+    state.apply(Command::register(node_spec("n1", 2), vec![], vec![], 3, 1));
+    let leases = |state: &mut State| -> Vec<u64> {
+        take_effects(state)
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::Lease { node, seq } if node == "n1" => Some(seq),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(leases(&mut state), [3], "the registration's message");
+    let beat = |seq| Command::Heartbeats {
+        reports: vec![HeartbeatReport {
+            node: "n1".into(),
+            seq,
+            theta: 1.0,
+            h_cpu: 1.0,
+            h_mem: 1.0,
+            h_term: 1.0,
+            memory_available_bytes: GIB,
+        }],
+        now_ms: 2,
+    };
+    state.apply(beat(4));
+    assert_eq!(leases(&mut state), [4]);
+    state.mark_down("n1", 3);
+    take_effects(&mut state);
+    state.apply(beat(5));
+    assert!(
+        leases(&mut state).is_empty(),
+        "a node marked down gets no lease until it registers again"
+    );
+    state.apply(Command::register(node_spec("n1", 2), vec![], vec![], 6, 4));
+    assert_eq!(leases(&mut state), [6]);
+    assert_eq!(state.nodes["n1"].state, NodeState::Ready);
+}
+
+#[test]
 fn heartbeats_update_health_and_announce_slot_changes() {
     let mut state = cluster(&[("n1", 8)]);
     let beat = |theta: f64| HeartbeatReport {
         node: "n1".into(),
+        seq: 0,
         theta,
         h_cpu: 0.5,
         h_mem: 0.25,
@@ -1620,7 +1677,14 @@ fn heartbeats_update_health_and_announce_slot_changes() {
     assert_eq!(n1.memory_available_bytes, 3 * GIB);
     assert_eq!(n1.last_heartbeat_ms, 10);
     assert!(!state.nodes.contains_key("ghost"));
-    assert!(state.effects.is_empty(), "no slot change, no effect");
+    assert_eq!(
+        state.effects,
+        vec![Effect::Lease {
+            node: "n1".into(),
+            seq: 0
+        }],
+        "no slot change: only the lease"
+    );
     assert_eq!(state.dirty.nodes, BTreeSet::from(["n1".to_string()]));
 
     let mut limits = Vec::new();
@@ -1635,6 +1699,7 @@ fn heartbeats_update_health_and_announce_slot_changes() {
                     assert_eq!(node, "n1");
                     limits.push(slots);
                 }
+                Effect::Lease { .. } => {}
                 other => panic!("unexpected effect {other:?}"),
             }
         }
@@ -1691,6 +1756,7 @@ fn at(micro: u32, attempt: u32) -> AttemptRef {
 fn a_worker_message_is_one_command_starts_before_results_before_health() {
     let heartbeat = HeartbeatReport {
         node: "n1".into(),
+        seq: 0,
         theta: 0.9,
         h_cpu: 0.9,
         h_mem: 0.9,
@@ -1738,7 +1804,13 @@ fn a_worker_message_is_one_command_starts_before_results_before_health() {
 fn a_registration_applies_kept_results_before_reconciling() {
     let kept = result(at(0, 1), "n1", 0, 10, 20);
     assert_eq!(
-        Command::register(node_spec("n1", 2), vec![at(1, 1)], vec![kept.clone()], 40),
+        Command::register(
+            node_spec("n1", 2),
+            vec![at(1, 1)],
+            vec![kept.clone()],
+            7,
+            40
+        ),
         Command::Batch(vec![
             Command::Finished {
                 results: vec![kept],
@@ -1747,15 +1819,17 @@ fn a_registration_applies_kept_results_before_reconciling() {
             Command::RegisterNode {
                 spec: node_spec("n1", 2),
                 running: vec![at(1, 1)],
+                seq: 7,
                 now_ms: 40,
             },
         ])
     );
     assert_eq!(
-        Command::register(node_spec("n1", 2), vec![], vec![], 40),
+        Command::register(node_spec("n1", 2), vec![], vec![], 0, 40),
         Command::Batch(vec![Command::RegisterNode {
             spec: node_spec("n1", 2),
             running: vec![],
+            seq: 0,
             now_ms: 40,
         }])
     );
@@ -1779,16 +1853,31 @@ fn effects_for_one_node_leave_as_one_message() {
         node: "n2".into(),
         slots: 1,
     });
-    let messages = crate::convert::worker_messages(&state, effects);
+    for seq in [9, 12, 10] {
+        effects.push(Effect::Lease {
+            node: "n1".into(),
+            seq,
+        });
+    }
+    let messages = crate::convert::worker_messages(&state, effects, 10_000);
     let nodes: Vec<&str> = messages.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(nodes, ["n1", "n2"]);
     let (_, n1) = &messages[0];
     assert_eq!(n1.assign.len(), 2);
     assert_eq!(n1.ack.len(), 1);
     assert_eq!(n1.slots_limit, None);
+    assert_eq!(
+        n1.lease,
+        Some(venom_proto::LeaseGrant {
+            seq: 12,
+            lease_ms: 10_000
+        }),
+        "the latest message committed renews the lease"
+    );
     let (_, n2) = &messages[1];
     assert_eq!(n2.assign.len(), 1);
     assert_eq!(n2.slots_limit, Some(1));
+    assert_eq!(n2.lease, None);
     let mut assigned: Vec<u32> = messages
         .iter()
         .flat_map(|(_, m)| m.assign.iter())

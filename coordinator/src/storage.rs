@@ -789,6 +789,7 @@ mod tests {
                 profile: Vec::new(),
             },
             running: Vec::new(),
+            seq: 0,
             now_ms: 6,
         });
         state
@@ -986,6 +987,7 @@ mod tests {
             stale.apply(crate::state::Command::RegisterNode {
                 spec: state.nodes["next"].spec.clone(),
                 running: Vec::new(),
+                seq: 0,
                 now_ms: 1,
             });
             let mut renamed = stale.nodes["next"].spec.clone();
@@ -993,6 +995,7 @@ mod tests {
             stale.apply(crate::state::Command::RegisterNode {
                 spec: renamed,
                 running: Vec::new(),
+                seq: 0,
                 now_ms: 1,
             });
             follower

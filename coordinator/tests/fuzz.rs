@@ -405,7 +405,7 @@ fn setup_commands(now_ms: u64) -> Vec<Command> {
     for (name, slots) in [("n1", 2), ("n2", 1)] {
         let register = registered(name, slots);
         let spec = convert::node_spec(&register).expect("a valid registration");
-        commands.push(convert::registration(spec, register, now_ms));
+        commands.push(convert::registration(spec, register, 0, now_ms));
     }
     commands
 }
@@ -729,7 +729,7 @@ enum Step {
     Register(Registration),
     /// The leader's scheduling round.
     Schedule {
-        heartbeat_ttl_ms: u64,
+        lease_expired: Vec<usize>,
         unreachable: Vec<usize>,
     },
     /// A client cancels a wave or drains a node (rarer; these race with worker reports).
@@ -754,11 +754,11 @@ fn step() -> BoxedStrategy<Step> {
         3 => (0usize..3, small_bytes(128)).prop_map(|(node, bytes)| Step::Noise { node, bytes }),
         6 => registration().prop_map(Step::Register),
         24 => (
-            prop_oneof![18 => Just(u64::MAX), 1 => Just(5_000u64), 1 => Just(0u64)],
+            prop_oneof![18 => Just(Vec::new()), 2 => prop::collection::vec(0usize..3, 1..3)],
             prop::collection::vec(0usize..3, 0..2),
         )
-            .prop_map(|(heartbeat_ttl_ms, unreachable)| Step::Schedule {
-                heartbeat_ttl_ms,
+            .prop_map(|(lease_expired, unreachable)| Step::Schedule {
+                lease_expired,
                 unreachable,
             }),
         1 => prop_oneof![Just(1u64), Just(2u64), Just(3u64)].prop_map(|wave_id| Step::Cancel { wave_id }),
@@ -847,6 +847,7 @@ fn wire_report(state: &State, report: &Report) -> (String, pb::WorkerMessage) {
         None => runner(report.finished.len() + report.started.len()),
     };
     let message = pb::WorkerMessage {
+        seq: 0,
         register: report.register.clone(),
         heartbeat: report.heartbeat,
         started: report
@@ -927,7 +928,7 @@ fn commands_of(state: &State, now_ms: u64, step: &Step) -> Result<Vec<Command>, 
                 if let Some(register) = &message.register {
                     match convert::node_spec(register) {
                         Ok(spec) => {
-                            commands.push(convert::registration(spec, register.clone(), now_ms))
+                            commands.push(convert::registration(spec, register.clone(), 0, now_ms))
                         }
                         Err(e) => prop_assert!(!e.is_empty()),
                     }
@@ -952,18 +953,21 @@ fn commands_of(state: &State, now_ms: u64, step: &Step) -> Result<Vec<Command>, 
                     prop_assert!(spec.slots >= 1 && spec.slots <= convert::MAX_SLOTS);
                     prop_assert!(spec.queue_depth <= convert::MAX_QUEUE_DEPTH);
                     prop_assert!(spec.profile.len() <= convert::MAX_PROFILE_BYTES);
-                    commands.push(convert::registration(spec, register, now_ms));
+                    commands.push(convert::registration(spec, register, 0, now_ms));
                 }
                 Err(e) => prop_assert!(e.starts_with("field"), "unnamed field: {e}"),
             }
         }
         Step::Schedule {
-            heartbeat_ttl_ms,
+            lease_expired,
             unreachable,
         } => commands.push(Command::Schedule {
             now_ms,
             config: SchedulerConfig {
-                heartbeat_ttl_ms: *heartbeat_ttl_ms,
+                lease_expired: lease_expired
+                    .iter()
+                    .map(|&n| NODE_NAMES[n].to_string())
+                    .collect(),
                 unreachable: unreachable
                     .iter()
                     .map(|&n| NODE_NAMES[n].to_string())
@@ -1308,7 +1312,7 @@ proptest! {
             .flat_map(|(node, bytes)| {
                 [
                     (10, Step::Noise { node, bytes }),
-                    (10, Step::Schedule { heartbeat_ttl_ms: u64::MAX, unreachable: Vec::new() }),
+                    (10, Step::Schedule { lease_expired: Vec::new(), unreachable: Vec::new() }),
                 ]
             })
             .collect();
@@ -1390,10 +1394,7 @@ fn absurd_run_times_saturate_the_wave_work() {
         &mut state,
         Command::Schedule {
             now_ms,
-            config: SchedulerConfig {
-                heartbeat_ttl_ms: u64::MAX,
-                ..SchedulerConfig::default()
-            },
+            config: SchedulerConfig::default(),
         },
     );
     // Two micro-tasks of `a` (wave 1) run on n1; each reports an endless run.

@@ -64,7 +64,7 @@ async fn nodes_registering_draining_and_marked_down_are_logged_by_the_leader() {
     std::env::set_var("VENOM_TEST_LOG", "info");
     let dir = tempfile::tempdir().unwrap();
     let coordinator =
-        Coordinator::start(&dir.path().join("c"), &["--heartbeat-ttl-ms", "1500"]).unwrap();
+        Coordinator::start(&dir.path().join("c"), &["--worker-lease-ms", "1500"]).unwrap();
     let log = || std::fs::read_to_string(coordinator.log_path()).unwrap_or_default();
     let wait = |needle: &'static str| {
         let log = &log;

@@ -302,13 +302,8 @@ run = 'sleep 120 & echo $! > {w}/pid.$VENOM_TASK_INDEX.$VENOM_NODE; wait'
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_wave_has_its_tasks_finished_elsewhere() {
-    let mut cluster = Cluster::start(
-        2,
-        2,
-        &["--heartbeat-ttl-ms", "1500"],
-        &["--throttle", "off"],
-    )
-    .await;
+    let mut cluster =
+        Cluster::start(2, 2, &["--worker-lease-ms", "1500"], &["--throttle", "off"]).await;
     let w = cluster.work.clone();
     let spec = format!(
         r#"

@@ -131,7 +131,7 @@ async fn worker_killed_mid_task_has_its_micro_tasks_redone_elsewhere() {
     // A short TTL so the dead worker is noticed quickly; live workers beat 5× as often.
     let mut s = Scenario::start(
         "worker kill",
-        &["--heartbeat-ttl-ms", "1500"],
+        &["--worker-lease-ms", "1500"],
         &["--heartbeat-ms", "300"],
         2,
     )

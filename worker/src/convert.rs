@@ -34,6 +34,9 @@ pub fn instructions(message: pb::CoordinatorMessage) -> Instructions {
         ack: message.ack.into_iter().map(AttemptRef::from).collect(),
         assign: message.assign.into_iter().map(assignment).collect(),
         cancel: message.cancel.into_iter().map(AttemptRef::from).collect(),
+        lease: message
+            .lease
+            .map(|grant| (grant.seq, std::time::Duration::from_millis(grant.lease_ms))),
     }
 }
 
@@ -80,6 +83,7 @@ impl Outgoing {
             heartbeat: heartbeat.map(|heartbeat| heartbeat_message(&heartbeat)),
             started: started.into_iter().map(task_started).collect(),
             finished: Vec::new(),
+            seq: 0,
         };
         let size_bytes = message.encoded_len();
         Self {

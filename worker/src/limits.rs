@@ -56,6 +56,19 @@ pub const LEADER_HINT_RETRY: Duration = Duration::from_millis(10);
 pub const BACKOFF_MIN_MS: u64 = 50;
 /// Reconnect backoff: the cap, milliseconds.
 pub const BACKOFF_MAX_MS: u64 = 2_000;
+/// Registrations and heartbeats remembered until a lease grant covers them (one leaves
+/// about every second; a minute's worth without a grant means the lease ran out anyway).
+pub const MAX_UNGRANTED_MESSAGES: usize = 64;
+/// How long a coordinator may take to answer a registration (a leader answers once it has
+/// committed it; a frozen or cut-off one never does).
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A leader renews the lease about once a heartbeat interval. With no renewal for twice the
+/// interval plus this, the worker stops waiting on that leader and races every coordinator
+/// again (the lease itself lasts much longer, so its attempts keep running meanwhile).
+pub const SILENCE_SLACK: Duration = Duration::from_millis(250);
+/// A stream that ends sooner than this after it was accepted is followed by a backoff before
+/// the next race (a coordinator that accepts and drops at once must not cause a busy loop).
+pub const MIN_STREAM_LIFE: Duration = Duration::from_secs(1);
 /// On shutdown, how long to wait for killed attempts to be reaped.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 

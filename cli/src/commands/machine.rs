@@ -480,7 +480,7 @@ struct LimitsView {
 
 #[derive(Serialize)]
 struct CoordinatorDefaultsView {
-    heartbeat_ttl_ms: u64,
+    worker_lease_ms: u64,
     max_micro_tasks: u64,
     max_spec_bytes: usize,
     max_message_bytes: usize,
@@ -530,7 +530,7 @@ pub async fn config(ctx: &Context) -> anyhow::Result<u8> {
             max_tasks: limits.max_tasks,
         },
         coordinator_defaults: CoordinatorDefaultsView {
-            heartbeat_ttl_ms: coordinator_defaults::HEARTBEAT_TTL_MS,
+            worker_lease_ms: coordinator_defaults::WORKER_LEASE_MS,
             max_micro_tasks: coordinator_defaults::MAX_MICRO_TASKS,
             max_spec_bytes: coordinator_defaults::MAX_SPEC_BYTES,
             max_message_bytes: coordinator_defaults::MAX_MESSAGE_BYTES,
@@ -592,8 +592,8 @@ pub async fn config(ctx: &Context) -> anyhow::Result<u8> {
         (
             "coordinator defaults",
             format!(
-                "heartbeat TTL {} ms, messages ≤ {}, raft tick {} ms",
-                view.coordinator_defaults.heartbeat_ttl_ms,
+                "worker lease {} ms, messages ≤ {}, raft tick {} ms",
+                view.coordinator_defaults.worker_lease_ms,
                 fmt_bytes(view.coordinator_defaults.max_message_bytes as u64),
                 view.coordinator_defaults.tick_ms
             ),

@@ -15,19 +15,28 @@ pub(super) fn schedule_time_ms(command: &Command) -> Option<u64> {
 impl<T: Transport> Replica<T> {
     /// The scheduler's inputs that only the leader knows.
     pub(super) fn scheduler_config(&self) -> SchedulerConfig {
-        let unreachable = match self.shared.state.read() {
-            Ok(state) => state
-                .nodes
-                .keys()
-                .filter(|n| !self.workers.contains_key(*n))
-                .cloned()
-                .collect::<BTreeSet<_>>(),
-            Err(_) => BTreeSet::new(),
+        let now_ms = self.clock.monotonic_ms();
+        let (unreachable, lease_expired) = match self.shared.state.read() {
+            Ok(state) => (
+                state
+                    .nodes
+                    .keys()
+                    .filter(|n| !self.workers.contains_key(*n))
+                    .cloned()
+                    .collect::<BTreeSet<_>>(),
+                self.leases.expired(
+                    state
+                        .nodes
+                        .values()
+                        .filter(|n| n.state != NodeState::Down)
+                        .map(|n| n.spec.name.as_str()),
+                    now_ms,
+                ),
+            ),
+            Err(_) => (BTreeSet::new(), BTreeSet::new()),
         };
         SchedulerConfig {
-            heartbeat_ttl_ms: self.config.heartbeat_ttl_ms,
-            // A new leader gives every node a full TTL (from its election) before judging it.
-            grace_until_ms: self.leader_since_ms,
+            lease_expired,
             max_placements: SchedulerConfig::MAX_PLACEMENTS,
             unreachable,
         }
@@ -39,14 +48,21 @@ impl<T: Transport> Replica<T> {
         let now = self.clock.now_ms();
         let config = self.scheduler_config();
         let plan = match self.shared.state.read() {
-            Ok(state) => scheduler::schedule(&state, now, &config),
+            Ok(state) => scheduler::schedule(&state, &config),
             Err(_) => return,
         };
         if plan.is_empty() {
             return;
         }
+        let now_ms = self.clock.monotonic_ms();
         for node in &plan.mark_down {
-            tracing::warn!(node = %node, "node missed heartbeats, marking it down");
+            tracing::warn!(
+                node = %node,
+                lease_ms = self.leases.lease_ms(),
+                margin_ms = crate::leases::margin_ms(self.leases.lease_ms()),
+                silent_ms = self.leases.silent_ms(node, now_ms),
+                "worker lease expired; marking the node down (its attempts go back to ready)"
+            );
         }
         self.propose(
             Command::Schedule {

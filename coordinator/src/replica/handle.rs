@@ -203,6 +203,9 @@ pub trait Clock: Send + Sync {
     fn now_ms(&self) -> u64 {
         self.now_us() / 1_000
     }
+
+    /// Milliseconds on a clock that never jumps (leases are measured on it).
+    fn monotonic_ms(&self) -> u64;
 }
 
 /// The wall clock.
@@ -214,6 +217,12 @@ impl Clock for SystemClock {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64)
+    }
+
+    fn monotonic_ms(&self) -> u64 {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(std::time::Instant::now);
+        u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 

@@ -36,7 +36,7 @@ impl<T: Transport> Replica<T> {
             self.started_proposed.clear();
         }
         if !self.was_leader && is_leader {
-            self.leader_since_ms = self.clock.now_ms();
+            self.leases.reset(self.clock.monotonic_ms());
             if self.cluster_id == 0 {
                 // The first leader names the cluster; a random id from this life's nonce
                 // and the clock (never 0).

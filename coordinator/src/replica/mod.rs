@@ -69,7 +69,8 @@ pub struct ReplicaConfig {
     /// after each election. The simulated cluster uses a one-tick range so runs repeat.
     pub election_ticks: (usize, usize),
     pub tick: Duration,
-    pub heartbeat_ttl_ms: u64,
+    /// How long a worker's lease lasts (`--worker-lease-ms`).
+    pub worker_lease_ms: u64,
     /// Largest raft entry a group commit builds, in bytes (approximate).
     pub max_entry_bytes: usize,
     /// Compact the log once it holds more than this many entries at or below the
@@ -114,7 +115,8 @@ pub(crate) struct Replica<T: Transport> {
     queued_bytes: usize,
     workers: HashMap<String, (u64, mpsc::Sender<pb::CoordinatorMessage>)>,
     was_leader: bool,
-    leader_since_ms: u64,
+    /// When this leader granted each worker's lease.
+    leases: crate::leases::Leases,
     applied: u64,
     /// The applied index last written to sled with the state it covers.
     persisted_applied: u64,
@@ -262,7 +264,7 @@ impl<T: Transport> Replica<T> {
             queued_bytes: 0,
             workers: HashMap::new(),
             was_leader: false,
-            leader_since_ms: 0,
+            leases: crate::leases::Leases::new(config.worker_lease_ms),
             applied,
             persisted_applied: applied,
             clock,
@@ -721,7 +723,7 @@ impl<T: Transport> Replica<T> {
             }
             let drained = std::mem::take(&mut state.effects);
             effects = if is_leader {
-                convert::worker_messages(&state, drained)
+                convert::worker_messages(&state, drained, self.leases.lease_ms())
             } else {
                 Vec::new()
             };
@@ -734,7 +736,13 @@ impl<T: Transport> Replica<T> {
         if membership_changed {
             self.refresh_members()?;
         }
+        let now_ms = self.clock.monotonic_ms();
         for (node, message) in effects {
+            if message.lease.is_some() {
+                // Granted once committed, whether or not the worker is still attached: the
+                // leader's reference is then later than the worker's.
+                self.leases.granted(&node, now_ms);
+            }
             self.send_to_worker(&node, message);
         }
         // A round's span ends once its assignments are on their way.

@@ -1,18 +1,26 @@
-//! The connection to the coordinator: [`Link`], the state of the one `WorkerService.Connect`
-//! stream (waiting to reconnect, opening, up), [`open_stream`], which opens it with the
-//! registration as its first message, and [`Targets`], which picks where to connect next:
-//! the coordinator URLs round-robin with capped exponential backoff and jitter, except that a
-//! member refusing as "not leader" sends the worker to the leader it names
-//! (`venom_proto::leader`, the refusal's error detail, never its text).
+//! The connection to the coordinators: [`Link`], the state of the one `WorkerService.Connect`
+//! stream (waiting, racing, up), and [`Race`], which finds the leader.
+//!
+//! A worker does not walk its coordinator list one address at a time: a dead or frozen member
+//! would cost a connect timeout each round. It races them. Every coordinator (and any leader a
+//! refusal names) gets a candidate that opens a stream with the registration as its first
+//! message and waits for the answer; a member that is not the leader refuses at once, and only
+//! the leader answers, once it has committed the registration. The first candidate answered
+//! wins and the others are dropped. Each candidate retries on its own: soon after a "not
+//! leader" refusal (an election may be under way), with capped exponential backoff and jitter
+//! after anything else.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::mpsc;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use venom_core::url::normalize_url;
@@ -22,47 +30,44 @@ use venom_proto::{CoordinatorMessage, WorkerMessage};
 use super::state::Instructions;
 use crate::limits::{
     BACKOFF_MAX_MS, BACKOFF_MIN_MS, CONNECT_TIMEOUT, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT,
-    LEADER_HINT_RETRY, MAX_INBOUND_MESSAGE_BYTES, NOT_LEADER_RETRY, OUTBOUND_CHANNEL_CAPACITY,
+    MAX_INBOUND_MESSAGE_BYTES, NOT_LEADER_RETRY, OUTBOUND_CHANNEL_CAPACITY, REGISTER_TIMEOUT,
 };
 
-/// Why the stream could not be opened.
-#[derive(Debug)]
-pub(super) struct ConnectError {
-    /// For people.
-    pub reason: String,
-    /// The coordinator's refusal, when it answered with one.
-    pub refusal: Option<Box<Status>>,
-}
-
-impl ConnectError {
-    fn failed(reason: String) -> Self {
-        Self {
-            reason,
-            refusal: None,
-        }
-    }
-}
+/// Builds a registration, numbered as sent now (each try sends a fresh one).
+pub(super) type MakeRegistration = Arc<dyn Fn() -> WorkerMessage + Send + Sync>;
 
 type Inbound = Box<Streaming<CoordinatorMessage>>;
 
-type ConnectFuture = Pin<Box<dyn Future<Output = Result<Inbound, ConnectError>> + Send>>;
+/// A stream a coordinator accepted: it answered the registration.
+pub(super) struct Accepted {
+    /// The coordinator, as dialled.
+    pub url: String,
+    /// Where this worker's messages go.
+    pub outbound: mpsc::Sender<WorkerMessage>,
+    /// The coordinator's messages after the first.
+    pub inbound: Inbound,
+    /// The registration it accepted.
+    pub register: WorkerMessage,
+    /// Its answer.
+    pub first: CoordinatorMessage,
+}
 
 /// The connection's state.
 pub(super) enum Link {
-    /// Waiting to (re)connect.
+    /// Waiting before the next race.
     Idle(Pin<Box<Sleep>>),
-    /// Opening the stream; the registration is already queued on it.
-    Connecting(ConnectFuture),
-    /// Streaming; the coordinator's messages arrive here.
-    Up(Inbound),
+    /// Every coordinator is being tried.
+    Racing(Race),
+    /// Streaming to the leader since `since`.
+    Up { inbound: Inbound, since: Instant },
 }
 
 /// What happened on the link.
 pub(super) enum LinkEvent {
-    /// Time to connect again.
+    /// Time to race again.
     RetryDue,
-    /// The stream opened, or could not be.
-    Connected(Result<Inbound, ConnectError>),
+    /// A coordinator accepted the registration.
+    Accepted(Box<Accepted>),
     /// The coordinator sent a message.
     Message(Instructions),
     /// The stream failed.
@@ -83,8 +88,8 @@ impl Link {
                 sleep.as_mut().await;
                 LinkEvent::RetryDue
             }
-            Link::Connecting(connecting) => LinkEvent::Connected(connecting.as_mut().await),
-            Link::Up(inbound) => match inbound.next().await {
+            Link::Racing(race) => LinkEvent::Accepted(Box::new(race.next().await)),
+            Link::Up { inbound, .. } => match inbound.next().await {
                 Some(Ok(message)) => LinkEvent::Message(crate::convert::instructions(message)),
                 Some(Err(status)) => LinkEvent::Failed(status),
                 None => LinkEvent::Closed,
@@ -93,21 +98,143 @@ impl Link {
     }
 }
 
-/// Opens the stream to `url` with `register` as its first message. Returns the sender for the
-/// messages that follow and the future that completes once the stream is open.
-pub(super) fn open_stream(
+type Candidate = Pin<Box<dyn Future<Output = Accepted> + Send>>;
+
+/// Every coordinator tried at once until one accepts the registration.
+pub(super) struct Race {
+    candidates: FuturesUnordered<Candidate>,
+    /// Addresses with a candidate (as dialled).
+    tried: HashSet<String>,
+    /// Leaders named by refusals; those not tried yet get a candidate.
+    hints: mpsc::UnboundedReceiver<String>,
+    hints_tx: mpsc::UnboundedSender<String>,
+    dialer: venom_tls::Dialer,
+    make: MakeRegistration,
+}
+
+impl Race {
+    /// Starts a candidate for each of `urls` (already as dialled).
+    pub(super) fn start(
+        urls: &[String],
+        dialer: &venom_tls::Dialer,
+        make: MakeRegistration,
+    ) -> Self {
+        let (hints_tx, hints) = mpsc::unbounded_channel();
+        let mut race = Self {
+            candidates: FuturesUnordered::new(),
+            tried: HashSet::new(),
+            hints,
+            hints_tx,
+            dialer: dialer.clone(),
+            make,
+        };
+        for url in urls {
+            race.add(url.clone());
+        }
+        race
+    }
+
+    fn add(&mut self, url: String) {
+        if !self.tried.insert(url.clone()) {
+            return;
+        }
+        self.candidates.push(Box::pin(candidate(
+            url,
+            self.dialer.clone(),
+            Arc::clone(&self.make),
+            self.hints_tx.clone(),
+        )));
+    }
+
+    /// The first coordinator to accept. Never completes while none does.
+    async fn next(&mut self) -> Accepted {
+        loop {
+            tokio::select! {
+                Some(accepted) = self.candidates.next() => return accepted,
+                Some(hint) = self.hints.recv() => {
+                    let url = self.dialer.url(&hint).unwrap_or(hint);
+                    if !self.tried.contains(&url) {
+                        tracing::debug!(%url, "trying the leader a coordinator named");
+                    }
+                    self.add(url);
+                }
+            }
+        }
+    }
+}
+
+/// Tries `url` until it accepts a registration: soon again after "not leader", with backoff
+/// after anything else. Leaders named by refusals go to `hints`.
+async fn candidate(
     url: String,
+    dialer: venom_tls::Dialer,
+    make: MakeRegistration,
+    hints: mpsc::UnboundedSender<String>,
+) -> Accepted {
+    let mut backoff = Backoff::new();
+    let mut failures = 0_u32;
+    loop {
+        let error = match try_once(&url, make(), &dialer).await {
+            Ok(accepted) => return accepted,
+            Err(error) => error,
+        };
+        let refusal = error.refusal.as_deref();
+        let not_leader = refusal.is_some_and(venom_proto::leader::is_not_leader);
+        if let Some(hint) = refusal.and_then(venom_proto::leader::leader_hint) {
+            let _ = hints.send(normalize_url(&hint));
+        }
+        let delay = if not_leader {
+            NOT_LEADER_RETRY
+        } else {
+            backoff.next_delay()
+        };
+        let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        if not_leader {
+            tracing::debug!(%url, "not the leader; asking again");
+        } else if failures == 0 {
+            tracing::warn!(%url, reason = %error.reason, retry_in_ms, "coordinator unavailable; will retry");
+        } else {
+            tracing::debug!(%url, reason = %error.reason, retry_in_ms, "coordinator still unavailable");
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Why a try failed.
+#[derive(Debug)]
+struct ConnectError {
+    /// For people.
+    reason: String,
+    /// The coordinator's refusal, when it answered with one.
+    refusal: Option<Box<Status>>,
+}
+
+impl ConnectError {
+    fn failed(reason: String) -> Self {
+        Self {
+            reason,
+            refusal: None,
+        }
+    }
+}
+
+/// Opens a stream to `url` with `register` as its first message and waits for the answer.
+async fn try_once(
+    url: &str,
     register: WorkerMessage,
     dialer: &venom_tls::Dialer,
-) -> (mpsc::Sender<WorkerMessage>, ConnectFuture) {
+) -> Result<Accepted, ConnectError> {
     let (sender, receiver) = mpsc::channel(OUTBOUND_CHANNEL_CAPACITY);
-    if sender.try_send(register).is_err() {
-        // Unreachable: the channel is new, empty and its receiver is held below.
-        tracing::error!("cannot queue the registration on a new channel");
+    if sender.try_send(register.clone()).is_err() {
+        // Unreachable: the channel is new, empty and its receiver is held here.
+        return Err(ConnectError::failed(
+            "cannot queue the registration on a new channel".to_owned(),
+        ));
     }
-    let endpoint = dialer.endpoint(&url);
-    let connecting = async move {
-        let endpoint = endpoint
+    let opening = async {
+        let endpoint = dialer
+            .endpoint(url)
             .map_err(|error| ConnectError::failed(format!("cannot connect to {url}: {error}")))?
             .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -119,25 +246,37 @@ pub(super) fn open_stream(
         })?;
         let mut client =
             WorkerServiceClient::new(channel).max_decoding_message_size(MAX_INBOUND_MESSAGE_BYTES);
-        let response = client
+        let refused = |status: Status| ConnectError {
+            reason: format!("{url} refused the stream: {}", status.message()),
+            refusal: Some(Box::new(status)),
+        };
+        let mut inbound = client
             .connect(ReceiverStream::new(receiver))
             .await
-            .map_err(|status| ConnectError {
-                reason: format!("{url} refused the stream: {}", status.message()),
-                refusal: Some(Box::new(status)),
-            })?;
-        Ok(Box::new(response.into_inner()))
+            .map_err(refused)?
+            .into_inner();
+        match inbound.message().await {
+            Ok(Some(first)) => Ok((Box::new(inbound), first)),
+            Ok(None) => Err(ConnectError::failed(format!(
+                "{url} closed the stream without answering the registration"
+            ))),
+            Err(status) => Err(refused(status)),
+        }
     };
-    let bounded = async move {
-        tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .unwrap_or_else(|_| {
-                Err(ConnectError::failed(
-                    "timed out opening the stream".to_owned(),
-                ))
-            })
-    };
-    (sender, Box::pin(bounded))
+    let (inbound, first) = tokio::time::timeout(CONNECT_TIMEOUT + REGISTER_TIMEOUT, opening)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ConnectError::failed(format!(
+                "{url} did not answer the registration in time"
+            )))
+        })?;
+    Ok(Accepted {
+        url: url.to_owned(),
+        outbound: sender,
+        inbound,
+        register,
+        first,
+    })
 }
 
 /// An error and its sources, "outer: inner: innermost".
@@ -152,100 +291,28 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// When to try again after the link went down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Retry {
-    pub delay: Duration,
-    /// The coordinator refused as not the leader (it is alive; nothing is wrong).
-    pub not_leader: bool,
-}
-
-/// Where to connect next: the coordinator URLs round-robin, except that a leader named by a
-/// not-leader refusal is tried next, once.
-#[derive(Debug)]
-pub(super) struct Targets {
-    /// Normalized coordinator URLs.
-    urls: Vec<String>,
-    /// Index into `urls` of the next URL to try.
-    next_url: usize,
-    /// A leader named by a refusal.
-    leader_hint: Option<String>,
-    backoff: Backoff,
-}
-
-impl Targets {
-    /// `urls` must not be empty.
-    pub(super) fn new(urls: Vec<String>) -> Self {
-        Self {
-            urls,
-            next_url: 0,
-            leader_hint: None,
-            backoff: Backoff::new(),
-        }
-    }
-
-    /// The URL to connect to now.
-    pub(super) fn next(&mut self) -> String {
-        match self.leader_hint.take() {
-            Some(hint) => hint,
-            None => {
-                let url = self.urls[self.next_url % self.urls.len()].clone();
-                self.next_url = (self.next_url + 1) % self.urls.len();
-                url
-            }
-        }
-    }
-
-    /// The link went down, refused by `refusal` if the coordinator answered with one. A
-    /// coordinator that answered "not leader" is alive: with a leader named, go there at once;
-    /// during an election, ask again shortly rather than backing off (a long wait would outlive
-    /// the new leader's heartbeat grace and get this node marked down). Anything else backs
-    /// off.
-    pub(super) fn after_failure(&mut self, refusal: Option<&Status>) -> Retry {
-        let not_leader = refusal.is_some_and(venom_proto::leader::is_not_leader);
-        self.leader_hint = refusal
-            .and_then(venom_proto::leader::leader_hint)
-            .map(|url| normalize_url(&url));
-        let delay = if not_leader {
-            if self.leader_hint.is_some() {
-                LEADER_HINT_RETRY
-            } else {
-                NOT_LEADER_RETRY
-            }
-        } else {
-            self.backoff.next_delay()
-        };
-        Retry { delay, not_leader }
-    }
-
-    /// The coordinator accepted the registration: the next failure backs off from the start.
-    pub(super) fn registered(&mut self) {
-        self.backoff.reset();
-    }
-}
-
 /// Capped exponential backoff with jitter: [`BACKOFF_MIN_MS`] doubling to [`BACKOFF_MAX_MS`],
 /// each delay drawn from the upper half of the current step so that many workers do not
 /// reconnect in lockstep.
 #[derive(Debug)]
-struct Backoff {
+pub(super) struct Backoff {
     step_ms: u64,
 }
 
 impl Backoff {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             step_ms: BACKOFF_MIN_MS,
         }
     }
 
-    fn next_delay(&mut self) -> Duration {
+    pub(super) fn next_delay(&mut self) -> Duration {
         let step_ms = self.step_ms;
         self.step_ms = (step_ms * 2).min(BACKOFF_MAX_MS);
         Duration::from_millis(rand::thread_rng().gen_range(step_ms / 2..=step_ms))
     }
 
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         self.step_ms = BACKOFF_MIN_MS;
     }
 }
@@ -265,45 +332,6 @@ mod tests {
         assert!(delays[9] >= Duration::from_millis(BACKOFF_MAX_MS / 2));
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(BACKOFF_MIN_MS));
-    }
-
-    #[test]
-    fn a_not_leader_refusal_is_followed_to_the_leader_it_names() {
-        use venom_proto::leader::not_leader;
-
-        let mut targets = Targets::new(vec!["http://a:1".to_owned(), "http://b:1".to_owned()]);
-        assert_eq!(targets.next(), "http://a:1");
-        let retry = targets.after_failure(Some(&not_leader(Some("c:1"))));
-        assert_eq!(
-            retry,
-            Retry {
-                delay: LEADER_HINT_RETRY,
-                not_leader: true
-            }
-        );
-        assert_eq!(
-            targets.next(),
-            "http://c:1",
-            "the named leader, with a scheme"
-        );
-        assert_eq!(targets.next(), "http://b:1", "a hint is used once");
-
-        let retry = targets.after_failure(Some(&not_leader(None)));
-        assert_eq!(
-            retry,
-            Retry {
-                delay: NOT_LEADER_RETRY,
-                not_leader: true
-            },
-            "during an election, ask again soon"
-        );
-        assert_eq!(targets.next(), "http://a:1");
-
-        let text_only = Status::unavailable("not leader: leader=http://c:1");
-        let retry = targets.after_failure(Some(&text_only));
-        assert!(!retry.not_leader, "only the error detail counts");
-        assert!(retry.delay <= Duration::from_millis(BACKOFF_MIN_MS));
-        assert_eq!(targets.next(), "http://b:1");
     }
 
     #[test]

@@ -34,17 +34,18 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
-use tonic::Status;
 use venom_proto::WorkerMessage;
 
-use self::link::{open_stream, Link, LinkEvent, Targets};
+use self::link::{Accepted, Backoff, Link, LinkEvent, MakeRegistration, Race};
 use self::runner::start_runners;
 pub use self::state::{
     AgentState, ExecEvent, Heartbeat, Identity, Instructions, NextAttempt, Started,
 };
 use crate::config::WorkerConfig;
 use crate::isolation::{Isolation, IsolationError, Sweeper};
-use crate::limits::{DEFAULT_SAMPLE_INTERVAL, SHUTDOWN_GRACE, STARTED_COALESCE};
+use crate::limits::{
+    DEFAULT_SAMPLE_INTERVAL, MIN_STREAM_LIFE, SHUTDOWN_GRACE, SILENCE_SLACK, STARTED_COALESCE,
+};
 use crate::metrics::WorkerMetrics;
 use crate::scan::HardwareProfile;
 use crate::theta::{ThetaMonitor, ThetaSnapshot};
@@ -119,15 +120,21 @@ struct Agent {
     shared: Arc<Shared>,
     /// How coordinators are reached: mutual TLS, or plaintext (loopback or `--insecure`).
     dialer: venom_tls::Dialer,
-    /// Where to connect next.
-    targets: Targets,
+    /// The coordinators, as dialled.
+    urls: Vec<String>,
+    /// Builds this worker's registration for each try.
+    make_register: MakeRegistration,
     /// Where the current connection goes (for logs).
     current_url: String,
-    /// Sender of the stream being opened; becomes `outbound` once it is open.
-    pending_outbound: Option<mpsc::Sender<WorkerMessage>>,
     /// Sender of the open stream.
     outbound: Option<mpsc::Sender<WorkerMessage>>,
     link: Link,
+    /// Delays a new race after streams that ended right after they were accepted.
+    backoff: Backoff,
+    /// When a leader last renewed the lease (or accepted the stream).
+    last_renewal: Instant,
+    /// With no renewal for this long, the worker races every coordinator again.
+    silence: Duration,
     /// When waiting start reports go out even without a result to carry them.
     started_deadline: Option<Instant>,
     theta: ThetaMonitor,
@@ -140,77 +147,118 @@ impl Agent {
         self.shared.state()
     }
 
-    /// Begins connecting to the next coordinator.
+    /// Races every coordinator for the one that accepts this worker (the leader).
     fn connect(&mut self) {
-        let next = self.targets.next();
-        // As it is dialled (`https://` under TLS, whatever a leader hint said).
-        let url = self.dialer.url(&next).unwrap_or(next);
-        tracing::debug!(%url, "connecting to coordinator");
-        let register = self.state().register(&self.identity);
-        let (sender, connecting) = open_stream(url.clone(), register, &self.dialer);
-        self.current_url = url;
-        self.pending_outbound = Some(sender);
-        self.link = Link::Connecting(connecting);
+        tracing::debug!(coordinators = ?self.urls, "looking for the leader");
+        self.link = Link::Racing(Race::start(
+            &self.urls,
+            &self.dialer,
+            Arc::clone(&self.make_register),
+        ));
     }
 
-    /// Drops the connection and schedules the next attempt, following `refusal` when the
-    /// coordinator refused with one (see [`Targets::after_failure`]).
-    fn disconnect(&mut self, reason: &str, refusal: Option<&Status>) {
-        let retry = self.targets.after_failure(refusal);
+    /// Drops the stream and races again: at once, unless the stream ended right after it
+    /// was accepted (then after a backoff).
+    fn disconnect(&mut self, reason: &str) {
         // Read under one lock, before logging: the guard must not live through the macro.
         let (running, unacknowledged) = {
             let state = self.state();
             (state.n_running(), state.n_unacked())
         };
-        let retry_in_ms = u64::try_from(retry.delay.as_millis()).unwrap_or(u64::MAX);
-        if retry.not_leader {
-            tracing::debug!(url = %self.current_url, reason, retry_in_ms, "not the leader; asking again");
-        } else {
-            tracing::warn!(
-                url = %self.current_url,
-                reason,
-                retry_in_ms,
-                running,
-                unacknowledged,
-                "coordinator unavailable; will retry (running processes keep running)"
-            );
-        }
+        let short_lived = match &self.link {
+            Link::Up { since, .. } => since.elapsed() < MIN_STREAM_LIFE,
+            _ => false,
+        };
+        tracing::warn!(
+            url = %self.current_url,
+            reason,
+            running,
+            unacknowledged,
+            "lost the leader; looking for it again (running processes keep running)"
+        );
         self.outbound = None;
-        self.pending_outbound = None;
-        self.link = Link::idle_for(retry.delay);
         self.shared.metrics.connected.set(0);
+        if short_lived {
+            self.link = Link::idle_for(self.backoff.next_delay());
+        } else {
+            self.connect();
+        }
+    }
+
+    fn on_accepted(&mut self, accepted: Accepted) {
+        let Accepted {
+            url,
+            outbound,
+            inbound,
+            register,
+            first,
+        } = accepted;
+        self.state().registered(&register);
+        self.current_url = url;
+        self.outbound = Some(outbound);
+        self.link = Link::Up {
+            inbound,
+            since: Instant::now(),
+        };
+        self.last_renewal = Instant::now();
+        self.shared.metrics.connected.set(1);
+        tracing::info!(
+            url = %self.current_url,
+            name = %self.identity.name,
+            slots = self.identity.slots,
+            "registered with coordinator"
+        );
+        self.on_message(crate::convert::instructions(first));
+    }
+
+    fn on_message(&mut self, message: Instructions) {
+        if let Some((seq, lease)) = message.lease {
+            self.last_renewal = Instant::now();
+            let now = std::time::Instant::now();
+            if self.state().on_lease(seq, lease, now) {
+                tracing::info!(
+                    lease_ms = lease.as_millis() as u64,
+                    "holding a lease; attempts may start"
+                );
+            }
+        }
+        if message.registered {
+            self.backoff.reset();
+        }
+        self.state().on_coordinator_message(message);
+        start_runners(&self.shared);
     }
 
     fn on_link_event(&mut self, event: LinkEvent) {
         match event {
             LinkEvent::RetryDue => self.connect(),
-            LinkEvent::Connected(Ok(inbound)) => {
-                tracing::debug!(url = %self.current_url, "stream open");
-                self.outbound = self.pending_outbound.take();
-                self.link = Link::Up(inbound);
-            }
-            LinkEvent::Connected(Err(error)) => {
-                self.disconnect(&error.reason, error.refusal.as_deref());
-            }
-            LinkEvent::Message(message) => {
-                if message.registered {
-                    self.targets.registered();
-                    self.shared.metrics.connected.set(1);
-                    tracing::info!(
-                        url = %self.current_url,
-                        name = %self.identity.name,
-                        slots = self.identity.slots,
-                        "registered with coordinator"
-                    );
-                }
-                self.state().on_coordinator_message(message);
-                start_runners(&self.shared);
-            }
+            LinkEvent::Accepted(accepted) => self.on_accepted(*accepted),
+            LinkEvent::Message(message) => self.on_message(message),
             LinkEvent::Failed(status) => {
                 let reason = format!("stream error: {status}");
-                self.disconnect(&reason, Some(&status));
+                self.disconnect(&reason);
             }
-            LinkEvent::Closed => self.disconnect("the coordinator closed the stream", None),
+            LinkEvent::Closed => self.disconnect("the coordinator closed the stream"),
+        }
+    }
+
+    /// When to give up on a silent leader (only while streaming).
+    fn silence_deadline(&self) -> Option<Instant> {
+        matches!(self.link, Link::Up { .. }).then(|| self.last_renewal + self.silence)
+    }
+
+    /// No leader renewed the lease in time: kill every running attempt and start nothing
+    /// until a leader grants one again; register afresh so the leader reconciles.
+    fn on_lease_expired(&mut self) {
+        let (killed, dropped) = self.state().fence();
+        tracing::warn!(
+            killed,
+            dropped_queued = dropped,
+            "lease expired: no leader renewed it in time; killed the running attempts and \
+             start nothing until a leader grants a new one"
+        );
+        if matches!(self.link, Link::Up { .. }) {
+            self.disconnect("the lease expired");
         }
     }
 
@@ -270,7 +318,7 @@ impl Agent {
                 Ok(permit) => self.send(permit),
                 Err(mpsc::error::TrySendError::Full(_)) => return,
                 Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.disconnect("the outbound stream closed", None);
+                    self.disconnect("the outbound stream closed");
                     return;
                 }
             }
@@ -419,15 +467,23 @@ pub async fn run(
     };
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval());
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let make_register: MakeRegistration = {
+        let shared = Arc::clone(&shared);
+        let identity = identity.clone();
+        Arc::new(move || shared.state().register(&identity))
+    };
     let mut agent = Agent {
         identity,
         shared,
         dialer,
-        targets: Targets::new(urls),
+        urls,
+        make_register,
         current_url: String::new(),
-        pending_outbound: None,
         outbound: None,
         link: Link::idle_for(Duration::ZERO),
+        backoff: Backoff::new(),
+        last_renewal: Instant::now(),
+        silence: config.heartbeat_interval() * 2 + SILENCE_SLACK,
         started_deadline: None,
         theta: ThetaMonitor::start(DEFAULT_SAMPLE_INTERVAL),
         fallback_theta,
@@ -437,6 +493,8 @@ pub async fn run(
     loop {
         let due = agent.outbound_due();
         let coalescing_until = agent.started_deadline.filter(|_| !due);
+        let silence_deadline = agent.silence_deadline();
+        let lease_until = agent.state().lease_until().map(Instant::from_std);
         tokio::select! {
             () = &mut shutdown => break,
             // A runner started or finished an attempt; the flush below reports it.
@@ -445,8 +503,12 @@ pub async fn run(
             _ = heartbeat.tick() => agent.on_heartbeat_tick(),
             permit = reserve(agent.outbound.clone()), if due => match permit {
                 Ok(permit) => agent.send(permit),
-                Err(_) => agent.disconnect("the outbound stream closed", None),
+                Err(_) => agent.disconnect("the outbound stream closed"),
             },
+            () = sleep_until_some(silence_deadline), if silence_deadline.is_some() => {
+                agent.disconnect("no lease renewal from the leader in time");
+            }
+            () = sleep_until_some(lease_until), if lease_until.is_some() => agent.on_lease_expired(),
             // Start reports waited long enough; the flush below sends them.
             () = sleep_until_some(coalescing_until), if coalescing_until.is_some() => {}
         }
@@ -461,7 +523,6 @@ pub async fn run(
     let running = agent.state().n_running();
     tracing::info!(running, "worker shutting down");
     agent.outbound = None;
-    agent.pending_outbound = None;
     agent.link = Link::idle_for(Duration::MAX);
     agent.state().cancel_all();
     let deadline = Instant::now() + SHUTDOWN_GRACE;

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use venom_core::mobius::ThrottlePolicy;
 use venom_core::{AttemptOutcome, AttemptRef};
@@ -13,7 +14,7 @@ use venom_proto::WorkerMessage;
 
 use crate::convert::Outgoing;
 use crate::executor::{cancel_pair, cancelled_before_start, Assignment, CancelHandle, CancelToken};
-use crate::limits::{MAX_COALESCED_RESULTS, MAX_QUEUED_ASSIGNMENTS};
+use crate::limits::{MAX_COALESCED_RESULTS, MAX_QUEUED_ASSIGNMENTS, MAX_UNGRANTED_MESSAGES};
 use crate::scan::HardwareProfile;
 use crate::theta::ThetaSnapshot;
 
@@ -39,6 +40,9 @@ pub struct Instructions {
     pub ack: Vec<AttemptRef>,
     pub assign: Vec<Assignment>,
     pub cancel: Vec<AttemptRef>,
+    /// The leader committed this worker's message `seq`: the lease runs for the duration
+    /// from when that message was sent.
+    pub lease: Option<(u64, Duration)>,
 }
 
 /// An attempt's process started.
@@ -103,6 +107,17 @@ pub struct AgentState {
     out_started: Vec<Started>,
     out_finished: VecDeque<(AttemptRef, AttemptOutcome)>,
     out_heartbeat: Option<Heartbeat>,
+    /// The number the next message gets.
+    next_seq: u64,
+    /// Messages sent and not yet covered by a grant, oldest first: their number and when
+    /// they left (a lease counts from there).
+    sent: VecDeque<(u64, Instant)>,
+    /// Until when this worker may run and start attempts; `None`: no lease (not registered
+    /// yet, or fenced).
+    lease_until: Option<Instant>,
+    /// Attempts killed because the lease ran out: their results are dropped (the leader
+    /// re-dispatches them once it, too, sees the lease expired).
+    fenced: HashSet<AttemptRef>,
 }
 
 impl AgentState {
@@ -117,6 +132,10 @@ impl AgentState {
             out_started: Vec::new(),
             out_finished: VecDeque::new(),
             out_heartbeat: None,
+            next_seq: 1,
+            sent: VecDeque::new(),
+            lease_until: None,
+            fenced: HashSet::new(),
         }
     }
 
@@ -126,6 +145,69 @@ impl AgentState {
 
     pub fn n_running(&self) -> usize {
         self.running.len()
+    }
+
+    /// Until when this worker holds a lease.
+    pub fn lease_until(&self) -> Option<Instant> {
+        self.lease_until
+    }
+
+    /// Whether this worker holds a lease at `now`.
+    pub fn has_lease(&self, now: Instant) -> bool {
+        self.lease_until.is_some_and(|until| now < until)
+    }
+
+    /// Numbers `message`, and remembers when it left if a leader may grant a lease by it
+    /// (registrations and heartbeats: about one a second).
+    fn stamp(&mut self, message: &mut WorkerMessage, now: Instant) {
+        message.seq = self.next_seq;
+        self.next_seq += 1;
+        if message.register.is_none() && message.heartbeat.is_none() {
+            return;
+        }
+        if self.sent.len() >= MAX_UNGRANTED_MESSAGES {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((message.seq, now));
+    }
+
+    /// The leader committed message `seq`: the lease runs until `lease` after it was sent,
+    /// unless an earlier grant already runs longer. Returns whether this worker holds a
+    /// lease at `now` that it did not hold before (queued work may start).
+    pub fn on_lease(&mut self, seq: u64, lease: Duration, now: Instant) -> bool {
+        let had = self.has_lease(now);
+        let mut sent_at = None;
+        while let Some(&(number, at)) = self.sent.front() {
+            if number > seq {
+                break;
+            }
+            self.sent.pop_front();
+            if number == seq {
+                sent_at = Some(at);
+            }
+        }
+        if let Some(until) = sent_at.and_then(|at| at.checked_add(lease)) {
+            if self.lease_until.is_none_or(|current| current < until) {
+                self.lease_until = Some(until);
+            }
+        }
+        !had && self.has_lease(now)
+    }
+
+    /// The lease ran out: kill every running attempt (their results are dropped) and forget
+    /// the queue; nothing starts until a leader grants a lease again. Returns how many
+    /// attempts were killed and how many queued ones dropped.
+    pub fn fence(&mut self) -> (usize, usize) {
+        self.lease_until = None;
+        for (key, slot) in &self.running {
+            slot.cancel.cancel();
+            self.fenced.insert(*key);
+        }
+        let dropped = self.queue.len();
+        self.queue.clear();
+        self.queued.clear();
+        self.out_started.clear();
+        (self.running.len(), dropped)
     }
 
     pub fn n_queued(&self) -> usize {
@@ -218,6 +300,9 @@ impl AgentState {
     /// waits for capacity, except that anything may start when nothing runs (a task asking for
     /// more cpus than the limit runs alone). A limit of 0 starts nothing.
     pub fn start_next(&mut self) -> Option<NextAttempt> {
+        if !self.has_lease(Instant::now()) {
+            return None;
+        }
         let (front, _) = self.queue.front()?;
         let cpus = front.cpus.max(1);
         if self.slots_limit == 0
@@ -242,13 +327,19 @@ impl AgentState {
     pub fn on_event(&mut self, event: ExecEvent) {
         match event {
             ExecEvent::Started(started) => {
-                if self.running.contains_key(&started.attempt) {
+                if self.running.contains_key(&started.attempt)
+                    && !self.fenced.contains(&started.attempt)
+                {
                     self.out_started.push(started);
                 }
             }
             ExecEvent::Finished(key, outcome) => {
                 if let Some(slot) = self.running.remove(&key) {
                     self.running_cpus = self.running_cpus.saturating_sub(slot.cpus);
+                }
+                if self.fenced.remove(&key) {
+                    tracing::debug!(%key, "fenced attempt ended; its result is dropped");
+                    return;
                 }
                 self.record_finished(key, outcome);
             }
@@ -299,25 +390,51 @@ impl AgentState {
                 break;
             }
         }
-        Some(message.into_message())
+        let mut message = message.into_message();
+        self.stamp(&mut message, Instant::now());
+        Some(message)
     }
 
-    /// The registration for a new connection. It lists every running or queued attempt and
-    /// every unacknowledged result (those beyond the message budget follow as ordinary
-    /// results), so everything waiting to be sent before is superseded and dropped.
+    /// A registration for a new connection, numbered as sent now. It lists every running
+    /// (and not fenced) or queued attempt and as many unacknowledged results as fit the
+    /// message budget. It changes nothing else: a worker tries every coordinator at once,
+    /// and [`AgentState::registered`] settles what the one that accepted still needs.
     pub fn register(&mut self, identity: &Identity) -> WorkerMessage {
-        self.out_started.clear();
-        self.out_finished.clear();
-        let mut running: Vec<_> = self.running.keys().copied().collect();
+        let mut running: Vec<_> = self
+            .running
+            .keys()
+            .filter(|key| !self.fenced.contains(key))
+            .copied()
+            .collect();
         running.sort();
         running.extend(self.queue.iter().map(|(assignment, _)| assignment.attempt));
         let mut message = Outgoing::registration(identity, &running);
         for (key, outcome) in &self.unacked {
-            if let Some(result) = message.add_result(*key, outcome.clone()) {
-                self.out_finished.push_back(result);
+            if message.add_result(*key, outcome.clone()).is_some() {
+                break;
             }
         }
-        message.into_message()
+        let mut message = message.into_message();
+        self.stamp(&mut message, Instant::now());
+        message
+    }
+
+    /// `register` was accepted: what waited to be sent before is superseded by it, and the
+    /// unacknowledged results it could not carry follow as ordinary results.
+    pub fn registered(&mut self, register: &WorkerMessage) {
+        let carried: HashSet<AttemptRef> = register
+            .register
+            .iter()
+            .flat_map(|r| r.unacknowledged.iter())
+            .filter_map(|f| f.attempt.map(AttemptRef::from))
+            .collect();
+        self.out_started.clear();
+        self.out_finished = self
+            .unacked
+            .iter()
+            .filter(|(key, _)| !carried.contains(key))
+            .map(|(key, outcome)| (*key, outcome.clone()))
+            .collect();
     }
 }
 
@@ -378,6 +495,16 @@ mod tests {
         }
     }
 
+    /// A worker holding an hour's lease.
+    fn leased(slots: u32) -> AgentState {
+        let mut state = AgentState::new(slots);
+        let register = state.register(&identity());
+        let now = Instant::now();
+        assert!(state.on_lease(register.seq, Duration::from_secs(3600), now));
+        state.registered(&register);
+        state
+    }
+
     fn start_all(state: &mut AgentState) -> Vec<u32> {
         std::iter::from_fn(|| state.start_next())
             .map(|next| next.assignment.attempt.micro)
@@ -386,7 +513,7 @@ mod tests {
 
     #[test]
     fn starts_fifo_while_cpus_fit_the_slots_limit() {
-        let mut state = AgentState::new(3);
+        let mut state = leased(3);
         for (micro, cpus) in [(0, 1), (1, 2), (2, 1), (3, 0)] {
             state.assign(assignment(micro, cpus));
         }
@@ -401,7 +528,7 @@ mod tests {
 
     #[test]
     fn a_task_wider_than_the_limit_runs_alone() {
-        let mut state = AgentState::new(2);
+        let mut state = leased(2);
         state.assign(assignment(0, 1));
         state.assign(assignment(1, 8));
         assert_eq!(start_all(&mut state), vec![0]);
@@ -416,7 +543,7 @@ mod tests {
 
     #[test]
     fn slots_limit_updates_apply_and_zero_starts_nothing() {
-        let mut state = AgentState::new(4);
+        let mut state = leased(4);
         state.on_coordinator_message(Instructions {
             slots_limit: Some(0),
             assign: vec![assignment(0, 1)],
@@ -436,7 +563,7 @@ mod tests {
 
     #[test]
     fn duplicate_assignments_are_ignored() {
-        let mut state = AgentState::new(1);
+        let mut state = leased(1);
         state.assign(assignment(0, 1));
         state.assign(assignment(1, 1));
         state.assign(assignment(1, 1));
@@ -449,7 +576,7 @@ mod tests {
 
     #[test]
     fn assigning_a_finished_attempt_resends_its_result() {
-        let mut state = AgentState::new(1);
+        let mut state = leased(1);
         state.assign(assignment(0, 1));
         start_all(&mut state);
         state.on_event(finished(0, 5));
@@ -462,7 +589,7 @@ mod tests {
 
     #[test]
     fn cancelling_a_queued_attempt_reports_it_cancelled() {
-        let mut state = AgentState::new(1);
+        let mut state = leased(1);
         state.assign(assignment(0, 1));
         state.assign(assignment(1, 1));
         start_all(&mut state);
@@ -483,7 +610,7 @@ mod tests {
 
     #[test]
     fn cancelling_a_running_attempt_signals_its_token() {
-        let mut state = AgentState::new(1);
+        let mut state = leased(1);
         state.assign(assignment(0, 1));
         let token = state.start_next().expect("starts").cancel;
         assert!(!token.is_cancelled());
@@ -495,7 +622,7 @@ mod tests {
 
     #[test]
     fn acks_drop_results_and_registration_resends_the_rest() {
-        let mut state = AgentState::new(2);
+        let mut state = leased(2);
         for micro in 0..3 {
             state.assign(assignment(micro, 1));
         }
@@ -521,7 +648,8 @@ mod tests {
 
         state.assign(assignment(3, 1));
         let message = state.register(&identity());
-        let register = message.register.expect("a registration");
+        state.registered(&message);
+        let register = message.register.clone().expect("a registration");
         assert_eq!(register.name, "n1");
         assert_eq!(register.slots, 4);
         assert_eq!(register.queue_depth, 4);
@@ -537,7 +665,7 @@ mod tests {
 
     #[test]
     fn large_results_are_split_across_messages() {
-        let mut state = AgentState::new(8);
+        let mut state = leased(8);
         let big = |micro| {
             ExecEvent::Finished(
                 key(micro),
@@ -563,11 +691,115 @@ mod tests {
         assert!(sizes.len() >= 3, "{sizes:?}");
 
         let message = state.register(&identity());
+        state.registered(&message);
         assert!(message.encoded_len() <= MESSAGE_BUDGET_BYTES + 1024);
         let register = message.register.expect("registration");
         let rest: usize = std::iter::from_fn(|| state.take_message())
             .map(|m| m.finished.len())
             .sum();
         assert_eq!(register.unacknowledged.len() + rest, 5);
+    }
+
+    #[test]
+    fn nothing_starts_without_a_lease_and_a_grant_runs_from_when_its_message_left() {
+        let mut state = AgentState::new(2);
+        state.assign(assignment(0, 1));
+        assert!(state.start_next().is_none(), "no lease yet");
+        let t0 = Instant::now();
+        let register = state.register(&identity());
+        state.set_heartbeat(Heartbeat {
+            theta: ThetaSnapshot {
+                at_ms: 0,
+                theta: 1.0,
+                h_cpu: 1.0,
+                h_mem: 1.0,
+                h_term: 1.0,
+                cpu_usage_percent: 0.0,
+                memory_available_bytes: 1,
+                memory_total_bytes: 1,
+                hottest_celsius: None,
+            },
+            running: 0,
+        });
+        let heartbeat = state.take_message().expect("the heartbeat");
+        assert!(heartbeat.seq > register.seq, "numbers increase");
+        // A grant for a message this worker never sent (or no longer remembers) gives nothing.
+        assert!(!state.on_lease(0, Duration::from_secs(10), t0));
+        assert!(state.lease_until().is_none());
+        // The registration's grant: the lease counts from when it was sent, not received.
+        assert!(state.on_lease(register.seq, Duration::from_secs(10), t0));
+        let until = state.lease_until().expect("a lease");
+        assert!(until <= Instant::now() + Duration::from_secs(10));
+        assert!(until >= t0 + Duration::from_secs(10) - Duration::from_secs(1));
+        assert_eq!(start_all(&mut state), vec![0]);
+        // A later message's grant extends it; an older one never shortens it.
+        assert!(!state.on_lease(heartbeat.seq, Duration::from_secs(20), Instant::now()));
+        let extended = state.lease_until().expect("a lease");
+        assert!(extended > until);
+        assert!(!state.on_lease(register.seq, Duration::from_secs(1), Instant::now()));
+        assert_eq!(state.lease_until(), Some(extended));
+        // The lease is over at its end.
+        assert!(!state.has_lease(extended));
+    }
+
+    #[test]
+    fn fencing_kills_running_attempts_drops_the_queue_and_their_results() {
+        let mut state = leased(1);
+        for micro in 0..3 {
+            state.assign(assignment(micro, 1));
+        }
+        let running = state.start_next().expect("starts");
+        assert_eq!(running.assignment.attempt, key(0));
+        state.on_event(ExecEvent::Started(Started {
+            attempt: key(0),
+            started_ms: 1,
+            pid: 42,
+        }));
+        assert_eq!(state.fence(), (1, 2));
+        assert!(
+            running.cancel.is_cancelled(),
+            "the running attempt is killed"
+        );
+        assert!(!state.has_lease(Instant::now()));
+        assert_eq!(state.n_queued(), 0);
+        assert!(
+            state.take_message().is_none(),
+            "its start report is dropped too"
+        );
+        // A new assignment waits for a new lease.
+        state.assign(assignment(5, 1));
+        assert!(state.start_next().is_none());
+        // The killed attempt is not claimed as running by a registration...
+        let register = state.register(&identity());
+        let claimed = &register.register.as_ref().expect("registration").running;
+        assert_eq!(claimed, &vec![key(5).into()]);
+        // ...and its result, when its process ends, is dropped: the leader runs it again.
+        state.on_event(finished(0, 137));
+        assert_eq!(state.n_running(), 0);
+        assert!(state.unacked_keys().is_empty());
+        assert!(state.take_message().is_none());
+        // A lease again: work starts.
+        assert!(state.on_lease(register.seq, Duration::from_secs(60), Instant::now()));
+        assert_eq!(start_all(&mut state), vec![5]);
+    }
+
+    #[test]
+    fn the_accepted_registration_decides_which_results_follow_it() {
+        let mut state = leased(4);
+        for micro in 0..3 {
+            state.assign(assignment(micro, 1));
+        }
+        start_all(&mut state);
+        state.on_event(finished(0, 0));
+        // Built for one coordinator before result 1 existed; another try carries both.
+        let early = state.register(&identity());
+        state.on_event(finished(1, 0));
+        let late = state.register(&identity());
+        assert_eq!(late.register.as_ref().expect("r").unacknowledged.len(), 2);
+        // The early one was accepted: result 1 follows as an ordinary result.
+        state.registered(&early);
+        let next = state.take_message().expect("the result it lacked");
+        assert_eq!(next.finished, vec![wire(1, 0)]);
+        assert!(state.take_message().is_none());
     }
 }
