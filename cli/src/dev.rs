@@ -135,6 +135,7 @@ impl DevCluster {
         let url = format!("http://{}", reachable(addr));
         let mut worker_config = embedded_worker::config(url, options.slots, options.throttle);
         worker_config.work_dir = Some(data_dir.join("work"));
+        worker_config.data_dir = Some(data_dir.join("worker"));
         if let Some(dir) = &tls {
             worker_config.tls = tls_args(
                 dir,

@@ -102,10 +102,20 @@ pub fn node_spec(register: &pb::Register) -> Result<NodeSpec, String> {
 
 /// The command that registers a worker: `spec` (decoded from `register`), what it still
 /// runs and the results it kept.
-pub fn registration(spec: NodeSpec, register: pb::Register, seq: u64, now_ms: u64) -> Command {
+/// A worker's registration as one command. Results it kept for another cluster (it names
+/// the cluster it last registered with) are ignored: their wave ids mean other waves here.
+pub fn registration(
+    spec: NodeSpec,
+    register: pb::Register,
+    seq: u64,
+    cluster_id: u64,
+    now_ms: u64,
+) -> Command {
+    let ours = register.cluster_id == 0 || register.cluster_id == cluster_id;
     let unacknowledged = register
         .unacknowledged
         .into_iter()
+        .filter(|_| ours)
         .filter_map(|f| result_from_pb(&spec.name, f))
         .collect();
     let running = register.running.into_iter().map(AttemptRef::from).collect();

@@ -535,11 +535,22 @@ impl WorkerService for WorkerApi {
             })
             .await
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
-        let command = convert::registration(spec, register, first.seq, now_ms());
+        let cluster_id = self.handle.status().cluster_id;
+        if register.cluster_id != 0 && register.cluster_id != cluster_id {
+            tracing::warn!(
+                node = %name,
+                its_cluster = register.cluster_id,
+                cluster_id,
+                dropped = register.unacknowledged.len(),
+                "worker registered with results kept for another cluster; ignoring them"
+            );
+        }
+        let command = convert::registration(spec, register, first.seq, cluster_id, now_ms());
         self.handle.propose(command).await.map_err(propose_status)?;
         let _ = tx
             .send(pb::CoordinatorMessage {
                 registered: true,
+                cluster_id,
                 ..pb::CoordinatorMessage::default()
             })
             .await;

@@ -405,7 +405,7 @@ fn setup_commands(now_ms: u64) -> Vec<Command> {
     for (name, slots) in [("n1", 2), ("n2", 1)] {
         let register = registered(name, slots);
         let spec = convert::node_spec(&register).expect("a valid registration");
-        commands.push(convert::registration(spec, register, 0, now_ms));
+        commands.push(convert::registration(spec, register, 0, 0, now_ms));
     }
     commands
 }
@@ -659,6 +659,7 @@ fn registration() -> BoxedStrategy<Registration> {
                         running: Vec::new(),
                         unacknowledged: Vec::new(),
                         queue_depth,
+                        cluster_id: 0,
                     },
                     running,
                     unacknowledged,
@@ -928,7 +929,7 @@ fn commands_of(state: &State, now_ms: u64, step: &Step) -> Result<Vec<Command>, 
                 if let Some(register) = &message.register {
                     match convert::node_spec(register) {
                         Ok(spec) => {
-                            commands.push(convert::registration(spec, register.clone(), 0, now_ms))
+                            commands.push(convert::registration(spec, register.clone(), 0, 0, now_ms))
                         }
                         Err(e) => prop_assert!(!e.is_empty()),
                     }
@@ -953,7 +954,7 @@ fn commands_of(state: &State, now_ms: u64, step: &Step) -> Result<Vec<Command>, 
                     prop_assert!(spec.slots >= 1 && spec.slots <= convert::MAX_SLOTS);
                     prop_assert!(spec.queue_depth <= convert::MAX_QUEUE_DEPTH);
                     prop_assert!(spec.profile.len() <= convert::MAX_PROFILE_BYTES);
-                    commands.push(convert::registration(spec, register, 0, now_ms));
+                    commands.push(convert::registration(spec, register, 0, 0, now_ms));
                 }
                 Err(e) => prop_assert!(e.starts_with("field"), "unnamed field: {e}"),
             }

@@ -283,6 +283,18 @@ pub fn start_worker(
     start_worker_with_env(coordinator_url, name, slots, extra, &[])
 }
 
+/// The data dir a test's worker gets unless it names one: one per test process, node name
+/// and coordinators, so a restarted worker finds its predecessor's and tests running side by
+/// side in one process (with the same node names) never share one.
+pub fn worker_data_dir(coordinator_url: &str, name: &str) -> PathBuf {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    coordinator_url.hash(&mut hasher);
+    std::env::temp_dir()
+        .join(format!("venom-test-workers-{}", std::process::id()))
+        .join(format!("{name}-{:016x}", hasher.finish()))
+}
+
 /// Starts a worker process with extra environment variables.
 pub fn start_worker_with_env(
     coordinator_url: &str,
@@ -295,6 +307,14 @@ pub fn start_worker_with_env(
     let flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     if !pki::chooses_tls(&env, &flags) {
         env.extend(pki::pki().env(venom_tls::Role::Worker, name));
+    }
+    if !flags.iter().any(|flag| flag.starts_with("--data-dir"))
+        && !env.iter().any(|(k, _)| k == "VENOM_WORKER_DATA_DIR")
+    {
+        env.push((
+            "VENOM_WORKER_DATA_DIR".to_owned(),
+            worker_data_dir(coordinator_url, name).display().to_string(),
+        ));
     }
     let mut command = Command::new(bin_path("venom-worker"));
     let child = with_env(&mut command, &env)

@@ -115,6 +115,19 @@ pub struct WorkerConfig {
     /// which applies), never (off), or refuse to start without (required).
     #[arg(long, env = "VENOM_CGROUPS", value_enum, default_value_t = DEFAULT_CGROUPS)]
     pub cgroups: CgroupMode,
+
+    /// This node's own state, kept across restarts (mode 0700): its node name, the results
+    /// the leader has not acknowledged (synced to disk before they are reported, sent again
+    /// after a crash) and the process groups it started (killed by the next start if a crash
+    /// left them running). One worker process per directory
+    /// [default: /var/lib/venom-worker/NAME as root, else ~/.local/state/venom-worker/NAME].
+    #[arg(long, env = "VENOM_WORKER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// The program started as this worker's guard (its own executable, set by `venom-worker`;
+    /// none when a worker is embedded, as in `venomctl dev`). See [`crate::guard`].
+    #[arg(skip)]
+    pub guard_program: Option<PathBuf>,
 }
 
 /// The flags' defaults ([`crate::limits`]), coordinator included.
@@ -137,6 +150,8 @@ impl Default for WorkerConfig {
             run_as: None,
             run_as_uids: None,
             cgroups: DEFAULT_CGROUPS,
+            data_dir: None,
+            guard_program: None,
         }
     }
 }
@@ -158,6 +173,25 @@ impl WorkerConfig {
             name: Some(name),
             ..Self::default()
         }
+    }
+
+    /// `--data-dir`, defaulted for node `name`.
+    pub fn data_dir_for(&self, name: &str) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        let base = if crate::isolation::effective_uid() == 0 {
+            PathBuf::from("/var/lib/venom-worker")
+        } else {
+            std::env::var_os("XDG_STATE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state"))
+                })
+                .unwrap_or_else(default_work_root)
+                .join("venom-worker")
+        };
+        base.join(name)
     }
 
     /// The heartbeat interval.

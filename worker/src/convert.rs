@@ -34,6 +34,7 @@ pub fn instructions(message: pb::CoordinatorMessage) -> Instructions {
         ack: message.ack.into_iter().map(AttemptRef::from).collect(),
         assign: message.assign.into_iter().map(assignment).collect(),
         cancel: message.cancel.into_iter().map(AttemptRef::from).collect(),
+        cluster_id: (message.cluster_id != 0).then_some(message.cluster_id),
         lease: message
             .lease
             .map(|grant| (grant.seq, std::time::Duration::from_millis(grant.lease_ms))),
@@ -104,6 +105,7 @@ impl Outgoing {
             running: running.iter().copied().map(pb::AttemptRef::from).collect(),
             unacknowledged: Vec::new(),
             queue_depth: identity.queue_depth,
+            cluster_id: 0,
         };
         let size_bytes = register.encoded_len();
         Self {

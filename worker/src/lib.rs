@@ -5,6 +5,8 @@
 //! [`executor`] (one attempt as a process group), [`isolation`] (what each attempt may see and
 //! use: a clean environment, its own directory, `--run-as`, cgroup limits), [`agent`] (the
 //! connection, the queue and the runners), [`convert`] (the only module that builds or reads `venom_proto` messages),
+//! [`datadir`] (what outlives the process: results not yet acknowledged, process groups
+//! started), [`guard`] (the process that kills attempts when the worker cannot),
 //! [`config`] (flags), [`limits`] (every limit and default) and [`metrics`] (Prometheus). The
 //! shared vocabulary (attempts, outcomes, throttle policies, modes, URLs) is `venom-core`'s.
 //! [`run`] ties them together for the `venom-worker` binary and for `venomctl dev`, which
@@ -13,7 +15,9 @@
 pub mod agent;
 pub mod config;
 pub mod convert;
+pub mod datadir;
 pub mod executor;
+pub mod guard;
 pub mod isolation;
 pub mod limits;
 pub mod metrics;

@@ -54,9 +54,23 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> anyhow::Result<()> {
+    // Started as this worker's guard (see `venom_worker::guard`): nothing else runs.
+    if std::env::var_os(venom_worker::guard::GUARD_ENV).is_some() {
+        venom_worker::guard::run_guard();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
+    let mut cli = Cli::parse();
+    cli.worker.guard_program = Some(
+        std::env::current_exe().context("finding this executable (to start its guard)")?,
+    );
     let telemetry = venom_telemetry::init(venom_telemetry::Config {
         service_name: "venom-worker",
         instance_id: Some(cli.worker.node_name()),

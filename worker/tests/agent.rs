@@ -1,9 +1,13 @@
 //! The worker agent against a fake coordinator: a tonic `WorkerService` on 127.0.0.1:0 whose
 //! streams each test drives by hand, message by message (and a member that refuses every
-//! stream as "not leader", the way a coordinator's follower does).
+//! stream as "not leader", the way a coordinator's follower does). The fake grants a lease
+//! for every registration and heartbeat, as a leader does once it committed them, up to a
+//! budget a test can set.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -14,7 +18,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 use venom_proto::worker_service_server::{WorkerService, WorkerServiceServer};
-use venom_proto::{Assignment, AttemptRef, CoordinatorMessage, TaskFinished, WorkerMessage};
+use venom_proto::{
+    Assignment, AttemptRef, CoordinatorMessage, LeaseGrant, TaskFinished, WorkerMessage,
+};
 use venom_worker::WorkerConfig;
 
 /// Upper bound on any single wait in these tests.
@@ -22,16 +28,15 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// One worker stream, as the fake coordinator sees it.
 struct Connection {
-    inbound: Streaming<WorkerMessage>,
+    inbound: mpsc::Receiver<WorkerMessage>,
     outbound: mpsc::Sender<Result<CoordinatorMessage, Status>>,
 }
 
 impl Connection {
     async fn next(&mut self) -> WorkerMessage {
-        tokio::time::timeout(PATIENCE, self.inbound.message())
+        tokio::time::timeout(PATIENCE, self.inbound.recv())
             .await
             .expect("the worker sends within the patience window")
-            .expect("the stream is healthy")
             .expect("the worker keeps the stream open")
     }
 
@@ -60,6 +65,9 @@ impl Connection {
 
 struct FakeCoordinator {
     connections: mpsc::Sender<Connection>,
+    /// Lease grants left to give (each registration or heartbeat takes one).
+    grants: Arc<AtomicU64>,
+    lease_ms: u64,
 }
 
 #[tonic::async_trait]
@@ -71,19 +79,56 @@ impl WorkerService for FakeCoordinator {
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let (outbound, receiver) = mpsc::channel(64);
+        let (to_test, inbound) = mpsc::channel(4096);
+        let mut raw = request.into_inner();
+        let grants = Arc::clone(&self.grants);
+        let lease_ms = self.lease_ms;
+        let granting = outbound.clone();
+        // Passes every message to the test, granting a lease for registrations and heartbeats
+        // first; ends (dropping its sender) once the test has dropped the connection.
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = raw.message().await {
+                let renews = message.register.is_some() || message.heartbeat.is_some();
+                let granted = renews
+                    && grants
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                if granted {
+                    let grant = CoordinatorMessage {
+                        lease: Some(LeaseGrant {
+                            seq: message.seq,
+                            lease_ms,
+                        }),
+                        ..Default::default()
+                    };
+                    if granting.send(Ok(grant)).await.is_err() {
+                        break;
+                    }
+                }
+                if to_test.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
         self.connections
-            .send(Connection {
-                inbound: request.into_inner(),
-                outbound,
-            })
+            .send(Connection { inbound, outbound })
             .await
             .map_err(|_| Status::unavailable("the test is over"))?;
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
 
-/// Starts a fake coordinator; returns its URL and the streams workers open to it.
+/// Starts a fake coordinator that grants a minute's lease for every registration and
+/// heartbeat; returns its URL and the streams workers open to it.
 async fn fake_coordinator() -> (String, mpsc::Receiver<Connection>) {
+    fake_coordinator_granting(u64::MAX, 60_000).await
+}
+
+/// Starts a fake coordinator that grants `grants` leases of `lease_ms` in all.
+async fn fake_coordinator_granting(
+    grants: u64,
+    lease_ms: u64,
+) -> (String, mpsc::Receiver<Connection>) {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a free port");
@@ -93,7 +138,11 @@ async fn fake_coordinator() -> (String, mpsc::Receiver<Connection>) {
     let incoming = TcpIncoming::from_listener(listener, true, None).expect("wrap the listener");
     tokio::spawn(
         Server::builder()
-            .add_service(WorkerServiceServer::new(FakeCoordinator { connections }))
+            .add_service(WorkerServiceServer::new(FakeCoordinator {
+                connections,
+                grants: Arc::new(AtomicU64::new(grants)),
+                lease_ms,
+            }))
             .serve_with_incoming(incoming),
     );
     (format!("http://{address}"), receiver)
@@ -160,8 +209,15 @@ fn start_worker(
         .with_test_writer()
         .with_env_filter("venom_worker=debug")
         .try_init();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let mut config = WorkerConfig::for_dev(String::new(), Some(slots), "test-node".to_owned());
     config.coordinators = coordinators;
+    // A data dir of its own per worker (tests run side by side in one process).
+    config.data_dir = Some(std::env::temp_dir().join(format!(
+        "venom-agent-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )));
     config.heartbeat_ms = 50;
     config.labels = vec![("zone".to_owned(), "test".to_owned())];
     let (stop, stopped) = oneshot::channel::<()>();
@@ -518,7 +574,89 @@ async fn a_refusal_naming_the_leader_sends_the_worker_there() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_coordinator_is_skipped_round_robin() {
+async fn a_frozen_coordinator_costs_no_connect_timeout() {
+    // Accepts TCP connections and never answers, like a member stopped with SIGSTOP.
+    let frozen = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let frozen_url = format!("http://{}", frozen.local_addr().expect("address"));
+    let (url, mut connections) = fake_coordinator().await;
+    let started = std::time::Instant::now();
+    let (stop, worker) = start_worker(vec![frozen_url, url], 1);
+    let mut conn = accept(&mut connections).await;
+    assert!(conn.next().await.register.is_some());
+    // The frozen member is tried at the same time, not first.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "registered after {:?}",
+        started.elapsed()
+    );
+    stop_worker(stop, worker).await;
+    drop(frozen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_renewed_lease_the_worker_kills_its_attempts_and_reports_nothing() {
+    // One grant only: the registration's, for 1.5 s.
+    let (url, mut connections) = fake_coordinator_granting(1, 1_500).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pid_file = dir.path().join("child.pid");
+    let (stop, worker) = start_worker(vec![url], 1);
+    let mut conn = accept(&mut connections).await;
+    assert!(conn.next().await.register.is_some());
+    conn.send(CoordinatorMessage {
+        registered: true,
+        assign: vec![shell_assignment(
+            0,
+            format!("sleep 30 & echo $! > {}; wait", pid_file.display()),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let child_pid: i32 = wait_for_file(&pid_file)
+        .await
+        .trim()
+        .parse()
+        .expect("a pid");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !process_is_dead(child_pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the attempt outlived the worker's lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The worker gave up on the silent leader: it looks for the leader again, and once the
+    // lease is gone its registrations no longer claim the killed attempt; nothing ever
+    // reports it.
+    let killed_at = tokio::time::Instant::now();
+    let mut reregistered = false;
+    let give_up = killed_at + PATIENCE;
+    let mut streams = vec![conn];
+    while !reregistered && tokio::time::Instant::now() < give_up {
+        tokio::select! {
+            Some(again) = connections.recv() => streams.push(again),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        for stream in &mut streams {
+            while let Ok(message) = stream.inbound.try_recv() {
+                assert!(message.finished.is_empty(), "a fenced attempt reported: {message:?}");
+                if let Some(register) = message.register {
+                    assert!(register.unacknowledged.is_empty(), "{register:?}");
+                    if register.running.is_empty() {
+                        reregistered = true;
+                    } else {
+                        // Claimed while it still held the lease (raced before it ran out).
+                        assert!(tokio::time::Instant::now() < killed_at + Duration::from_millis(500), "{register:?}");
+                    }
+                }
+            }
+        }
+    }
+    assert!(reregistered, "the worker never looked for another leader");
+    stop_worker(stop, worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_coordinator_is_raced_past() {
     // A port that was free a moment ago: nothing listens there.
     let dead = {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -42,6 +42,8 @@ pub use self::state::{
     AgentState, ExecEvent, Heartbeat, Identity, Instructions, NextAttempt, Started,
 };
 use crate::config::WorkerConfig;
+use crate::datadir::{DataDir, DataDirError, ProcessGroups, Spool};
+use crate::guard::Guard;
 use crate::isolation::{Isolation, IsolationError, Sweeper};
 use crate::limits::{
     DEFAULT_SAMPLE_INTERVAL, MIN_STREAM_LIFE, SHUTDOWN_GRACE, SILENCE_SLACK, STARTED_COALESCE,
@@ -64,6 +66,19 @@ pub enum AgentError {
     Isolation(#[from] IsolationError),
     #[error("cannot start the working directories' sweeper thread: {0}")]
     Sweeper(std::io::Error),
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("--data-dir {dir}: cannot read {what}: {source}")]
+    DataDirRead {
+        dir: std::path::PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot start the guard process ({program}): {source}")]
+    Guard {
+        program: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("--metrics-listen: cannot listen on {addr}: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -84,11 +99,70 @@ struct Shared {
     metrics: Arc<WorkerMetrics>,
     /// The latest θ sample (`f64` bits), recorded on attempt spans.
     theta_bits: AtomicU64,
+    /// The data dir's spool and process-group record. Lock order: `state`, then `disk`.
+    disk: Option<Mutex<Disk>>,
+    /// Kills the attempts if this process dies or freezes past its lease.
+    guard: Option<Guard>,
+}
+
+/// What the worker keeps in its data dir.
+struct Disk {
+    data: DataDir,
+    spool: Spool,
+    groups: ProcessGroups,
 }
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, AgentState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn disk(&self) -> Option<MutexGuard<'_, Disk>> {
+        self.disk
+            .as_ref()
+            .map(|disk| disk.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// An attempt's process group started: recorded for the guard and the next start.
+    fn process_started(&self, pgid: u32) {
+        if let Some(guard) = &self.guard {
+            guard.started(pgid);
+        }
+        if let Some(mut disk) = self.disk() {
+            let start_ticks = crate::datadir::process_start_ticks(pgid).unwrap_or(0);
+            let group = crate::datadir::Group { pgid, start_ticks };
+            if let Err(error) = disk.groups.started(group) {
+                tracing::error!(%error, pgid, "cannot record a process group in the data dir");
+            }
+        }
+    }
+
+    /// An attempt's process group ended.
+    fn process_ended(&self, pgid: u32) {
+        if let Some(guard) = &self.guard {
+            guard.ended(pgid);
+        }
+        if let Some(mut disk) = self.disk() {
+            if let Err(error) = disk.groups.ended(pgid) {
+                tracing::error!(%error, pgid, "cannot record a process group's end in the data dir");
+            }
+        }
+    }
+
+    /// Makes every spooled result durable (before a message carries any).
+    fn sync_spool(&self) {
+        if let Some(mut disk) = self.disk() {
+            if let Err(error) = disk.spool.sync() {
+                tracing::error!(%error, "cannot sync the result spool; results are reported anyway");
+            }
+        }
+    }
+
+    /// Tells the guard when the lease ends now.
+    fn lease_changed(&self, until: Option<std::time::Instant>) {
+        if let Some(guard) = &self.guard {
+            guard.lease(until);
+        }
     }
 
     fn theta(&self) -> f64 {
@@ -215,15 +289,34 @@ impl Agent {
         if let Some((seq, lease)) = message.lease {
             self.last_renewal = Instant::now();
             let now = std::time::Instant::now();
-            if self.state().on_lease(seq, lease, now) {
+            let (gained, until) = {
+                let mut state = self.state();
+                (state.on_lease(seq, lease, now), state.lease_until())
+            };
+            self.shared.lease_changed(until);
+            if gained {
                 tracing::info!(
-                    lease_ms = lease.as_millis() as u64,
+                    lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
                     "holding a lease; attempts may start"
                 );
             }
         }
         if message.registered {
             self.backoff.reset();
+        }
+        if let Some(cluster_id) = message.cluster_id {
+            if let Some(mut disk) = self.shared.disk() {
+                if let Err(error) = disk.data.set_cluster_id(cluster_id) {
+                    tracing::error!(%error, "cannot record the cluster id in the data dir");
+                }
+            }
+        }
+        if !message.ack.is_empty() {
+            if let Some(mut disk) = self.shared.disk() {
+                if let Err(error) = disk.spool.acknowledged(&message.ack) {
+                    tracing::error!(%error, "cannot record acknowledgements in the result spool");
+                }
+            }
         }
         self.state().on_coordinator_message(message);
         start_runners(&self.shared);
@@ -251,6 +344,7 @@ impl Agent {
     /// until a leader grants one again; register afresh so the leader reconciles.
     fn on_lease_expired(&mut self) {
         let (killed, dropped) = self.state().fence();
+        self.shared.lease_changed(None);
         tracing::warn!(
             killed,
             dropped_queued = dropped,
@@ -299,10 +393,13 @@ impl Agent {
         Instant::now() >= deadline
     }
 
-    /// Sends the next message on a reserved slot.
+    /// Sends the next message on a reserved slot; the results it carries are durable first.
     fn send(&mut self, permit: mpsc::OwnedPermit<WorkerMessage>) {
         let message = self.state().take_message();
         if let Some(message) = message {
+            if !message.finished.is_empty() {
+                self.shared.sync_spool();
+            }
             permit.send(message);
         }
         self.started_deadline = None;
@@ -324,6 +421,49 @@ impl Agent {
             }
         }
     }
+}
+
+/// Opens the data dir: kills what a previous life of this worker left running, and returns
+/// the results it spooled and nobody acknowledged.
+fn open_data_dir(
+    config: &WorkerConfig,
+    name: &str,
+) -> Result<
+    (
+        Disk,
+        std::collections::BTreeMap<venom_core::AttemptRef, venom_core::AttemptOutcome>,
+    ),
+    AgentError,
+> {
+    let path = config.data_dir_for(name);
+    let data = DataDir::open(&path, name)?;
+    let read = |what| {
+        let dir = path.clone();
+        move |source| AgentError::DataDirRead { dir, what, source }
+    };
+    let (groups, left) = data.groups().map_err(read("its process groups"))?;
+    if !left.is_empty() {
+        let killed = crate::datadir::kill_orphans(&left, SHUTDOWN_GRACE);
+        tracing::warn!(
+            recorded = left.len(),
+            killed,
+            "killed the attempts a previous run of this worker left running"
+        );
+    }
+    let (spool, kept) = data.spool().map_err(read("its result spool"))?;
+    tracing::info!(
+        data_dir = %path.display(),
+        kept_results = kept.len(),
+        "data dir open"
+    );
+    Ok((
+        Disk {
+            data,
+            spool,
+            groups,
+        },
+        kept,
+    ))
 }
 
 /// θ computed from the start-up profile.
@@ -431,14 +571,26 @@ pub async fn run(
     // Stops (at its next wake-up) when dropped, as `run` returns.
     let _sweeper = Sweeper::start(Arc::clone(&isolation)).map_err(AgentError::Sweeper)?;
     let metrics = Arc::new(WorkerMetrics::new());
+    let (disk, kept) = open_data_dir(&config, &identity.name)?;
+    let guard = match &config.guard_program {
+        Some(program) => Some(Guard::spawn(program).map_err(|source| AgentError::Guard {
+            program: program.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let mut state = AgentState::new(slots);
+    state.restore(kept);
     let shared = Arc::new(Shared {
-        state: Mutex::new(AgentState::new(slots)),
+        state: Mutex::new(state),
         wake: Notify::new(),
         node_name: Arc::clone(&identity.name),
         max_output_bytes: config.max_output_bytes,
         isolation,
         theta_bits: AtomicU64::new(fallback_theta.theta.to_bits()),
         metrics: Arc::clone(&metrics),
+        disk: Some(Mutex::new(disk)),
+        guard,
     });
     let metrics_server = match config.metrics_listen {
         Some(addr) => {
@@ -470,7 +622,15 @@ pub async fn run(
     let make_register: MakeRegistration = {
         let shared = Arc::clone(&shared);
         let identity = identity.clone();
-        Arc::new(move || shared.state().register(&identity))
+        Arc::new(move || {
+            let mut register = shared.state().register(&identity);
+            // The results it carries are durable first.
+            shared.sync_spool();
+            if let (Some(body), Some(disk)) = (register.register.as_mut(), shared.disk()) {
+                body.cluster_id = disk.data.cluster_id();
+            }
+            register
+        })
     };
     let mut agent = Agent {
         identity,

@@ -122,7 +122,15 @@ fn run_slot(shared: Arc<Shared>, first: NextAttempt) {
         }
         drop(span);
         let mut state = shared.state();
-        state.on_event(ExecEvent::Finished(assignment.attempt, outcome));
+        if let Some((key, outcome)) = state.on_event(ExecEvent::Finished(assignment.attempt, outcome))
+        {
+            // Spooled before the state lock is released, so before any message carries it.
+            if let Some(mut disk) = shared.disk() {
+                if let Err(error) = disk.spool.add(key, outcome) {
+                    tracing::error!(%error, "cannot spool a result; it is reported anyway");
+                }
+            }
+        }
         next = state.start_next();
         drop(state);
         shared.wake.notify_one();
@@ -155,9 +163,12 @@ fn execute(shared: &Shared, assignment: &Assignment, cancel: CancelToken) -> Att
                 started_ms: running.started_ms(),
                 pid: running.pid(),
             };
+            shared.process_started(started.pid);
             shared.state().on_event(ExecEvent::Started(started));
             shared.wake.notify_one();
-            running.wait_blocking()
+            let outcome = running.wait_blocking();
+            shared.process_ended(started.pid);
+            outcome
         }
         Err(error) => {
             tracing::warn!(%error, "attempt failed to start");
@@ -206,6 +217,8 @@ mod tests {
             isolation: crate::isolation::Isolation::for_tests(work_root),
             metrics: Arc::new(WorkerMetrics::new()),
             theta_bits: AtomicU64::new(1.0_f64.to_bits()),
+            disk: None,
+            guard: None,
         }
     }
 

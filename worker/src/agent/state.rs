@@ -43,6 +43,8 @@ pub struct Instructions {
     /// The leader committed this worker's message `seq`: the lease runs for the duration
     /// from when that message was sent.
     pub lease: Option<(u64, Duration)>,
+    /// With the answer to a registration: the leader's cluster.
+    pub cluster_id: Option<u64>,
 }
 
 /// An attempt's process started.
@@ -145,6 +147,12 @@ impl AgentState {
 
     pub fn n_running(&self) -> usize {
         self.running.len()
+    }
+
+    /// Results a previous run of this worker finished and nobody acknowledged (from its data
+    /// dir): reported with the first registration.
+    pub fn restore(&mut self, kept: BTreeMap<AttemptRef, AttemptOutcome>) {
+        self.unacked.extend(kept);
     }
 
     /// Until when this worker holds a lease.
@@ -323,8 +331,9 @@ impl AgentState {
         })
     }
 
-    /// Records an event from an attempt.
-    pub fn on_event(&mut self, event: ExecEvent) {
+    /// Records an event from an attempt. Returns the result to keep when a finished attempt's
+    /// result is to be reported (not when the attempt was fenced or the lease is gone).
+    pub fn on_event(&mut self, event: ExecEvent) -> Option<(AttemptRef, &AttemptOutcome)> {
         match event {
             ExecEvent::Started(started) => {
                 if self.running.contains_key(&started.attempt)
@@ -332,16 +341,20 @@ impl AgentState {
                 {
                     self.out_started.push(started);
                 }
+                None
             }
             ExecEvent::Finished(key, outcome) => {
                 if let Some(slot) = self.running.remove(&key) {
                     self.running_cpus = self.running_cpus.saturating_sub(slot.cpus);
                 }
-                if self.fenced.remove(&key) {
-                    tracing::debug!(%key, "fenced attempt ended; its result is dropped");
-                    return;
+                // Ended after the lease (killed by the guard while this process was frozen,
+                // or just late): the leader may run it again, so its result is not reported.
+                if self.fenced.remove(&key) || !self.has_lease(Instant::now()) {
+                    tracing::debug!(%key, "attempt ended without a lease; its result is dropped");
+                    return None;
                 }
                 self.record_finished(key, outcome);
+                self.unacked.get(&key).map(|outcome| (key, outcome))
             }
         }
     }

@@ -50,7 +50,7 @@ use venom_core::AttemptOutcome;
 pub use self::cgroup::{CgroupMode, CgroupParent};
 pub use self::env::{task_base_env, DEFAULT_TASK_PATH, TASK_ENV_ALLOW_LIST};
 pub use self::uids::UidRange;
-pub use self::user::{RunAs, TaskIds, TaskUsers};
+pub use self::user::{effective_uid, RunAs, TaskIds, TaskUsers};
 pub use self::workdir::{default_work_root, WorkDirs};
 
 use self::cgroup::AttemptCgroup;
