@@ -1,7 +1,8 @@
 //! Connecting to the coordinator cluster and following its leader.
 //!
-//! The user names any members (`--coordinator URL[,URL…]`). [`Client`] connects to the
-//! first one that answers and runs each RPC through [`Client::call`], which follows a
+//! The user names any members (`--coordinator URL[,URL…]`). [`Client`] asks them all at
+//! once and settles on the leader, or the first that answers (a dead or frozen member costs
+//! nothing while another answers), and runs each RPC through [`Client::call`], which follows a
 //! not-leader refusal ([`venom_proto::leader`]: its error detail, never its text) to the
 //! leader it names, waits out an election (a refusal without a leader), and — for requests
 //! that are safe to repeat — moves on to the next member when the current one stops
@@ -21,8 +22,12 @@ use venom_proto::leader::{is_not_leader, leader_hint};
 /// A client stub with the trace context attached to every request.
 pub type Rpc = ClientServiceClient<InterceptedService<Channel, TraceContext>>;
 
-/// How long connecting to one member may take before the next is tried.
+/// How long connecting to one member may take.
 const CONNECT_TIMEOUT_MS: u64 = 3_000;
+/// How long a member may take to answer the first question (members are asked at once).
+const PROBE_TIMEOUT_MS: u64 = 2_000;
+/// After the first member answered, how long to wait for the leader's answer.
+const LEADER_GRACE_MS: u64 = 150;
 /// Largest response accepted (task lists of big waves, captured output).
 const MAX_DECODING_MESSAGE_BYTES: usize = 64 << 20;
 /// Most leader redirects followed for one request (a chain longer than the cluster
@@ -155,20 +160,64 @@ impl Client {
         }
     }
 
-    /// The current stub, connecting to the first member that answers if needed.
+    /// The current stub; if there is none, every member is asked at once (a `ClusterStatus`
+    /// of its own view, bounded by [`PROBE_TIMEOUT_MS`]) and the leader is used if it answers
+    /// within [`LEADER_GRACE_MS`] of the first answer, else the first member that answered.
+    /// A dead or frozen member costs nothing while another answers.
     async fn connected(&mut self) -> anyhow::Result<(String, Rpc)> {
+        use futures::StreamExt as _;
+
         if let Some((url, stub)) = &self.current {
             return Ok((url.clone(), stub.clone()));
         }
+        let mut probes: futures::stream::FuturesUnordered<_> = self
+            .urls
+            .iter()
+            .map(|url| {
+                let url = url.clone();
+                let dialer = self.dialer.clone();
+                async move {
+                    let outcome = tokio::time::timeout(
+                        Duration::from_millis(PROBE_TIMEOUT_MS),
+                        probe(&url, &dialer),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow!("no answer within {PROBE_TIMEOUT_MS} ms")));
+                    (url, outcome)
+                }
+            })
+            .collect();
         let mut failures = Vec::new();
-        for url in self.urls.clone() {
-            match connect(&url, &self.dialer).await {
-                Ok(stub) => {
+        let mut first: Option<(String, Rpc)> = None;
+        let mut grace_until: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match grace_until {
+                Some(until) => match tokio::time::timeout_at(until, probes.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+                None => probes.next().await,
+            };
+            let Some((url, outcome)) = next else { break };
+            match outcome {
+                Ok((stub, true)) => {
                     self.current = Some((url.clone(), stub.clone()));
                     return Ok((url, stub));
                 }
+                Ok((stub, false)) => {
+                    if first.is_none() {
+                        first = Some((url, stub));
+                        grace_until = Some(
+                            tokio::time::Instant::now() + Duration::from_millis(LEADER_GRACE_MS),
+                        );
+                    }
+                }
                 Err(err) => failures.push(format!("{url} ({err:#})")),
             }
+        }
+        if let Some((url, stub)) = first {
+            self.current = Some((url.clone(), stub.clone()));
+            return Ok((url, stub));
         }
         let hint = if self.dialer.is_tls() {
             ""
@@ -202,6 +251,27 @@ impl Client {
             self.urls.push(url);
         }
     }
+}
+
+/// Connects to `url` and asks for its own view of the cluster: the stub, and whether that
+/// member is the leader.
+async fn probe(url: &str, dialer: &venom_tls::Dialer) -> anyhow::Result<(Rpc, bool)> {
+    let mut stub = connect(url, dialer).await?;
+    let status = match stub
+        .cluster_status(venom_proto::ClusterStatusRequest { all_members: false })
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        // A refusal is an answer: the member is alive (the request itself will say more).
+        Err(status) if std::error::Error::source(&status).is_none() => return Ok((stub, false)),
+        Err(status) => return Err(status_error(url, &status)),
+    };
+    let leads = status.members.iter().any(|member| {
+        member.id == status.leader_id
+            && member.reported
+            && member.role() == venom_proto::MemberRole::Leader
+    });
+    Ok((stub, leads))
 }
 
 /// Opens a channel to one member.
@@ -508,6 +578,33 @@ mod tests {
             "{text}"
         );
         assert_eq!(client.current_url(), None);
+    }
+
+    #[tokio::test]
+    async fn a_frozen_first_member_costs_no_timeout() {
+        // Accepts connections and never answers, like a member stopped with SIGSTOP.
+        let frozen = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let frozen_url = frozen.local_addr().expect("addr").to_string();
+        let leader = serve(FakeMember { refusal: None }).await;
+        let started = Instant::now();
+        let mut client = Client::new(
+            &[frozen_url.clone(), leader.clone()],
+            venom_tls::Dialer::plaintext(false),
+        )
+        .expect("valid client");
+        let waves = list_waves(&mut client, Retry::RefusalsOnly)
+            .await
+            .expect("the live member answers");
+        assert_eq!(waves, [LEADERS_WAVE]);
+        assert_eq!(client.current_url(), Some(normalize_url(&leader).as_str()));
+        assert!(
+            started.elapsed() < Duration::from_millis(PROBE_TIMEOUT_MS),
+            "took {:?}",
+            started.elapsed()
+        );
+        drop(frozen);
     }
 
     #[test]

@@ -928,9 +928,13 @@ fn commands_of(state: &State, now_ms: u64, step: &Step) -> Result<Vec<Command>, 
                 // As a stream's first message, then as a later one.
                 if let Some(register) = &message.register {
                     match convert::node_spec(register) {
-                        Ok(spec) => {
-                            commands.push(convert::registration(spec, register.clone(), 0, 0, now_ms))
-                        }
+                        Ok(spec) => commands.push(convert::registration(
+                            spec,
+                            register.clone(),
+                            0,
+                            0,
+                            now_ms,
+                        )),
                         Err(e) => prop_assert!(!e.is_empty()),
                     }
                 }

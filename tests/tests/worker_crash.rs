@@ -82,7 +82,9 @@ async fn a_killed_workers_attempts_die_with_it_and_run_again_only_after() {
 
     // Back with the same data dir: the leader dispatches the micro-tasks again.
     let _worker = start_worker(&url, "w1", 2, &[]).unwrap();
-    let done = wait_wave(&url, wave_id, Duration::from_secs(60)).await.unwrap();
+    let done = wait_wave(&url, wave_id, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(done.state(), venom_proto::v1::WaveState::Succeeded);
     let starts = wait_files(&records, "pid.", 4, Duration::from_secs(5));
     let mut second_starts: Vec<u128> = starts
@@ -130,7 +132,9 @@ async fn a_result_no_leader_heard_survives_a_worker_crash_without_a_rerun() {
 
     coordinator.kill9_and_restart().unwrap();
     let _worker = start_worker(&url, "w1", 1, &[]).unwrap();
-    let done = wait_wave(&url, wave_id, Duration::from_secs(60)).await.unwrap();
+    let done = wait_wave(&url, wave_id, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(done.state(), venom_proto::v1::WaveState::Succeeded);
     let runs = std::fs::read_to_string(records.join("runs")).unwrap();
     assert_eq!(

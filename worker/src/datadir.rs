@@ -201,8 +201,8 @@ fn records(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
     let mut out = Vec::new();
     let mut at = 0;
     while bytes.len() - at >= 8 {
-        let len = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-            as usize;
+        let len =
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
         let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
         if len > MAX_RECORD_BYTES || bytes.len() - at - 8 < len {
             break;
@@ -489,9 +489,7 @@ pub fn kill_orphans(groups: &[Group], wait: std::time::Duration) -> usize {
     }
     let deadline = std::time::Instant::now() + wait;
     // Signal 0 only checks whether the group still exists.
-    while killed.iter().any(|&pgid| signal_group(pgid, 0))
-        && std::time::Instant::now() < deadline
-    {
+    while killed.iter().any(|&pgid| signal_group(pgid, 0)) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     killed.len()
@@ -544,12 +542,21 @@ mod tests {
         let dir = tmp.path().join("w");
         let open = DataDir::open(&dir, "n1").expect("opens");
         let mode = std::fs::metadata(&dir).expect("dir").permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o700);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o700
+        );
         let error = DataDir::open(&dir, "n1").expect_err("locked");
-        assert!(error.to_string().contains("another worker process"), "{error}");
+        assert!(
+            error.to_string().contains("another worker process"),
+            "{error}"
+        );
         drop(open);
         let error = DataDir::open(&dir, "n2").expect_err("another node's");
-        assert!(error.to_string().contains("belongs to node `n1`"), "{error}");
+        assert!(
+            error.to_string().contains("belongs to node `n1`"),
+            "{error}"
+        );
         let mut again = DataDir::open(&dir, "n1").expect("reopens");
         assert_eq!(again.cluster_id(), 0);
         again.set_cluster_id(77).expect("records");
@@ -564,13 +571,18 @@ mod tests {
         let (mut spool, found) = data.spool().expect("spool");
         assert!(found.is_empty());
         for micro in 0..3 {
-            spool.add(attempt(micro), &outcome(micro as i32)).expect("add");
+            spool
+                .add(attempt(micro), &outcome(micro as i32))
+                .expect("add");
         }
         spool.sync().expect("sync");
         spool.acknowledged(&[attempt(1)]).expect("ack");
         drop(spool);
         let (_, found) = data.spool().expect("reopen");
-        assert_eq!(found.keys().copied().collect::<Vec<_>>(), [attempt(0), attempt(2)]);
+        assert_eq!(
+            found.keys().copied().collect::<Vec<_>>(),
+            [attempt(0), attempt(2)]
+        );
         assert_eq!(found[&attempt(2)], outcome(2));
 
         // A torn last record: the ones before it are kept, the tail is cut off.
@@ -579,7 +591,11 @@ mod tests {
         let file = OpenOptions::new().write(true).open(&path).expect("open");
         file.set_len(full - 3).expect("tear");
         let (_, found) = data.spool().expect("reopen torn");
-        assert_eq!(found.len(), 3, "the torn record was the ack: its result is back");
+        assert_eq!(
+            found.len(),
+            3,
+            "the torn record was the ack: its result is back"
+        );
         assert!(std::fs::metadata(&path).expect("spool").len() < full - 3);
 
         // A flipped byte in the first record: nothing after it is trusted.
@@ -606,7 +622,9 @@ mod tests {
             }
         }
         spool.sync().expect("sync");
-        let len = std::fs::metadata(tmp.path().join("spool")).expect("spool").len();
+        let len = std::fs::metadata(tmp.path().join("spool"))
+            .expect("spool")
+            .len();
         assert!(len < SPOOL_COMPACT_BYTES, "compacted: {len} bytes");
         drop(spool);
         let (_, found) = data.spool().expect("reopen");
@@ -642,9 +660,18 @@ mod tests {
         assert_eq!(left.len(), 2);
         assert_eq!(kill_orphans(&left, std::time::Duration::from_secs(5)), 1);
         let status = orphan.wait().expect("wait");
-        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
-        assert!(ended.try_wait().expect("try_wait").is_none(), "an ended group is spared");
-        assert!(reused.try_wait().expect("try_wait").is_none(), "a reused pid is spared");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        assert!(
+            ended.try_wait().expect("try_wait").is_none(),
+            "an ended group is spared"
+        );
+        assert!(
+            reused.try_wait().expect("try_wait").is_none(),
+            "a reused pid is spared"
+        );
         let (_, left) = data.groups().expect("reopen again");
         assert!(left.is_empty(), "each life starts a fresh record");
         for mut child in [ended, reused] {

@@ -34,7 +34,8 @@ fn monotonic_ms() -> u64 {
     };
     // SAFETY: `now` is a valid, writable timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000 + u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000_000
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000
+        + u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000_000
 }
 
 /// The worker's end of the guard.

@@ -68,9 +68,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
-    cli.worker.guard_program = Some(
-        std::env::current_exe().context("finding this executable (to start its guard)")?,
-    );
+    cli.worker.guard_program =
+        Some(std::env::current_exe().context("finding this executable (to start its guard)")?);
     let telemetry = venom_telemetry::init(venom_telemetry::Config {
         service_name: "venom-worker",
         instance_id: Some(cli.worker.node_name()),

@@ -638,14 +638,20 @@ async fn without_a_renewed_lease_the_worker_kills_its_attempts_and_reports_nothi
         }
         for stream in &mut streams {
             while let Ok(message) = stream.inbound.try_recv() {
-                assert!(message.finished.is_empty(), "a fenced attempt reported: {message:?}");
+                assert!(
+                    message.finished.is_empty(),
+                    "a fenced attempt reported: {message:?}"
+                );
                 if let Some(register) = message.register {
                     assert!(register.unacknowledged.is_empty(), "{register:?}");
                     if register.running.is_empty() {
                         reregistered = true;
                     } else {
                         // Claimed while it still held the lease (raced before it ran out).
-                        assert!(tokio::time::Instant::now() < killed_at + Duration::from_millis(500), "{register:?}");
+                        assert!(
+                            tokio::time::Instant::now() < killed_at + Duration::from_millis(500),
+                            "{register:?}"
+                        );
                     }
                 }
             }

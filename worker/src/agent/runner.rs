@@ -122,7 +122,8 @@ fn run_slot(shared: Arc<Shared>, first: NextAttempt) {
         }
         drop(span);
         let mut state = shared.state();
-        if let Some((key, outcome)) = state.on_event(ExecEvent::Finished(assignment.attempt, outcome))
+        if let Some((key, outcome)) =
+            state.on_event(ExecEvent::Finished(assignment.attempt, outcome))
         {
             // Spooled before the state lock is released, so before any message carries it.
             if let Some(mut disk) = shared.disk() {
