@@ -371,7 +371,7 @@ async fn follower_restarted_after_compaction_catches_up_by_snapshot() {
         .await;
     let catch_up_ms = t_restart.elapsed().as_millis();
     let log = std::fs::read_to_string(&log_path).unwrap();
-    let installed = log[log_before..].contains("installed state-machine snapshot");
+    let installed = log[log_before..].contains("caught up by snapshot");
     assert!(
         installed,
         "follower {follower} (log ending at {follower_last}) caught up without a snapshot; \

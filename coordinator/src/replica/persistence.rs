@@ -47,7 +47,7 @@ impl<T: Transport> Replica<T> {
         tracing::info!(
             index,
             bytes = snapshot.get_data().len(),
-            "installed state-machine snapshot"
+            "caught up by snapshot: installed the leader's state-machine snapshot"
         );
         self.applied = index;
         self.persisted_applied = index;
@@ -66,6 +66,13 @@ impl<T: Transport> Replica<T> {
         let mut waiting = BTreeMap::new();
         for (id, pr) in self.raw.raft.prs().iter() {
             if pr.state == ProgressState::Snapshot {
+                if !self.snapshot_since_us.contains_key(id) {
+                    tracing::info!(
+                        peer = id,
+                        matched = pr.matched,
+                        "member too far behind the log: catching it up by snapshot"
+                    );
+                }
                 let since = self.snapshot_since_us.get(id).copied().unwrap_or(now);
                 if now.saturating_sub(since) >= SNAPSHOT_RETRY_US {
                     lost.push(*id);
