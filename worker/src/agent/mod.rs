@@ -8,15 +8,18 @@
 //! leaves in one `WorkerMessage`; a heartbeat carries θ every interval.
 //!
 //! Execution is decoupled from the connection: running processes keep running while the agent
-//! reconnects, and finished results stay unacknowledged until the coordinator acknowledges
-//! them, so a leader change loses nothing.
+//! looks for the leader, and finished results stay unacknowledged (and spooled in the data
+//! dir) until the coordinator acknowledges them, so a leader change or a crash loses nothing.
+//! Attempts run only under a lease the leader renews with every committed heartbeat: with no
+//! renewal for two heartbeat intervals the agent looks for the leader again, and when the
+//! lease itself runs out it kills its attempts (the guard process does it if the agent is dead
+//! or frozen), so the leader can run them elsewhere without two copies alive.
 //!
 //! The parts:
 //! - `state`: [`AgentState`], all bookkeeping behind one mutex, with no I/O (tested
 //!   directly);
-//! - `link`: the connection: the stream's state, opening it, reconnecting round-robin over
-//!   the coordinator URLs with capped exponential backoff and jitter, and following a
-//!   "not leader" refusal to the leader it names;
+//! - `link`: the connection: the stream's state and the race that finds the leader (every
+//!   coordinator tried at once, each with its own backoff, "not leader" refusals followed);
 //! - `runner`: the runners, pooled blocking threads that run attempts back to back, trace
 //!   them and record their outcomes;
 //! - this module: [`run`], the loop that owns the connection, the heartbeat and shutdown.
