@@ -36,11 +36,11 @@ const RETRY_PAUSE_MS: u64 = 200;
 /// Whether a request may be sent again after an ambiguous transport failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
-    /// Reads, watches and idempotent writes (cancel, drain): any failure that looks
-    /// like the member went away is retried on another member.
+    /// Reads, watches and idempotent writes (cancel, drain, a submit with a submission
+    /// id): any failure that looks like the member went away is retried on another member.
     Safe,
-    /// Writes that must not be applied twice (submit): only refusals that prove the
-    /// request was not applied ("not leader", failure to connect) are retried.
+    /// Writes that must not be applied twice (membership changes): only refusals are
+    /// retried ("not leader", failure to connect).
     RefusalsOnly,
 }
 
@@ -116,10 +116,22 @@ impl Client {
             if is_not_leader(&status) {
                 match leader_hint(&status).and_then(|leader| self.dialer.url(&leader).ok()) {
                     Some(leader) if n_redirects < MAX_REDIRECTS && leader != url => {
-                        n_redirects += 1;
                         tracing::debug!(from = %url, to = %leader, "following the leader");
-                        self.switch_to(&leader).await?;
-                        continue;
+                        match self.switch_to(&leader).await {
+                            Ok(()) => {
+                                n_redirects += 1;
+                                continue;
+                            }
+                            // The leader it names may just have died, and nothing was sent
+                            // to it: ask again until the members elect another.
+                            Err(err) if Instant::now() < deadline => {
+                                tracing::debug!(%url, error = %format!("{err:#}"), "the named leader is unreachable; retrying");
+                                self.rotate(&url);
+                                tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await;
+                                continue;
+                            }
+                            Err(err) => return Err(err),
+                        }
                     }
                     _ if Instant::now() < deadline => {
                         // An election is under way (or the hint points back here):
@@ -227,10 +239,11 @@ async fn connect(url: &str, dialer: &venom_tls::Dialer) -> anyhow::Result<Rpc> {
         .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES))
 }
 
-/// Whether a failure means the member itself is unreachable (as opposed to a
-/// refusal it answered with).
+/// Whether a failure means the member itself is unreachable or went away mid-request (as
+/// opposed to a refusal it answered with): `UNAVAILABLE`, or `UNKNOWN`, which is how a
+/// connection that broke under a request reaches the client ("transport error").
 fn member_went_away(status: &Status) -> bool {
-    status.code() == Code::Unavailable && !is_not_leader(status)
+    matches!(status.code(), Code::Unavailable | Code::Unknown) && !is_not_leader(status)
 }
 
 /// One line describing a failed RPC.
@@ -508,6 +521,28 @@ mod tests {
             "{text}"
         );
         assert_eq!(client.current_url(), None);
+    }
+
+    #[tokio::test]
+    async fn a_request_safe_to_repeat_moves_on_when_a_member_breaks_under_it() {
+        // A connection that broke under a request reaches the client as UNKNOWN.
+        let broken = serve(FakeMember {
+            refusal: Some(Status::unknown("transport error")),
+        })
+        .await;
+        let leader = serve(FakeMember { refusal: None }).await;
+        let urls = [broken.clone(), leader.clone()];
+        let mut client =
+            Client::new(&urls, venom_tls::Dialer::plaintext(false)).expect("valid client");
+        let err = list_waves(&mut client, Retry::RefusalsOnly)
+            .await
+            .expect_err("a request that must not be repeated is not");
+        assert!(format!("{err:#}").contains("transport error"), "{err:#}");
+        let waves = list_waves(&mut client, Retry::Safe)
+            .await
+            .expect("the next member answers");
+        assert_eq!(waves, [LEADERS_WAVE]);
+        assert_eq!(client.current_url(), Some(normalize_url(&leader).as_str()));
     }
 
     #[test]
