@@ -256,6 +256,15 @@ pub struct SubmitArgs {
     /// Show live progress bars until the wave finishes; the exit code is its outcome.
     #[arg(long)]
     pub watch: bool,
+
+    /// The id this submission is known by (at most 64 printable ASCII characters, no
+    /// spaces). venomctl resends it on every retry, so a submit that seemed to fail while
+    /// a leader crashed is not run twice. Give the same id to a later `venomctl submit` to
+    /// retry across invocations: a coordinator that already has it (from the same user,
+    /// within 24 hours) answers the wave it created and creates none. Default: 16 random
+    /// bytes as 32 hex characters, new for every invocation.
+    #[arg(long, value_name = "ID", value_parser = parse_submission_id)]
+    pub submission_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -299,6 +308,23 @@ impl std::fmt::Display for TaskRef {
             Some(index) => write!(f, "{}[{}]", self.task_id, index),
             None => f.write_str(&self.task_id),
         }
+    }
+}
+
+/// Checks a `--submission-id` as the coordinator will.
+pub fn parse_submission_id(text: &str) -> Result<String, String> {
+    use venom_coordinator::submissions::{
+        check_submission_id, SubmissionIdError, MAX_SUBMISSION_ID_BYTES,
+    };
+    match check_submission_id(text) {
+        Ok(()) if text.is_empty() => Err("the id is empty (leave the flag out for a random one)".to_owned()),
+        Ok(()) => Ok(text.to_owned()),
+        Err(SubmissionIdError::TooLong { n_bytes }) => Err(format!(
+            "{n_bytes} bytes; at most {MAX_SUBMISSION_ID_BYTES} are allowed"
+        )),
+        Err(SubmissionIdError::NotPrintable { position }) => Err(format!(
+            "byte {position} is not printable ASCII (use letters, digits and punctuation, no spaces)"
+        )),
     }
 }
 
@@ -387,6 +413,26 @@ mod tests {
     #[test]
     fn command_tree_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn submission_ids_are_checked_as_the_coordinator_does() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(parse_submission_id(id), Ok(id.to_owned()));
+        for (bad, says) in [
+            ("", "empty"),
+            ("two words", "byte 3 is not printable ASCII"),
+            (&"x".repeat(65)[..], "65 bytes; at most 64"),
+        ] {
+            let err = parse_submission_id(bad).expect_err(bad);
+            assert!(err.contains(says), "`{bad}`: {err}");
+        }
+        let cli = Cli::try_parse_from(["venomctl", "submit", "w.toml", "--submission-id", id])
+            .expect("valid command line");
+        match cli.command {
+            Command::Submit(args) => assert_eq!(args.submission_id.as_deref(), Some(id)),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 
     #[test]

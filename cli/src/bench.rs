@@ -24,6 +24,7 @@ use venom_proto as pb;
 
 use crate::args::{BenchArgs, DEFAULT_DEV_THROTTLE};
 use crate::client::{Client, Retry};
+use crate::commands::remote::new_submission_id;
 use crate::commands::Context;
 use crate::dev::{DevCluster, DevOptions};
 use crate::output::{as_word, print_json, Table, WaveView};
@@ -171,10 +172,12 @@ async fn time_wave(client: &mut Client, spec: String) -> anyhow::Result<(WaveVie
         spec: spec.into_bytes(),
         format: "toml".to_owned(),
         traceparent: String::new(),
+        // One id per wave: retries of this submit resend it and cannot add a second wave.
+        submission_id: new_submission_id(),
     };
     let started = Instant::now();
     let response = client
-        .call(Retry::RefusalsOnly, |mut rpc| {
+        .call(Retry::Safe, |mut rpc| {
             let request = request.clone();
             async move { rpc.submit_wave(request).await }
         })

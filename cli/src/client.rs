@@ -41,11 +41,11 @@ const RETRY_PAUSE_MS: u64 = 200;
 /// Whether a request may be sent again after an ambiguous transport failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
-    /// Reads, watches and idempotent writes (cancel, drain): any failure that looks
-    /// like the member went away is retried on another member.
+    /// Reads, watches and idempotent writes (cancel, drain, a submit with a submission
+    /// id): any failure that looks like the member went away is retried on another member.
     Safe,
-    /// Writes that must not be applied twice (submit): only refusals that prove the
-    /// request was not applied ("not leader", failure to connect) are retried.
+    /// Writes that must not be applied twice (membership changes): only refusals are
+    /// retried ("not leader", failure to connect).
     RefusalsOnly,
 }
 
@@ -121,10 +121,22 @@ impl Client {
             if is_not_leader(&status) {
                 match leader_hint(&status).and_then(|leader| self.dialer.url(&leader).ok()) {
                     Some(leader) if n_redirects < MAX_REDIRECTS && leader != url => {
-                        n_redirects += 1;
                         tracing::debug!(from = %url, to = %leader, "following the leader");
-                        self.switch_to(&leader).await?;
-                        continue;
+                        match self.switch_to(&leader).await {
+                            Ok(()) => {
+                                n_redirects += 1;
+                                continue;
+                            }
+                            // The leader it names may just have died, and nothing was sent
+                            // to it: ask again until the members elect another.
+                            Err(err) if Instant::now() < deadline => {
+                                tracing::debug!(%url, error = %format!("{err:#}"), "the named leader is unreachable; retrying");
+                                self.rotate(&url);
+                                tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await;
+                                continue;
+                            }
+                            Err(err) => return Err(err),
+                        }
                     }
                     _ if Instant::now() < deadline => {
                         // An election is under way (or the hint points back here):
@@ -162,7 +174,8 @@ impl Client {
 
     /// The current stub; if there is none, every member is asked at once (a `ClusterStatus`
     /// of its own view, bounded by [`PROBE_TIMEOUT_MS`]) and the leader is used if it answers
-    /// within [`LEADER_GRACE_MS`] of the first answer, else the first member that answered.
+    /// within [`LEADER_GRACE_MS`] of the first answer, else the member earliest in the list
+    /// among those that answered by then.
     /// A dead or frozen member costs nothing while another answers.
     async fn connected(&mut self) -> anyhow::Result<(String, Rpc)> {
         use futures::StreamExt as _;
@@ -188,7 +201,8 @@ impl Client {
             })
             .collect();
         let mut failures = Vec::new();
-        let mut first: Option<(String, Rpc)> = None;
+        // Members that answered, ranked by the order the list prefers them.
+        let mut answered: Vec<(usize, String, Rpc)> = Vec::new();
         let mut grace_until: Option<tokio::time::Instant> = None;
         loop {
             let next = match grace_until {
@@ -205,17 +219,21 @@ impl Client {
                     return Ok((url, stub));
                 }
                 Ok((stub, false)) => {
-                    if first.is_none() {
-                        first = Some((url, stub));
-                        grace_until = Some(
-                            tokio::time::Instant::now() + Duration::from_millis(LEADER_GRACE_MS),
-                        );
-                    }
+                    let rank = self
+                        .urls
+                        .iter()
+                        .position(|u| *u == url)
+                        .unwrap_or(usize::MAX);
+                    answered.push((rank, url, stub));
+                    grace_until.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + Duration::from_millis(LEADER_GRACE_MS)
+                    });
                 }
                 Err(err) => failures.push(format!("{url} ({err:#})")),
             }
         }
-        if let Some((url, stub)) = first {
+        answered.sort_by_key(|(rank, _, _)| *rank);
+        if let Some((_, url, stub)) = answered.into_iter().next() {
             self.current = Some((url.clone(), stub.clone()));
             return Ok((url, stub));
         }
@@ -297,10 +315,11 @@ async fn connect(url: &str, dialer: &venom_tls::Dialer) -> anyhow::Result<Rpc> {
         .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES))
 }
 
-/// Whether a failure means the member itself is unreachable (as opposed to a
-/// refusal it answered with).
+/// Whether a failure means the member itself is unreachable or went away mid-request (as
+/// opposed to a refusal it answered with): `UNAVAILABLE`, or `UNKNOWN`, which is how a
+/// connection that broke under a request reaches the client ("transport error").
 fn member_went_away(status: &Status) -> bool {
-    status.code() == Code::Unavailable && !is_not_leader(status)
+    matches!(status.code(), Code::Unavailable | Code::Unknown) && !is_not_leader(status)
 }
 
 /// One line describing a failed RPC.
@@ -605,6 +624,28 @@ mod tests {
             started.elapsed()
         );
         drop(frozen);
+    }
+
+    #[tokio::test]
+    async fn a_request_safe_to_repeat_moves_on_when_a_member_breaks_under_it() {
+        // A connection that broke under a request reaches the client as UNKNOWN.
+        let broken = serve(FakeMember {
+            refusal: Some(Status::unknown("transport error")),
+        })
+        .await;
+        let leader = serve(FakeMember { refusal: None }).await;
+        let urls = [broken.clone(), leader.clone()];
+        let mut client =
+            Client::new(&urls, venom_tls::Dialer::plaintext(false)).expect("valid client");
+        let err = list_waves(&mut client, Retry::RefusalsOnly)
+            .await
+            .expect_err("a request that must not be repeated is not");
+        assert!(format!("{err:#}").contains("transport error"), "{err:#}");
+        let waves = list_waves(&mut client, Retry::Safe)
+            .await
+            .expect("the next member answers");
+        assert_eq!(waves, [LEADERS_WAVE]);
+        assert_eq!(client.current_url(), Some(normalize_url(&leader).as_str()));
     }
 
     #[test]

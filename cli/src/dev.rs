@@ -20,7 +20,7 @@ use venom_core::NodeState;
 
 use crate::args::DevArgs;
 use crate::client::Client;
-use crate::commands::remote::{list_nodes, submit_file, Follow};
+use crate::commands::remote::{list_nodes, new_submission_id, submit_file, Follow};
 use crate::commands::wavefile::{submit_limits, WaveFile};
 use crate::commands::Context;
 use crate::output::print_json;
@@ -317,7 +317,7 @@ async fn serve(
 ) -> anyhow::Result<u8> {
     cluster.wait_ready(client).await?;
     if let Some(file) = wave {
-        return submit_file(ctx, client, file, Follow::Watch).await;
+        return submit_file(ctx, client, file, &new_submission_id(), Follow::Watch).await;
     }
     let url = cluster.url();
     if ctx.json() {

@@ -15,6 +15,7 @@ pub mod scheduler;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod submissions;
 pub mod transport;
 mod wire_limits;
 
@@ -28,6 +29,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::StreamExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use venom_core::wave::WaveLimits;
@@ -219,12 +221,35 @@ fn security(
     Ok(None)
 }
 
+/// The accepted connections the gRPC server takes (see `venom_tls::listen`).
+type Incoming = tokio_stream::wrappers::ReceiverStream<std::io::Result<venom_tls::listen::Conn>>;
+
 /// Runs a coordinator serving on `listener` until `shutdown` resolves.
+///
+/// The raft replica and the gRPC server are watched together: whichever stops first
+/// without a shutdown having been asked for (the server's task returned or panicked, the
+/// listener stopped handing it connections, the replica failed or lost every handle) stops
+/// the other and makes this an error, so a coordinator never lingers as a member nobody
+/// can reach, nor ends with success after such a failure.
 pub async fn run(
     config: CoordinatorConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with_incoming(config, listener, |incoming| incoming, shutdown).await
+}
+
+/// [`run`], with the listener's stream of connections passed through `incoming` before the
+/// gRPC server takes it (the identity in production; tests end it early).
+async fn run_with_incoming<S>(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    wrap_incoming: impl FnOnce(Incoming) -> S,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    S: futures::Stream<Item = std::io::Result<venom_tls::listen::Conn>> + Send + 'static,
+{
     anyhow::ensure!(config.id >= 1, "--id must be at least 1");
     let local = listener.local_addr().context("listener address")?;
     let tls = security(&config, local)?;
@@ -250,12 +275,14 @@ pub async fn run(
         ..WaveLimits::default()
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Set by the shutdown request, by a refusal, or by a part that stopped unasked.
+    let shutdown_tx = std::sync::Arc::new(shutdown_tx);
     // A refusal found after the start (see `check_peers_cluster`) stops the coordinator
     // and becomes its error.
     let refusal: std::sync::Arc<std::sync::Mutex<Option<DataDirError>>> = Default::default();
     let refused = std::sync::Arc::new(tokio::sync::Notify::new());
     {
-        let refused = refused.clone();
+        let (refused, shutdown_tx) = (refused.clone(), shutdown_tx.clone());
         tokio::spawn(async move {
             tokio::select! {
                 () = shutdown => {}
@@ -403,25 +430,246 @@ pub async fn run(
     // ~40 ms per dependency link).
     let incoming = venom_tls::listen::incoming(listener, venom_tls::ListenConfig::new(tls))
         .context("TLS listener")?;
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+    // The server itself only returns once every connection has closed (long-lived worker
+    // streams included), so the end of its connections is watched here. The listener
+    // deals with accept errors itself (it logs them and backs off), so an error in its
+    // stream means it failed: the stream ends there, and says why.
+    let (listener_ended_tx, listener_ended) = tokio::sync::oneshot::channel::<String>();
+    let incoming = wrap_incoming(incoming)
+        .map(Some)
+        .chain(futures::stream::iter([None]))
+        .scan(Some(listener_ended_tx), |ended, item| {
+            let why = match item {
+                Some(Ok(conn)) => {
+                    return futures::future::ready(Some(Ok::<_, std::io::Error>(conn)))
+                }
+                Some(Err(e)) => format!("the listener failed: {e}"),
+                None => "the listener stopped accepting connections".to_owned(),
+            };
+            if let Some(ended) = ended.take() {
+                let _ = ended.send(why);
+            }
+            futures::future::ready(None)
+        });
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = server_shutdown.wait_for(|s| *s).await;
     }));
     drop(handle);
-    let replica_result = replica_task.await.context("replica task panicked")?;
+    let mut replica_task = replica_task;
+    // In the order causes come: the listener's end makes the server return, and the
+    // server's end drops the replica's last handles.
+    let first = tokio::select! {
+        biased;
+        Ok(why) = listener_ended => Stopped::Listener(why),
+        server = &mut server => Stopped::Server(server),
+        replica = &mut replica_task => Stopped::Replica(replica),
+    };
+    let unasked = first.unasked_failure(*shutdown_rx.borrow());
+    if let Some(failure) = &unasked {
+        tracing::error!("{failure}; stopping the coordinator");
+    }
+    // Whatever stopped first, the rest stops now (drained, checkpointed).
+    let _ = shutdown_tx.send(true);
+    let (replica_result, server) = match first {
+        Stopped::Replica(replica) => (replica, Some(server)),
+        Stopped::Server(_) => (replica_task.await, None),
+        Stopped::Listener(_) => (replica_task.await, Some(server)),
+    };
+    let replica_result = replica_result.context("replica task panicked")?;
     // Long-lived worker streams end with the replica; give connections a moment to close.
-    match tokio::time::timeout(SERVER_DRAIN_TIMEOUT, server).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server error"),
-        Ok(_) => {}
-        Err(_) => tracing::info!(
-            "gRPC server did not drain in {} s; closing",
-            SERVER_DRAIN_TIMEOUT.as_secs()
-        ),
+    if let Some(server) = server {
+        match tokio::time::timeout(SERVER_DRAIN_TIMEOUT, server).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server error"),
+            Ok(_) => {}
+            Err(_) => tracing::info!(
+                "gRPC server did not drain in {} s; closing",
+                SERVER_DRAIN_TIMEOUT.as_secs()
+            ),
+        }
     }
     if let Some(refusal) = refusal.lock().ok().and_then(|mut slot| slot.take()) {
         return Err(refusal.into());
     }
     match replica_result {
         Err(ReplicaError::DataDir(refusal)) => Err(refusal.into()),
-        other => other.context("raft replica failed"),
+        // The replica's own failure is the cause; the server's end followed from it.
+        Err(e) => Err(anyhow::Error::new(e).context("raft replica failed")),
+        Ok(()) => match unasked {
+            Some(failure) => Err(anyhow::anyhow!(failure)),
+            None => Ok(()),
+        },
+    }
+}
+
+/// The part of a running coordinator that stopped first.
+enum Stopped {
+    /// The raft replica's task ended (with its result, or its panic).
+    Replica(Result<Result<(), ReplicaError>, tokio::task::JoinError>),
+    /// The gRPC server's task ended (with its result, or its panic).
+    Server(Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>),
+    /// The listener stopped handing connections to the gRPC server (why).
+    Listener(String),
+}
+
+impl Stopped {
+    /// Why stopping first is a failure, when no shutdown had been asked for (`asked`): any
+    /// end of the server or the listener; a replica that ends without an error only after
+    /// a shutdown (it fails with its own error otherwise).
+    fn unasked_failure(&self, asked: bool) -> Option<String> {
+        if asked {
+            return None;
+        }
+        match self {
+            Stopped::Replica(Ok(Ok(()))) => Some(
+                "the raft replica stopped although no shutdown was asked (nothing serves it \
+                 any more)"
+                    .to_owned(),
+            ),
+            Stopped::Replica(_) => None,
+            Stopped::Server(Ok(Ok(()))) => {
+                Some("the gRPC server stopped although no shutdown was asked".to_owned())
+            }
+            Stopped::Server(Ok(Err(e))) => Some(format!("the gRPC server failed: {e}")),
+            Stopped::Server(Err(e)) => Some(format!("the gRPC server task failed: {e}")),
+            Stopped::Listener(why) => Some(format!("{why} although no shutdown was asked")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    use venom_proto::v1 as pb;
+    use venom_proto::v1::client_service_client::ClientServiceClient;
+
+    /// A client of the plaintext coordinator at `addr`.
+    async fn connect(
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<ClientServiceClient<tonic::transport::Channel>> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        Ok(ClientServiceClient::new(channel))
+    }
+
+    /// Waits until the coordinator at `addr` answers `ClusterStatus` with itself as leader.
+    async fn wait_leader(addr: std::net::SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = async {
+                let mut client = connect(addr).await?;
+                let status = client
+                    .cluster_status(pb::ClusterStatusRequest::default())
+                    .await?;
+                anyhow::Ok(status.into_inner().leader_id)
+            };
+            if let Ok(1) = status.await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the coordinator at {addr} elected no leader in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts a single-node coordinator whose listener's connections pass through `wrap`,
+    /// waits until it leads, then calls `fail` and returns what `run` returned (it must
+    /// return within 30 s, with no shutdown ever asked for).
+    async fn run_until_it_stops<S>(
+        wrap: impl FnOnce(Incoming) -> S + Send + 'static,
+        fail: impl FnOnce(),
+    ) -> anyhow::Result<()>
+    where
+        S: futures::Stream<Item = std::io::Result<venom_tls::listen::Conn>> + Send + 'static,
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let config = CoordinatorConfig::single_node(addr, dir.path().join("coordinator"));
+        let coordinator = tokio::spawn(run_with_incoming(
+            config,
+            listener,
+            wrap,
+            std::future::pending(),
+        ));
+        wait_leader(addr).await;
+        // A stream stays open, as a worker's does (no worker runs this wave): the server
+        // cannot return while it lasts, and the coordinator must not wait for that.
+        let mut client = connect(addr).await.expect("connect");
+        let submitted = client
+            .submit_wave(pb::SubmitWaveRequest {
+                spec: b"name = \"w\"\n[[task]]\nid = \"t\"\nrun = \"true\"\n".to_vec(),
+                format: "toml".into(),
+                traceparent: String::new(),
+                submission_id: String::new(),
+            })
+            .await
+            .expect("submit")
+            .into_inner();
+        let mut watch = client
+            .watch_wave(pb::WatchWaveRequest {
+                wave_id: submitted.wave_id,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        watch.message().await.expect("a first progress event");
+        fail();
+        let ended = tokio::time::timeout(Duration::from_secs(30), coordinator).await;
+        drop(watch);
+        ended
+            .expect("the coordinator lingered after its gRPC server stopped")
+            .expect("the coordinator task panicked")
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_stops_ends_run_with_an_error() {
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        let result = run_until_it_stops(
+            move |incoming| incoming.take_until(closed),
+            move || {
+                let _ = close.send(());
+            },
+        )
+        .await;
+        let err = result.expect_err("a coordinator whose listener stopped must fail");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("the listener stopped accepting connections"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listener_error_ends_run_with_an_error() {
+        // The listener handles accept errors itself; one in its stream means it failed.
+        let (fail, failed) = tokio::sync::oneshot::channel::<()>();
+        let error = futures::stream::once(async move {
+            let _ = failed.await;
+            Err(std::io::Error::from_raw_os_error(libc_emfile()))
+        });
+        let result = run_until_it_stops(
+            move |incoming| futures::stream::select(incoming, error),
+            move || {
+                let _ = fail.send(());
+            },
+        )
+        .await;
+        let err = result.expect_err("a coordinator whose listener failed must fail");
+        let text = format!("{err:#}");
+        let emfile = std::io::Error::from_raw_os_error(libc_emfile()).to_string();
+        assert!(
+            text.contains(&format!("the listener failed: {emfile}")),
+            "{text}"
+        );
+    }
+
+    /// EMFILE ("too many open files") on Linux and the BSDs alike.
+    fn libc_emfile() -> i32 {
+        24
     }
 }

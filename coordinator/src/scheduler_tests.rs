@@ -58,6 +58,7 @@ fn submit(state: &mut State, text: &str) -> WaveId {
         owner: String::new(),
         spec,
         traceparent: String::new(),
+        submission_id: String::new(),
         now_ms: 0,
     }) {
         Outcome::WaveSubmitted { wave_id, .. } => wave_id,

@@ -28,6 +28,7 @@ use crate::convert;
 use crate::replica::{now_ms, Event, Handle, MemberChange, ProposeError};
 use crate::scheduler;
 use crate::state::{Command, MicroLookupError, Outcome, WaveId};
+use crate::submissions::check_submission_id;
 use crate::transport::{self, Refusal};
 
 fn propose_status(e: ProposeError) -> Status {
@@ -96,6 +97,7 @@ impl ClientApi {
                 owner,
                 spec,
                 traceparent,
+                submission_id: req.submission_id,
                 now_ms: now_ms(),
             })
             .instrument(tracing::info_span!(
@@ -118,11 +120,14 @@ impl ClientApi {
         }
     }
 
-    /// Parses and checks a submitted wave; the warnings name tasks no node could ever run.
+    /// Checks the submission id, parses and checks a submitted wave; the warnings name
+    /// tasks no node could ever run.
     fn validate(
         &self,
         req: &pb::SubmitWaveRequest,
     ) -> Result<(wave::WaveSpec, Vec<String>), Status> {
+        check_submission_id(&req.submission_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let format: Format = req
             .format
             .parse()

@@ -533,6 +533,7 @@ fn replicated(state: &State) -> StateSnapshot {
         nodes: state.nodes.values().cloned().collect(),
         next_wave_id: state.next_wave_id,
         stale_results: state.stale_results,
+        submissions: state.submissions.iter().cloned().collect(),
     }
 }
 
@@ -1335,6 +1336,9 @@ impl Sim {
                 owner: String::new(),
                 spec,
                 traceparent: String::new(),
+                // Unique per wave, so nothing is deduplicated, but every replica must
+                // remember the same submissions through restarts and snapshots.
+                submission_id: name.clone(),
                 now_ms,
             };
             return Ok((command, Some(name)));
@@ -2010,6 +2014,13 @@ fn state_difference(a: &StateSnapshot, b: &StateSnapshot) -> String {
         out.push(format!(
             "stale_results {} vs {}",
             a.stale_results, b.stale_results
+        ));
+    }
+    if a.submissions != b.submissions {
+        out.push(format!(
+            "{} vs {} remembered submissions",
+            a.submissions.len(),
+            b.submissions.len()
         ));
     }
     let waves = |s: &StateSnapshot| -> BTreeMap<WaveId, String> {

@@ -27,6 +27,7 @@ pub use venom_core::{
 };
 
 use crate::scheduler::SchedulerConfig;
+pub use crate::submissions::{Submission, Submissions};
 
 /// One micro-task: a task of the wave file, or one element of an array task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -294,6 +295,9 @@ pub enum Command {
         owner: String,
         spec: WaveSpec,
         traceparent: String,
+        /// The client's id for this submission: a remembered one (same owner) answers the
+        /// wave it created and creates nothing. Empty: not idempotent.
+        submission_id: String,
         now_ms: u64,
     },
     CancelWave {
@@ -459,6 +463,8 @@ pub struct Dirty {
     pub nodes: BTreeSet<String>,
     /// The raft membership changed.
     pub members: bool,
+    /// Remembered submissions added or forgotten, by the wave they created.
+    pub submissions: BTreeSet<WaveId>,
 }
 
 /// The whole replicated state.
@@ -479,6 +485,8 @@ pub struct State {
     pub next_wave_id: WaveId,
     /// Results ignored because they named a stale attempt.
     pub stale_results: u64,
+    /// Recent submission ids and the waves they created (bounded; see `submissions.rs`).
+    pub submissions: Submissions,
     /// Ready micro-tasks in dispatch order (derived).
     pub ready: BTreeSet<MicroKey>,
     pub limits: WaveLimitsState,
@@ -525,6 +533,8 @@ pub struct StateSnapshot {
     pub nodes: Vec<Node>,
     pub next_wave_id: WaveId,
     pub stale_results: u64,
+    /// Remembered submissions, oldest first.
+    pub submissions: Vec<Submission>,
 }
 
 impl State {
@@ -578,6 +588,7 @@ impl State {
             nodes: self.nodes.into_values().collect(),
             next_wave_id: self.next_wave_id,
             stale_results: self.stale_results,
+            submissions: self.submissions.iter().cloned().collect(),
         }
     }
 
@@ -600,6 +611,7 @@ impl State {
             .collect();
         self.next_wave_id = snapshot.next_wave_id.max(1);
         self.stale_results = snapshot.stale_results;
+        self.submissions.restore(snapshot.submissions);
         self.effects.clear();
         self.mark_all_dirty();
         self.rebuild_indexes();
@@ -616,6 +628,9 @@ impl State {
         }
         self.dirty.nodes.extend(self.nodes.keys().cloned());
         self.dirty.members = true;
+        self.dirty
+            .submissions
+            .extend(self.submissions.iter().map(|s| s.wave_id));
     }
 
     /// A committed raft conf change: `address` `Some` adds (or re-addresses) member `id`,
@@ -645,8 +660,9 @@ impl State {
                 owner,
                 spec,
                 traceparent,
+                submission_id,
                 now_ms,
-            } => self.on_submit(owner, spec, traceparent, now_ms),
+            } => self.on_submit(owner, spec, traceparent, submission_id, now_ms),
             Command::CancelWave { wave_id, now_ms } => self.on_cancel(wave_id, now_ms),
             Command::RegisterNode {
                 spec,
@@ -711,13 +727,28 @@ impl State {
         }
     }
 
+    /// A submit: answers the wave a remembered `submission_id` of the same owner created,
+    /// else validates and creates the wave (remembering the id, when there is one).
     fn on_submit(
         &mut self,
         owner: String,
         spec: WaveSpec,
         traceparent: String,
+        submission_id: String,
         now_ms: u64,
     ) -> Outcome {
+        let forgotten = self.submissions.expire(now_ms);
+        self.dirty.submissions.extend(forgotten);
+        let known = match submission_id.as_str() {
+            "" => None,
+            id => self.submissions.find(&owner, id),
+        };
+        if let Some(known) = known {
+            return Outcome::WaveSubmitted {
+                wave_id: known.wave_id,
+                n_micro_tasks: known.n_micro_tasks,
+            };
+        }
         if let Err(error) = spec.validate(&self.limits.0) {
             return Outcome::Rejected(error.to_string());
         }
@@ -744,6 +775,16 @@ impl State {
             ..Counts::default()
         };
         let n_micro_tasks = tasks.len() as u64;
+        if !submission_id.is_empty() {
+            let changed = self.submissions.insert(Submission {
+                owner: owner.clone(),
+                id: submission_id,
+                wave_id: id,
+                n_micro_tasks,
+                submitted_ms: now_ms,
+            });
+            self.dirty.submissions.extend(changed);
+        }
         let header = WaveHeader {
             id,
             spec,

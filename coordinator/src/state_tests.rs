@@ -61,6 +61,7 @@ fn submit(state: &mut State, text: &str, now_ms: u64) -> WaveId {
         owner: String::new(),
         spec: spec(text),
         traceparent: String::new(),
+        submission_id: String::new(),
         now_ms,
     }) {
         Outcome::WaveSubmitted { wave_id, .. } => wave_id,
@@ -246,6 +247,7 @@ fn submit_expands_arrays_marks_roots_ready_and_fills_dirty_sets() {
         owner: String::new(),
         spec: spec(ETL),
         traceparent: "00-trace-01".into(),
+        submission_id: String::new(),
         now_ms: 42,
     });
     assert_eq!(
@@ -316,6 +318,7 @@ fn submit_rejects_a_spec_over_the_limits_and_stores_nothing() {
         owner: String::new(),
         spec: spec(ETL),
         traceparent: String::new(),
+        submission_id: String::new(),
         now_ms: 1,
     });
     let Outcome::Rejected(message) = outcome else {
@@ -1504,6 +1507,7 @@ fn batch_applies_in_order_and_returns_each_outcome() {
             owner: String::new(),
             spec: spec("name = \"b\"\n[[task]]\nid = \"t\"\nrun = \"x\"\n"),
             traceparent: String::new(),
+            submission_id: String::new(),
             now_ms: 0,
         },
         Command::Schedule {

@@ -5,7 +5,8 @@
 //! - `raft_log`: entry index (big-endian u64) → protobuf-encoded `eraftpb::Entry`.
 //! - `raft_meta`: `hard_state`, `conf_state`, `snapshot_index`, `snapshot_term`.
 //! - `state`: `m/applied`, `m/next_wave_id`, `m/stale_results` (u64), `w/<id>` → wave
-//!   header, `t/<id><micro>` → micro-task, `n/<name>` → node (all bincode).
+//!   header, `t/<id><micro>` → micro-task, `n/<name>` → node, `s/<wave id>` → the
+//!   remembered submission that created the wave (all bincode).
 //!
 //! Writes are cheap (sled buffers them); durability comes from [`Store::flush`], which the
 //! raft driver calls once per `Ready`: sled writes out its buffers, then [`SledFiles::sync`]
@@ -37,7 +38,7 @@ use venom_core::wave::WaveLimits;
 
 use crate::datadir::{self, Identity};
 use crate::durable::SledFiles;
-use crate::state::{MicroTask, Node, State, StateSnapshot, Wave, WaveHeader};
+use crate::state::{MicroTask, Node, State, StateSnapshot, Submission, Wave, WaveHeader};
 
 /// Storage failures (disk, corruption).
 #[derive(Debug, Error)]
@@ -95,6 +96,7 @@ pub const BOOTSTRAP_INDEX: u64 = 1;
 const WAVE: &[u8] = b"w/";
 const TASK: &[u8] = b"t/";
 const NODE: &[u8] = b"n/";
+const SUBMISSION: &[u8] = b"s/";
 
 fn u64_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
@@ -516,6 +518,16 @@ impl Store {
                 batch.insert(key, bytes);
             }
         }
+        for wave_id in dirty.submissions {
+            let key = [SUBMISSION, &u64_key(wave_id)].concat();
+            match state.submissions.get(wave_id) {
+                Some(submission) => {
+                    let bytes = bincode::serialize(submission).map_err(|e| bincode_err(&key, e))?;
+                    batch.insert(key, bytes);
+                }
+                None => batch.remove(key),
+            }
+        }
         if dirty.members {
             let bytes = bincode::serialize(&state.members).map_err(|e| bincode_err(MEMBERS, e))?;
             batch.insert(MEMBERS, bytes);
@@ -575,6 +587,15 @@ impl Store {
             let node: Node = bincode::deserialize(&bytes).map_err(|e| bincode_err(&key, e))?;
             state.nodes.insert(node.spec.name.clone(), node);
         }
+        let mut submissions = Vec::new();
+        for item in self.state.scan_prefix(SUBMISSION) {
+            let (key, bytes) = item?;
+            let submission: Submission =
+                bincode::deserialize(&bytes).map_err(|e| bincode_err(&key, e))?;
+            submissions.push(submission);
+        }
+        // Keys iterate in wave order, which is the order they were remembered in.
+        state.submissions.restore(submissions);
         state.rebuild_indexes();
         Ok(applied)
     }
@@ -772,6 +793,7 @@ mod tests {
             owner: String::new(),
             spec,
             traceparent: String::new(),
+            submission_id: String::new(),
             now_ms: 5,
         });
         // A node whose name shares a first letter with the metadata keys.

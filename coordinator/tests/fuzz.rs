@@ -399,6 +399,7 @@ fn setup_commands(now_ms: u64) -> Vec<Command> {
             owner: String::new(),
             spec: parse_wave(text.as_bytes(), Format::Toml, &limits).expect("a valid wave"),
             traceparent: String::new(),
+            submission_id: String::new(),
             now_ms,
         })
         .collect();
@@ -1019,6 +1020,7 @@ fn snapshot_of(state: &State) -> StateSnapshot {
         nodes: state.nodes.values().cloned().collect(),
         next_wave_id: state.next_wave_id,
         stale_results: state.stale_results,
+        submissions: state.submissions.iter().cloned().collect(),
     }
 }
 

@@ -408,6 +408,7 @@ pub async fn submit(c: &mut ClientServiceClient<Channel>, spec: &str) -> anyhow:
             spec: spec.as_bytes().to_vec(),
             format: "toml".into(),
             traceparent: String::new(),
+            submission_id: String::new(),
         })
         .await
         .context("submit")?;
@@ -437,6 +438,7 @@ pub async fn submit_following_leader(
                 spec: spec.as_bytes().to_vec(),
                 format: "toml".into(),
                 traceparent: String::new(),
+                submission_id: String::new(),
             })
             .await;
         match attempt {

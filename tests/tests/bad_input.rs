@@ -75,6 +75,7 @@ async fn malformed_waves_are_rejected_naming_task_and_field_and_change_nothing()
                 spec: bytes,
                 format: format.into(),
                 traceparent: String::new(),
+                submission_id: String::new(),
             })
             .await
             .expect_err(&format!("{name} was accepted"));

@@ -200,6 +200,7 @@ async fn a_secured_cluster_refuses_every_adversarial_case_and_changes_nothing() 
             spec: b"name = \"alices\"\n[[task]]\nid = \"t\"\nrun = \"echo hi\"\n".to_vec(),
             format: "toml".into(),
             traceparent: String::new(),
+            submission_id: String::new(),
         })
         .await
         .unwrap()
@@ -335,6 +336,7 @@ async fn a_secured_cluster_refuses_every_adversarial_case_and_changes_nothing() 
         spec: spec.clone(),
         format: "toml".into(),
         traceparent: String::new(),
+        submission_id: String::new(),
     };
     for (role, name) in [(Role::Worker, "w1"), (Role::Member, "2")] {
         let status = client_as(role, name, &url)
@@ -539,6 +541,7 @@ async fn a_secured_cluster_refuses_every_adversarial_case_and_changes_nothing() 
             spec: vec![b'#'; 100 << 20],
             format: "toml".into(),
             traceparent: String::new(),
+            submission_id: String::new(),
         })
         .await
         .expect_err("a 100 MB message");

@@ -135,6 +135,7 @@ async fn submit_wave(url: &str, name: &str) -> u64 {
         spec: spec.into_bytes(),
         format: "toml".into(),
         traceparent: String::new(),
+        submission_id: String::new(),
     })
     .await
     .expect("leader accepts the wave")

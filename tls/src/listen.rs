@@ -3,9 +3,16 @@
 //! caller's [`ConnInfo`], which every handler finds in its request's extensions.
 //!
 //! Bounded per source address and in total, so a flood from one address neither exhausts
-//! the process nor keeps others out: open connections per address, handshakes in progress
-//! per address and overall, and a deadline on each handshake. What is over a bound is
-//! closed at once.
+//! the process nor keeps others out: open connections per address and in all, handshakes
+//! in progress per address and overall, and a deadline on each handshake. What is over a
+//! bound is closed at once.
+//!
+//! The bound on open connections in all keeps [`ListenConfig::RESERVED_DESCRIPTORS`] of the
+//! process's descriptor limit free: connections cost a descriptor each, and a coordinator
+//! whose descriptors all went to (possibly idle) connections could no longer sync its
+//! database or reach its peers. Reaching that bound, or failing to accept at all (out of
+//! descriptors or memory anyway), is logged at most once a second, never once per
+//! connection; connections already open keep being served.
 
 use std::collections::HashMap;
 use std::io;
@@ -17,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -31,6 +38,8 @@ pub struct ListenConfig {
     pub tls: Option<Arc<Material>>,
     /// Open connections from one source address.
     pub max_connections_per_address: usize,
+    /// Open connections in all (see [`ListenConfig::max_connections_for`]).
+    pub max_connections: usize,
     /// TLS handshakes in progress from one source address.
     pub max_handshakes_per_address: usize,
     /// TLS handshakes in progress in all.
@@ -44,14 +53,77 @@ impl ListenConfig {
     pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
     pub const DEFAULT_MAX_HANDSHAKES: usize = 512;
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Descriptors of the process's limit that connections may not take: the database,
+    /// its syncs, peers, metrics and the runtime need some too.
+    pub const RESERVED_DESCRIPTORS: u64 = 128;
+    /// Fewest connections allowed in all, however low the descriptor limit.
+    pub const MIN_MAX_CONNECTIONS: usize = 16;
+    /// Open connections in all when the descriptor limit is unlimited or unknown.
+    pub const UNLIMITED_MAX_CONNECTIONS: usize = 65_536;
 
     pub fn new(tls: Option<Arc<Material>>) -> Self {
         Self {
             tls,
             max_connections_per_address: Self::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            max_connections: Self::max_connections_for(descriptor_limit()),
             max_handshakes_per_address: Self::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
             max_handshakes: Self::DEFAULT_MAX_HANDSHAKES,
             handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    /// Open connections in all for a process allowed `descriptor_limit` descriptors
+    /// (`None`: unlimited or unknown): all but [`Self::RESERVED_DESCRIPTORS`], and at least
+    /// [`Self::MIN_MAX_CONNECTIONS`].
+    pub fn max_connections_for(descriptor_limit: Option<u64>) -> usize {
+        match descriptor_limit {
+            Some(limit) => usize::try_from(limit.saturating_sub(Self::RESERVED_DESCRIPTORS))
+                .unwrap_or(Self::UNLIMITED_MAX_CONNECTIONS)
+                .clamp(Self::MIN_MAX_CONNECTIONS, Self::UNLIMITED_MAX_CONNECTIONS),
+            None => Self::UNLIMITED_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// This process's soft limit on open descriptors (`ulimit -n`); `None` when unlimited or
+/// unknown.
+pub fn descriptor_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given, which lives across the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if rc != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    // rlim_t is narrower than u64 on some targets.
+    #[allow(clippy::useless_conversion)]
+    Some(u64::from(limit.rlim_cur))
+}
+
+/// How often at most a lasting condition (out of descriptors, connections at their bound)
+/// is logged.
+const LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// One log line per [`LOG_EVERY`] for a condition that may repeat thousands of times a
+/// second, with the number of repeats not logged in between.
+#[derive(Debug, Default)]
+struct Sparse {
+    last: Option<Instant>,
+    repeats: u64,
+}
+
+impl Sparse {
+    /// `Some(repeats since the last line)` when a line is due now.
+    fn due(&mut self) -> Option<u64> {
+        if self.last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            self.last = Some(Instant::now());
+            Some(std::mem::take(&mut self.repeats))
+        } else {
+            self.repeats += 1;
+            None
         }
     }
 }
@@ -131,6 +203,8 @@ pub struct Conn {
     io: Io,
     info: ConnInfo,
     _slot: Slot,
+    /// One of the connections allowed in all, until dropped.
+    _open: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for Conn {
@@ -227,8 +301,10 @@ async fn accept_loop(
     tx: mpsc::Sender<io::Result<Conn>>,
 ) {
     let table: Table = Arc::default();
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1)));
-    let mut last_error_log: Option<Instant> = None;
+    let handshakes = Arc::new(Semaphore::new(config.max_handshakes.max(1)));
+    let max_connections = config.max_connections.max(1);
+    let connections = Arc::new(Semaphore::new(max_connections));
+    let (mut accept_failed, mut at_bound) = (Sparse::default(), Sparse::default());
     loop {
         let accepted = tokio::select! {
             () = tx.closed() => return,
@@ -239,15 +315,30 @@ async fn accept_loop(
             Err(e) => {
                 // Out of descriptors or memory: say so (at most once a second) and back
                 // off instead of spinning; established connections keep being served.
-                if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    tracing::error!(error = %e, "cannot accept a connection");
-                    last_error_log = Some(Instant::now());
+                if let Some(repeats) = accept_failed.due() {
+                    tracing::error!(
+                        error = %e,
+                        failures_not_logged = repeats,
+                        "cannot accept a connection"
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
+        let Ok(open) = connections.clone().try_acquire_owned() else {
+            if let Some(repeats) = at_bound.due() {
+                tracing::warn!(
+                    open = max_connections,
+                    descriptor_limit = ?descriptor_limit(),
+                    refusals_not_logged = repeats,
+                    "refusing new connections: as many are open as the descriptor limit \
+                     leaves room for (raise it: `ulimit -n`, systemd's LimitNOFILE)"
+                );
+            }
+            continue;
+        };
         let ip = remote.ip();
         let Some(slot) = Slot::take(&table, ip, false, config.max_connections_per_address) else {
             tracing::debug!(%remote, "refused: too many connections from this address");
@@ -262,6 +353,7 @@ async fn accept_loop(
                     peer: None,
                 },
                 _slot: slot,
+                _open: open,
             };
             if tx.send(Ok(conn)).await.is_err() {
                 return;
@@ -307,8 +399,66 @@ async fn accept_loop(
                     peer,
                 },
                 _slot: slot,
+                _open: open,
             };
             let _ = tx.send(Ok(conn)).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt as _;
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+
+    #[test]
+    fn connections_in_all_leave_descriptors_to_the_rest_of_the_process() {
+        assert_eq!(ListenConfig::max_connections_for(Some(1_024)), 896);
+        assert_eq!(ListenConfig::max_connections_for(Some(100)), 16);
+        assert_eq!(ListenConfig::max_connections_for(Some(u64::MAX)), 65_536);
+        assert_eq!(ListenConfig::max_connections_for(None), 65_536);
+    }
+
+    /// Whether the other end closed `stream` within 5 s (EOF or reset).
+    async fn closed(stream: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        matches!(read, Ok(Ok(0) | Err(_)))
+    }
+
+    #[tokio::test]
+    async fn beyond_the_bound_in_all_a_connection_is_closed_until_another_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut config = ListenConfig::new(None);
+        config.max_connections = 3;
+        let mut incoming = incoming(listener, config).expect("listener");
+        let mut clients = Vec::new();
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(address).await.expect("connect"));
+            let conn = incoming
+                .next()
+                .await
+                .expect("a connection")
+                .expect("accepted");
+            open.push(conn);
+        }
+        let mut one_too_many = TcpStream::connect(address).await.expect("connect");
+        assert!(
+            closed(&mut one_too_many).await,
+            "a 4th connection is closed"
+        );
+        // One closes: the next is served again.
+        open.pop();
+        let next = TcpStream::connect(address).await.expect("connect");
+        let conn = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+            .await
+            .expect("the next connection is handed over")
+            .expect("a connection")
+            .expect("accepted");
+        assert_eq!(conn.info.remote, next.local_addr().ok());
     }
 }

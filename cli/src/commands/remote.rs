@@ -52,7 +52,13 @@ pub fn traceparent_from_env() -> String {
         .unwrap_or_default()
 }
 
-/// `venomctl submit FILE [--wait|--watch]`.
+/// A fresh submission id: 16 random bytes as 32 hex characters, drawn once per submit
+/// and resent on every retry of it (`SubmitWaveRequest.submission_id`).
+pub fn new_submission_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// `venomctl submit FILE [--wait|--watch] [--submission-id ID]`.
 pub async fn submit(ctx: &Context, args: &SubmitArgs) -> anyhow::Result<u8> {
     let follow = if args.watch {
         Follow::Watch
@@ -62,15 +68,22 @@ pub async fn submit(ctx: &Context, args: &SubmitArgs) -> anyhow::Result<u8> {
         Follow::No
     };
     let file = WaveFile::read(&args.file)?;
+    let submission_id = args.submission_id.clone().unwrap_or_else(new_submission_id);
     let mut client = ctx.client()?;
-    submit_file(ctx, &mut client, &file, follow).await
+    submit_file(ctx, &mut client, &file, &submission_id, follow).await
 }
 
-/// Validates `file` locally, submits it, and follows it as asked; returns the exit code.
+/// Validates `file` locally, submits it as `submission_id`, and follows it as asked;
+/// returns the exit code.
+///
+/// The id makes the submit idempotent, so any failure that may have left it applied (the
+/// member went away, leadership changed) is retried, on another member if need be, with
+/// the same id: the cluster answers the wave the first attempt created, if it did.
 pub async fn submit_file(
     ctx: &Context,
     client: &mut Client,
     file: &WaveFile,
+    submission_id: &str,
     follow: Follow,
 ) -> anyhow::Result<u8> {
     let spec = file
@@ -94,9 +107,11 @@ pub async fn submit_file(
         spec: file.text.clone().into_bytes(),
         format: file.wire_format().to_owned(),
         traceparent: venom_telemetry::traceparent(&span).unwrap_or(from_env),
+        submission_id: submission_id.to_owned(),
     };
+    tracing::debug!(submission_id, "submitting");
     let response = client
-        .call(Retry::RefusalsOnly, |mut rpc| {
+        .call(Retry::Safe, |mut rpc| {
             let request = request.clone();
             async move { rpc.submit_wave(request).await }
         })
