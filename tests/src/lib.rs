@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod attempts;
+pub mod netns;
 pub mod pki;
 pub mod powercut;
 pub mod scenario;

@@ -93,12 +93,43 @@ impl Pki {
 
     /// The `VENOM_TLS_*` variables that make a process present `role`/`name`.
     pub fn env(&self, role: Role, name: &str) -> Vec<(String, String)> {
-        let files = self.files(role, name);
-        vec![
-            ("VENOM_TLS_CA".into(), files.ca.display().to_string()),
-            ("VENOM_TLS_CERT".into(), files.cert.display().to_string()),
-            ("VENOM_TLS_KEY".into(), files.key.display().to_string()),
-        ]
+        files_env(&self.files(role, name))
+    }
+
+    /// The files of member `name` reached at `hosts` (addresses or host names) rather than
+    /// on loopback, issued on first use: its certificate names exactly those hosts, as
+    /// `venomctl tls issue member ID --san HOST` does. They live in a directory of their own
+    /// per host list, so the same member id can serve loopback tests and others.
+    pub fn member_files_at(&self, name: &str, hosts: &[String]) -> TlsFiles {
+        assert!(
+            !hosts.is_empty(),
+            "member {name}: name at least one host (empty means loopback: use `files`)"
+        );
+        let peer = Peer::new(Role::Member, name).expect("a valid test name");
+        let dir = self.dir.join("hosts").join(hosts.join("+"));
+        let (cert, key) = issue::paths(&dir, &peer);
+        let files = TlsFiles {
+            ca: self.ca_cert(),
+            cert,
+            key,
+        };
+        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        if !files.cert.exists() {
+            issue::make_private_dir(&dir).expect("a directory for host certificates");
+            let issued = ca
+                .issue(&peer, hosts, Validity::days(30))
+                .expect("issue a member certificate naming its hosts");
+            issue::write_file(&files.key, issued.key_pem.as_bytes(), 0o600, true)
+                .expect("write key");
+            issue::write_file(&files.cert, issued.cert_pem.as_bytes(), 0o644, true)
+                .expect("write certificate");
+        }
+        files
+    }
+
+    /// The `VENOM_TLS_*` variables of [`Pki::member_files_at`].
+    pub fn member_env_at(&self, name: &str, hosts: &[String]) -> Vec<(String, String)> {
+        files_env(&self.member_files_at(name, hosts))
     }
 
     /// The same as flags.
@@ -127,6 +158,15 @@ impl Pki {
             .get_or_init(|| self.dialer(Role::Admin, ADMIN))
             .clone()
     }
+}
+
+/// The `VENOM_TLS_*` variables naming `files`.
+fn files_env(files: &TlsFiles) -> Vec<(String, String)> {
+    vec![
+        ("VENOM_TLS_CA".into(), files.ca.display().to_string()),
+        ("VENOM_TLS_CERT".into(), files.cert.display().to_string()),
+        ("VENOM_TLS_KEY".into(), files.key.display().to_string()),
+    ]
 }
 
 /// Whether `env` already chooses the process's TLS files (or plaintext).
