@@ -502,6 +502,11 @@ impl NetCluster {
             args.extend(worker_args.iter().map(|s| s.to_string()));
             let mut env = pki::pki().env(venom_tls::Role::Worker, &name);
             env.push(("RUST_LOG".into(), log_filter.clone()));
+            // Its own data dir in the scenario's directory, kept across its restarts.
+            env.push((
+                "VENOM_WORKER_DATA_DIR".into(),
+                root.join(format!("{name}-data")).display().to_string(),
+            ));
             let launch = Launch {
                 host: host.clone(),
                 program: bin_path("venom-worker"),
