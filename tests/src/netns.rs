@@ -570,7 +570,7 @@ impl NetCluster {
         Ok(())
     }
 
-    /// Kills worker `w<i>` (SIGKILL); its attempts' process groups live on.
+    /// Kills worker `w<i>` (SIGKILL); its guard kills its attempts' process groups.
     pub fn kill_worker(&mut self, i: u32) {
         if let Some(mut worker) = self.workers[(i - 1) as usize].take() {
             worker.kill9();

@@ -343,6 +343,49 @@ async fn worker_cut_off_past_its_lease_is_fenced_before_its_work_runs_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_during_2000_micro_tasks_and_restarted() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (mut c, records) = start_with_wave("worker killed", &[], 2_000, SHORT_TASK).await;
+    // Well into the wave, then w1 dies with what it runs and holds, and comes back 1 s later
+    // on its data dir.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let at_ns = unix_ns();
+    c.kill_worker(1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.restart_worker(1).unwrap();
+    let restarted_ns = unix_ns();
+    let attempts = c
+        .finish(
+            Reruns::After(&["w1"]),
+            &[FaultEvent {
+                at_ns,
+                election_ns: None,
+                records,
+            }],
+            "w1 SIGKILLed during 2,000 micro-tasks of `sleep 0.2`, restarted 1 s later",
+        )
+        .await;
+    let killed: Vec<String> = attempts
+        .iter()
+        .filter(|a| a.node == "w1" && a.end.is_none())
+        .map(|a| {
+            format!(
+                "work[{}] #{} last seen {} ms after the kill",
+                a.index,
+                a.attempt,
+                (a.last_seen_ns.saturating_sub(at_ns)) / 1_000_000
+            )
+        })
+        .collect();
+    eprintln!(
+        "partitions worker killed: attempts killed with it: {}; w1 ran again {:?} ms after \
+         its restart",
+        killed.join("; "),
+        first_start_on(&attempts, "w1", restarted_ns)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_process_killed_and_restarted() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (mut c, records) = start_with_wave(
