@@ -300,6 +300,7 @@ pub async fn run(
             let _ = replica_shutdown.wait_for(|s| *s).await;
         },
     )
+    .map_err(|e| refusal_if_damaged(e, &data_dir, config.id))
     .context("cannot start the raft replica")?;
 
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -421,6 +422,22 @@ pub async fn run(
     }
     match replica_result {
         Err(ReplicaError::DataDir(refusal)) => Err(refusal.into()),
-        other => other.context("raft replica failed"),
+        Err(e) => Err(refusal_if_damaged(e, &data_dir, config.id)).context("raft replica failed"),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// A replica failure that found the store damaged becomes the data dir's refusal (exit 78,
+/// the way out); any other stays as it is.
+fn refusal_if_damaged(
+    e: ReplicaError,
+    data_dir: &std::path::Path,
+    member_id: u64,
+) -> anyhow::Error {
+    match e {
+        ReplicaError::Store(e) if e.is_corruption() => {
+            datadir::refuse_damaged(data_dir, member_id, &e).into()
+        }
+        e => e.into(),
     }
 }
