@@ -9,6 +9,15 @@
 //! second, empty cluster under the same name. So a coordinator never creates a cluster on
 //! its own: an empty directory needs `--bootstrap` (found a cluster) or `--join`; every
 //! refusal here names the way out.
+//!
+//! The database itself is read whole before it is used ([`Store::open_verified`]): a
+//! record that fails its checksum, a raft log with a hole or shorter than what this member
+//! appended or knew committed, or a panic inside sled means damaged files, and the
+//! directory is refused ([`DataDirError::Damaged`]). Nothing is repaired or truncated. The
+//! refusal is recorded in a marker file ([`DAMAGED_FILE`]) and stands until the directory
+//! is wiped: sled's recovery rewrites the damaged part of its files when it opens them
+//! (it zeroes the segments after the first one that fails its own checksum), so a second
+//! start could otherwise open, without complaint, a database that lost entries.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +29,10 @@ use crate::storage::{Store, StoreError};
 
 /// The identity file's name inside the data directory.
 pub const IDENTITY_FILE: &str = "venom-member";
+
+/// The marker a data directory found damaged keeps until it is wiped: while it exists the
+/// directory is refused without opening sled.
+pub const DAMAGED_FILE: &str = "venom-damaged";
 
 /// Which member of which cluster a data directory belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +160,18 @@ pub enum DataDirError {
         problem: &'static str,
         db_bytes: u64,
     },
+    #[error(
+        "data dir {dir} is damaged: {problem}. Venom does not repair or truncate a damaged \
+         store, and this member must not take part as it is: it could vote for a leader that \
+         lacks entries it acknowledged. Its files are kept for inspection, and \
+         {DAMAGED_FILE} keeps it refused until the directory is wiped. {steps}",
+        steps = rejoin_steps(*member_id, dir)
+    )]
+    Damaged {
+        dir: PathBuf,
+        member_id: u64,
+        problem: String,
+    },
     #[error("data dir {dir}: identity file {IDENTITY_FILE} is unreadable ({why}); it is written by the coordinator and must not be edited")]
     BadIdentity { dir: PathBuf, why: String },
     #[error("data dir {dir}: {source}")]
@@ -243,6 +268,46 @@ pub fn check_sled_config(dir: &Path) -> Result<(), (&'static str, u64)> {
     Ok(())
 }
 
+/// What an earlier start recorded in [`DAMAGED_FILE`], if the directory has one.
+pub fn read_damaged(dir: &Path) -> Result<Option<String>, DataDirError> {
+    match std::fs::read_to_string(dir.join(DAMAGED_FILE)) {
+        Ok(text) => Ok(Some(
+            text.lines()
+                .filter(|line| !line.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(DataDirError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The refusal of a data directory whose store `error` found damaged, recorded in
+/// [`DAMAGED_FILE`] first so that it stands at the next start. A marker that cannot be
+/// written (a read-only disk) is logged; the refusal stands all the same.
+pub fn refuse_damaged(dir: &Path, member_id: u64, error: &StoreError) -> DataDirError {
+    let problem = error.problem();
+    let text = format!(
+        "# This data dir was found damaged; the coordinator refuses it until the directory is \
+         wiped (see the refusal it printed).\n{problem}\n"
+    );
+    if let Err(e) = durable::write_atomic(&dir.join(DAMAGED_FILE), text.as_bytes()) {
+        tracing::warn!(
+            dir = %dir.display(),
+            error = %e,
+            "cannot record that the data dir is damaged"
+        );
+    }
+    DataDirError::Damaged {
+        dir: dir.to_path_buf(),
+        member_id,
+        problem,
+    }
+}
+
 /// Whether a data directory holds anything yet, judged without writing to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found {
@@ -262,7 +327,7 @@ pub fn inspect(dir: &Path, member_id: u64) -> Result<Found, DataDirError> {
             requested: member_id,
         }),
         Some(_) => Ok(Found::Something),
-        None if dir.join("db").exists() => Ok(Found::Something),
+        None if dir.join("db").exists() || dir.join(DAMAGED_FILE).exists() => Ok(Found::Something),
         None => Ok(Found::Nothing),
     }
 }
@@ -277,7 +342,9 @@ pub enum Contents {
 }
 
 /// Opens the data directory of coordinator `member_id` (creating it, durably, when
-/// missing) and checks that it belongs to that member and is whole.
+/// missing) and checks that it belongs to that member and is whole: not marked damaged,
+/// sled's configuration intact, and every record of the database read and verified
+/// ([`Store::open_verified`]).
 pub fn open(dir: &Path, member_id: u64) -> Result<(Store, Contents), DataDirError> {
     let io = |source| DataDirError::Io {
         dir: dir.to_path_buf(),
@@ -291,6 +358,13 @@ pub fn open(dir: &Path, member_id: u64) -> Result<(Store, Contents), DataDirErro
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     let identity = read_identity(dir)?;
+    if let Some(recorded) = read_damaged(dir)? {
+        return Err(DataDirError::Damaged {
+            dir: dir.to_path_buf(),
+            member_id,
+            problem: format!("an earlier start found it damaged ({recorded})"),
+        });
+    }
     if let Err((problem, db_bytes)) = check_sled_config(dir) {
         return Err(DataDirError::SledConfig {
             dir: dir.to_path_buf(),
@@ -304,7 +378,20 @@ pub fn open(dir: &Path, member_id: u64) -> Result<(Store, Contents), DataDirErro
         member_id,
         source,
     };
-    let store = Store::open(dir).map_err(store_err)?;
+    let store = match Store::open_verified(dir) {
+        Ok((store, verified)) => {
+            tracing::info!(
+                dir = %dir.display(),
+                first_index = verified.first_index,
+                last_index = verified.last_index,
+                n_records = verified.n_records,
+                "data dir verified"
+            );
+            store
+        }
+        Err(e) if e.is_corruption() => return Err(refuse_damaged(dir, member_id, &e)),
+        Err(e) => return Err(store_err(e)),
+    };
     let is_new = store.is_new().map_err(store_err)?;
     let stored_cluster = store.cluster_id().map_err(store_err)?;
     match identity {
@@ -362,6 +449,7 @@ pub fn open(dir: &Path, member_id: u64) -> Result<(Store, Contents), DataDirErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::BOOTSTRAP_INDEX;
     use std::collections::BTreeMap;
 
     fn founders() -> BTreeMap<u64, String> {
@@ -523,7 +611,9 @@ mod tests {
                 ..Default::default()
             };
             state.dirty.members = true;
-            store.persist_state(&mut state, 5).expect("persist");
+            store
+                .persist_state(&mut state, BOOTSTRAP_INDEX)
+                .expect("persist");
             store.flush().expect("flush");
         }
         let err = open(root.path(), 1).expect_err("mixed clusters");
@@ -546,5 +636,69 @@ mod tests {
         std::fs::write(root.path().join(IDENTITY_FILE), "member_id = \"x\"").expect("write");
         let err = open(root.path(), 1).expect_err("bad identity");
         assert!(err.to_string().contains(IDENTITY_FILE), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_store_is_refused_with_the_way_out_until_the_directory_is_wiped() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("coordinator-2");
+        let entries: Vec<raft::eraftpb::Entry> = (2..=4)
+            .map(|index| raft::eraftpb::Entry {
+                index,
+                term: 2,
+                ..Default::default()
+            })
+            .collect();
+        {
+            let (store, _) = open(&dir, 2).expect("open");
+            store.bootstrap(&founders(), 2).expect("bootstrap");
+            store.append(&entries).expect("append");
+            store.flush().expect("flush");
+        }
+        let key = 3u64.to_be_bytes();
+        let mut good = None;
+        crate::storage::Store::open(&dir)
+            .expect("open raw")
+            .damage("raft_log", &key, |v| {
+                good = v.clone();
+                if let Some(v) = v {
+                    v[5] ^= 0x10;
+                }
+            });
+        let err = open(&dir, 2).expect_err("damaged entry");
+        assert!(
+            matches!(err, DataDirError::Damaged { member_id: 2, .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        for needle in [
+            "entry 3",
+            "raft_log",
+            "checksum mismatch",
+            "venomctl cluster remove 2",
+            "venomctl cluster add 2",
+            "--join",
+            &dir.display().to_string(),
+        ] {
+            assert!(text.contains(needle), "`{needle}` missing from: {text}");
+        }
+        assert!(dir.join(DAMAGED_FILE).exists());
+        // Repaired by hand (or by sled's recovery at the next open): still refused.
+        crate::storage::Store::open(&dir)
+            .expect("open raw")
+            .damage("raft_log", &key, |v| *v = good.clone());
+        assert!(crate::storage::Store::open_verified(&dir).is_ok());
+        let err = open(&dir, 2).expect_err("still refused");
+        assert!(
+            err.to_string()
+                .contains("an earlier start found it damaged")
+                && err.to_string().contains("entry 3"),
+            "{err}"
+        );
+        assert_eq!(inspect(&dir, 2).expect("inspect"), Found::Something);
+        // The way out starts with an empty directory.
+        std::fs::remove_dir_all(&dir).expect("wipe");
+        let (_, contents) = open(&dir, 2).expect("wiped");
+        assert_eq!(contents, Contents::Empty);
     }
 }

@@ -71,6 +71,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// The prefix of the files the coordinator keeps in a data dir beside sled's (identity,
+/// commit record, damage marker). Each is replaced with [`write_atomic`], which syncs the
+/// directory itself, so [`SledFiles`] leaves their names out of its directory comparison.
+pub const OWN_FILE_PREFIX: &str = "venom-";
+
 /// What one [`SledFiles::sync`] had to do beyond syncing the data file.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncReport {
@@ -151,7 +156,8 @@ impl SledFiles {
             report.n_dirs += 1;
         }
         self.db.sync_data()?;
-        let dir_entries = entries(&self.dir)?;
+        let mut dir_entries = entries(&self.dir)?;
+        dir_entries.retain(|name, _| !name.to_string_lossy().starts_with(OWN_FILE_PREFIX));
         if dir_entries != self.dir_entries {
             // A `snap.*` file sled renamed into place is synced by sled itself.
             sync_dir(&self.dir)?;

@@ -328,6 +328,7 @@ where
             let _ = replica_shutdown.wait_for(|s| *s).await;
         },
     )
+    .map_err(|e| refusal_if_damaged(e, &data_dir, config.id))
     .context("cannot start the raft replica")?;
 
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -493,7 +494,7 @@ where
     match replica_result {
         Err(ReplicaError::DataDir(refusal)) => Err(refusal.into()),
         // The replica's own failure is the cause; the server's end followed from it.
-        Err(e) => Err(anyhow::Error::new(e).context("raft replica failed")),
+        Err(e) => Err(refusal_if_damaged(e, &data_dir, config.id).context("raft replica failed")),
         Ok(()) => match unasked {
             Some(failure) => Err(anyhow::anyhow!(failure)),
             None => Ok(()),
@@ -533,6 +534,21 @@ impl Stopped {
             Stopped::Server(Err(e)) => Some(format!("the gRPC server task failed: {e}")),
             Stopped::Listener(why) => Some(format!("{why} although no shutdown was asked")),
         }
+    }
+}
+
+/// A replica failure that found the store damaged becomes the data dir's refusal (exit 78,
+/// the way out); any other stays as it is.
+fn refusal_if_damaged(
+    e: ReplicaError,
+    data_dir: &std::path::Path,
+    member_id: u64,
+) -> anyhow::Error {
+    match e {
+        ReplicaError::Store(e) if e.is_corruption() => {
+            datadir::refuse_damaged(data_dir, member_id, &e).into()
+        }
+        e => e.into(),
     }
 }
 

@@ -689,10 +689,15 @@ impl NetCluster {
         let mut verdict = Check::default();
         let mut first_wave = Vec::new();
         for wave in &self.waves {
-            let summary = self
-                .group
-                .wait_finished(wave.wave_id, Duration::from_secs(120))
-                .await;
+            // Two minutes, or more for a big wave: a tenth of a second per micro-task (the
+            // workers run about twenty `sleep 0.2` a second with nothing else on the machine).
+            let n: u64 = wave
+                .expected
+                .iter()
+                .map(|(_, size)| u64::from(size.unwrap_or(1)))
+                .sum();
+            let timeout = Duration::from_secs(120).max(Duration::from_millis(100 * n));
+            let summary = self.group.wait_finished(wave.wave_id, timeout).await;
             assert_eq!(summary.state(), pb::WaveState::Succeeded, "{summary:?}");
             let deadline = Instant::now() + Duration::from_secs(20);
             let tasks = loop {
