@@ -1085,7 +1085,7 @@ impl Store {
             match state.submissions.get(wave_id) {
                 Some(submission) => {
                     let bytes = bincode::serialize(submission).map_err(|e| bincode_err(&key, e))?;
-                    batch.insert(key, bytes);
+                    put(batch, key, &bytes);
                 }
                 None => batch.remove(key),
             }
@@ -1145,9 +1145,8 @@ impl Store {
         }
         let mut submissions = Vec::new();
         for item in self.state.scan_prefix(SUBMISSION) {
-            let (key, bytes) = item?;
-            let submission: Submission =
-                bincode::deserialize(&bytes).map_err(|e| bincode_err(&key, e))?;
+            let (key, payload) = item?;
+            let submission: Submission = self.decode_state(&key, &payload)?;
             submissions.push(submission);
         }
         // Keys iterate in wave order, which is the order they were remembered in.
