@@ -3,6 +3,8 @@
 //! listened survives its crash in its data dir and is recorded when it is back, without a
 //! re-run.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
