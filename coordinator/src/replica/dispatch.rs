@@ -12,11 +12,63 @@ pub(super) fn schedule_time_ms(command: &Command) -> Option<u64> {
     }
 }
 
+/// Adds to `nodes` those whose lease `command` may renew once applied: registrations and
+/// heartbeats.
+fn lease_renewals(command: &Command, nodes: &mut BTreeSet<String>) {
+    match command {
+        Command::RegisterNode { spec, .. } => {
+            nodes.insert(spec.name.clone());
+        }
+        Command::Heartbeats { reports, .. } => {
+            nodes.extend(reports.iter().map(|r| r.node.clone()));
+        }
+        Command::Batch(commands) => {
+            for command in commands {
+                lease_renewals(command, nodes);
+            }
+        }
+        _ => {}
+    }
+}
+
 impl<T: Transport> Replica<T> {
+    /// Nodes with a registration or heartbeat proposed and not applied yet (queued, or in
+    /// the log past the applied index); `None` if the log cannot be read. Applied, it grants
+    /// a lease — counted from when the worker sent it — before any round proposed now
+    /// applies, so such a round must not mark the node down: it would take back the work
+    /// that lease covers (and that the same entry may dispatch).
+    fn renewals_pending(&self) -> Option<BTreeSet<String>> {
+        let mut nodes = BTreeSet::new();
+        for (command, _) in &self.queued {
+            lease_renewals(command, &mut nodes);
+        }
+        let log = &self.raw.raft.raft_log;
+        let last = log.last_index();
+        if self.applied < last {
+            let entries = log
+                .slice(
+                    self.applied + 1,
+                    last + 1,
+                    None,
+                    raft::GetEntriesContext::empty(false),
+                )
+                .ok()?;
+            for entry in entries {
+                if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
+                    continue;
+                }
+                if let Ok(command) = bincode::deserialize::<Command>(&entry.data) {
+                    lease_renewals(&command, &mut nodes);
+                }
+            }
+        }
+        Some(nodes)
+    }
+
     /// The scheduler's inputs that only the leader knows.
     pub(super) fn scheduler_config(&self) -> SchedulerConfig {
         let now_ms = self.clock.monotonic_ms();
-        let (unreachable, lease_expired) = match self.shared.state.read() {
+        let (unreachable, mut lease_expired) = match self.shared.state.read() {
             Ok(state) => (
                 state
                     .nodes
@@ -35,6 +87,12 @@ impl<T: Transport> Replica<T> {
             ),
             Err(_) => (BTreeSet::new(), BTreeSet::new()),
         };
+        if !lease_expired.is_empty() {
+            match self.renewals_pending() {
+                Some(pending) => lease_expired.retain(|node| !pending.contains(node)),
+                None => lease_expired.clear(),
+            }
+        }
         SchedulerConfig {
             lease_expired,
             max_placements: SchedulerConfig::MAX_PLACEMENTS,
