@@ -141,7 +141,10 @@ pub fn worker_report(node: &str, message: pb::WorkerMessage, now_ms: u64) -> Opt
 }
 
 /// The effects of one turn as worker messages: every effect for one node packed into one
-/// message, nodes in name order. A lease is granted for `lease_ms`.
+/// message, nodes in name order. A lease is granted for `lease_ms`. An assignment goes out
+/// only if its attempt is still the micro-task's current one on that node once the turn's
+/// entries are applied: one a later entry of the same turn took back (a registration that
+/// did not list it, a lost node) must not run beside its successor.
 pub fn worker_messages(
     state: &State,
     effects: Vec<Effect>,
@@ -153,6 +156,14 @@ pub fn worker_messages(
             Effect::Dispatch { node, attempts } => {
                 let msg = by_node.entry(node.clone()).or_default();
                 for attempt in attempts {
+                    let current = state.task(attempt.key()).is_some_and(|task| {
+                        task.attempt == attempt.attempt
+                            && task.node.as_deref() == Some(node.as_str())
+                            && matches!(task.state, TaskState::Assigned | TaskState::Running)
+                    });
+                    if !current {
+                        continue;
+                    }
                     if let Some(a) = assignment(state, attempt, &node) {
                         msg.assign.push(a);
                     }

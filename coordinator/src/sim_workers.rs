@@ -9,9 +9,17 @@
 //! for a random virtual time and some exit non-zero. Everything is driven by the run's
 //! seeded generator on its virtual clock.
 //!
+//! A worker holds a lease as the agent does (`worker/src/agent/state.rs`): registrations
+//! and heartbeats are numbered and remembered with when they left on the worker's own
+//! drifting clock ([`MachineClock`]); a grant counts from there; nothing starts without a
+//! lease; when it runs out, what runs is killed at that very moment. Each turn plays the
+//! worker's attempts in time order up to now before it reads what arrived, so ends, starts
+//! and the lease's end happen at their exact virtual times.
+//!
 //! The [`Ledger`] replays the committed log, read entry by entry from the replicas' raft
 //! logs right after the turn that first applied it, on a state of its own, and judges
-//! every committed result against the fencing rule before applying it.
+//! every committed result against the fencing rule before applying it. [`Executions`]
+//! records when every attempt ran and checks that no two of one micro-task overlap.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -25,7 +33,7 @@ use venom_core::wave::WaveLimits;
 use venom_core::{AttemptOutcome, AttemptRef, MicroKey, NodeState, TaskState};
 use venom_proto::v1 as pb;
 
-use super::{hash_bytes, Sim, Stats};
+use super::{hash_bytes, MachineClock, Sim, Stats};
 use crate::replica::{Event, ProposeError};
 use crate::state::{AttemptResult, Command, HeartbeatReport, NodeSpec, Outcome, State};
 use crate::storage::BOOTSTRAP_INDEX;
@@ -47,6 +55,17 @@ const HINT_RETRY_US: u64 = 10_000;
 const NOTICE_DEAD_LINK_PM: u64 = 20;
 /// The server's channel towards one worker.
 const WORKER_CHANNEL: usize = 4_096;
+/// With no lease renewal for this long on its own clock, a worker gives up on its stream and
+/// looks for the leader again (the agent's silence deadline: two heartbeat intervals and
+/// 250 ms).
+const SILENCE_US: u64 = 2 * HEARTBEAT_US + 250_000;
+/// Registrations and heartbeats remembered until a grant covers them (the agent's).
+const MAX_UNGRANTED_MESSAGES: usize = 64;
+/// Worker pauses and cut-offs are either short — at most half the lease, which should cost
+/// no re-execution — or longer than the lease (up to three leases: the leader re-dispatches
+/// once the lease and its margin have passed).
+const SHORT_FAULT_MS: (u64, u64) = (200, super::WORKER_LEASE_MS / 2);
+const LONG_FAULT_MS: (u64, u64) = (super::WORKER_LEASE_MS + 200, 3 * super::WORKER_LEASE_MS);
 
 /// A worker's stream to a coordinator.
 enum Link {
@@ -96,6 +115,54 @@ struct Run {
     exit_code: i32,
     /// Killed at the coordinator's request.
     cancelled: bool,
+    /// Its execution, as the overlap check records it.
+    execution: ExecutionId,
+}
+
+/// What befell a worker, worst last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Blame {
+    /// None of the below.
+    NoWorkerFault,
+    /// A pause or a cut-off of at most half the lease.
+    ShortFault,
+    /// The coordinators' doing: for more than half the lease, no leader it could reach
+    /// (partitions, elections) or no entry committed.
+    CoordinatorOutage,
+    /// A pause or a cut-off longer than the lease.
+    LongFault,
+    /// A crash (a worker keeps nothing: it loses what it ran and its results).
+    Crash,
+}
+
+/// Coordinator outages are blamed once they add up to more than this (half the lease);
+/// nothing committed for this long is one.
+const OUTAGE_US: u64 = super::WORKER_LEASE_MS * 1_000 / 2;
+
+/// One worker fault (or coordinator outage), over `[from_us, until_us]` in virtual time.
+#[derive(Debug, Clone, Copy)]
+struct WorkerFault {
+    blame: Blame,
+    from_us: u64,
+    until_us: u64,
+}
+
+/// The worst of `faults` that overlaps `[from_us, until_us]`; coordinator outages count
+/// once they add up to more than [`OUTAGE_US`] in it.
+fn blame(faults: &[WorkerFault], from_us: u64, until_us: u64) -> Blame {
+    let overlapping = faults
+        .iter()
+        .filter(|f| f.from_us <= until_us && from_us <= f.until_us);
+    let outage_us: u64 = overlapping
+        .clone()
+        .filter(|f| f.blame == Blame::CoordinatorOutage)
+        .map(|f| f.until_us.min(until_us) - f.from_us.max(from_us))
+        .sum();
+    overlapping
+        .map(|f| f.blame)
+        .filter(|&b| b != Blame::CoordinatorOutage || outage_us > OUTAGE_US)
+        .max()
+        .unwrap_or(Blame::NoWorkerFault)
 }
 
 /// One simulated worker node. It has no disk: a crash loses what it runs and the results
@@ -133,10 +200,33 @@ pub(super) struct SimWorker {
     out_finished: Vec<AttemptResult>,
     next_heartbeat_us: u64,
     next_report_us: u64,
+    /// The machine's monotonic clock, on which leases are counted (another reading after
+    /// every crash).
+    clock: MachineClock,
+    /// The number the next message gets: from 1 at every start, like the agent's.
+    next_seq: u64,
+    /// Registrations and heartbeats no grant covered yet: number, and when sent on `clock`.
+    sent: VecDeque<(u64, u64)>,
+    /// Until when (on `clock`, µs) it may run and start attempts; `None`: no lease.
+    lease_until: Option<u64>,
+    /// When (on `clock`, µs) a leader last renewed the lease or accepted the stream.
+    last_renewal: u64,
+    /// Virtual time up to which its attempts have been played.
+    played_until_us: u64,
+    /// Its crashes, pauses and cut-offs, and the coordinator outages it saw.
+    faults: Vec<WorkerFault>,
+    /// Since when it has had no leader to reach (see [`Blame::CoordinatorOutage`]).
+    outage_since_us: Option<u64>,
 }
 
 impl SimWorker {
-    pub(super) fn new(name: String, slots: u32, queue_depth: u32, report_gap_us: u64) -> Self {
+    pub(super) fn new(
+        name: String,
+        slots: u32,
+        queue_depth: u32,
+        report_gap_us: u64,
+        clock: MachineClock,
+    ) -> Self {
         Self {
             name,
             slots,
@@ -161,7 +251,65 @@ impl SimWorker {
             out_finished: Vec::new(),
             next_heartbeat_us: 0,
             next_report_us: 0,
+            clock,
+            next_seq: 1,
+            sent: VecDeque::new(),
+            lease_until: None,
+            last_renewal: 0,
+            played_until_us: super::EPOCH_US,
+            faults: Vec::new(),
+            outage_since_us: None,
         }
+    }
+
+    /// Whether it holds a lease at virtual time `at` (judged on its own clock).
+    fn has_lease(&self, at: u64) -> bool {
+        self.lease_until
+            .is_some_and(|until| self.clock.read_us(at) < until)
+    }
+
+    /// When, in virtual time, its lease runs out.
+    fn lease_expiry_us(&self) -> Option<u64> {
+        self.lease_until.map(|until| self.clock.reaches_at(until))
+    }
+
+    /// Numbers a message sent at `now`, remembering when it left if a leader may grant a
+    /// lease by it (registrations and heartbeats), like `AgentState::stamp`.
+    fn stamp(&mut self, now: u64, grantable: bool) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if grantable {
+            if self.sent.len() >= MAX_UNGRANTED_MESSAGES {
+                self.sent.pop_front();
+            }
+            self.sent.push_back((seq, self.clock.read_us(now)));
+        }
+        seq
+    }
+
+    /// A leader committed message `seq`: the lease runs until `lease_ms` after it was sent
+    /// (unless an earlier grant runs longer), like `AgentState::on_lease`. Returns whether the
+    /// grant named a message it remembered.
+    fn on_lease(&mut self, seq: u64, lease_ms: u64, now: u64) -> bool {
+        self.last_renewal = self.clock.read_us(now);
+        let mut sent_at = None;
+        while let Some(&(number, at)) = self.sent.front() {
+            if number > seq {
+                break;
+            }
+            self.sent.pop_front();
+            if number == seq {
+                sent_at = Some(at);
+            }
+        }
+        let Some(at) = sent_at else {
+            return false;
+        };
+        let until = at + lease_ms * 1_000;
+        if self.lease_until.is_none_or(|current| current < until) {
+            self.lease_until = Some(until);
+        }
+        true
     }
 
     fn spec(&self) -> NodeSpec {
@@ -198,13 +346,15 @@ impl SimWorker {
     }
 
     /// A digest of the worker's position, for the step trace.
-    pub(super) fn digest(&self) -> [u64; 5] {
+    pub(super) fn digest(&self) -> [u64; 7] {
         [
             self.link.code(),
             self.queue.len() as u64,
             self.running.len() as u64,
             self.unacked.len() as u64,
             u64::from(self.restart_at_us.is_some()) + 2 * u64::from(self.paused_until_us > 0),
+            self.next_seq,
+            self.lease_until.unwrap_or(0),
         ]
     }
 
@@ -219,12 +369,20 @@ impl SimWorker {
         if self.isolated_until_us > 0 {
             faults.push_str(&format!(", cut off until {}", self.isolated_until_us));
         }
+        let lease = match self.lease_expiry_us() {
+            Some(at) => format!(
+                "lease until {:.3} ms",
+                at.saturating_sub(super::EPOCH_US) as f64 / 1e3
+            ),
+            None => "no lease".to_owned(),
+        };
         format!(
-            "worker {} ({} slots, limit {}){faults}: {}, {} queued, {} running {:?}, {} \
-             unacknowledged {:?}",
+            "worker {} ({} slots, limit {}, clock rate {} ppm){faults}: {}, {lease}, {} queued, \
+             {} running {:?}, {} unacknowledged {:?}",
             self.name,
             self.slots,
             self.slots_limit,
+            self.clock.rate_ppm(),
             self.link.name(),
             self.queue.len(),
             self.running.len(),
@@ -232,6 +390,226 @@ impl SimWorker {
             self.unacked.len(),
             self.unacked.keys().take(8).collect::<Vec<_>>(),
         )
+    }
+}
+
+/// How an execution of an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ExecutionEnd {
+    /// The process exited by itself (its result was kept, whatever became of it then).
+    Exited,
+    /// Killed at the coordinator's request.
+    Cancelled,
+    /// Killed because the worker's lease ran out.
+    Fenced,
+    /// Died with its worker.
+    Crashed,
+}
+
+/// One run of one attempt on one worker, in virtual (true) time.
+#[derive(Debug, Clone)]
+pub(super) struct Execution {
+    attempt: AttemptRef,
+    node: String,
+    began_us: u64,
+    /// When it ran, as `[from, to)` intervals in order: a frozen machine's attempts are
+    /// frozen with it, which splits the run.
+    ran: Vec<(u64, u64)>,
+    /// Running since then; `None` while frozen and once ended.
+    running_since: Option<u64>,
+    end: Option<(u64, ExecutionEnd)>,
+}
+
+impl Execution {
+    /// When it ran up to `now`, counting a run still going as running until `now`.
+    fn ran_until(&self, now: u64) -> Vec<(u64, u64)> {
+        let mut ran = self.ran.clone();
+        if let Some(since) = self.running_since {
+            ran.push((since, now.max(since)));
+        }
+        ran
+    }
+
+    fn describe(&self, now: u64) -> String {
+        let ms = |us: u64| format!("{:.3}", us.saturating_sub(super::EPOCH_US) as f64 / 1e3);
+        let ran: Vec<String> = self
+            .ran_until(now)
+            .iter()
+            .map(|(from, to)| format!("{}–{}", ms(*from), ms(*to)))
+            .collect();
+        let end = match self.end {
+            Some((at, how)) => format!("{how:?} at {}", ms(at)),
+            None if self.running_since.is_some() => "still running".to_owned(),
+            None => "frozen".to_owned(),
+        };
+        format!(
+            "{} on {} ran during [{}] ms ({end})",
+            self.attempt,
+            self.node,
+            ran.join(", ")
+        )
+    }
+}
+
+/// Where one execution is kept: its micro-task and its place among that micro-task's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ExecutionId {
+    key: MicroKey,
+    index: usize,
+}
+
+/// The first time two sets of `[from, to)` intervals overlap, as the overlapping interval.
+fn overlap(a: &[(u64, u64)], b: &[(u64, u64)]) -> Option<(u64, u64)> {
+    a.iter()
+        .flat_map(|&(a_from, a_to)| {
+            b.iter().filter_map(move |&(b_from, b_to)| {
+                let from = a_from.max(b_from);
+                let to = a_to.min(b_to);
+                (from < to).then_some((from, to))
+            })
+        })
+        .min()
+}
+
+/// Every execution of every attempt, by micro-task, and the check that no two executions of
+/// one micro-task ever ran at the same time.
+///
+/// Each worker plays its attempts in time order up to the current virtual time in its turn,
+/// so once every worker had its turn, an execution still running ran at least until now: the
+/// check counts it so, and looks again at every micro-task touched since, and at those with
+/// an execution still running, at the end of every step.
+#[derive(Debug, Default)]
+pub(super) struct Executions {
+    by_micro: BTreeMap<MicroKey, Vec<Execution>>,
+    /// Micro-tasks whose executions changed since the last check or still run.
+    touched: BTreeSet<MicroKey>,
+    /// Comparisons of two executions of one micro-task made (a pair is compared again at
+    /// every check of its micro-task).
+    pub(super) pairs_checked: u64,
+}
+
+impl Executions {
+    /// `attempt` starts on `node` at `at`.
+    pub(super) fn begin(&mut self, attempt: AttemptRef, node: &str, at: u64) -> ExecutionId {
+        let key = attempt.key();
+        let runs = self.by_micro.entry(key).or_default();
+        runs.push(Execution {
+            attempt,
+            node: node.to_owned(),
+            began_us: at,
+            ran: Vec::new(),
+            running_since: Some(at),
+            end: None,
+        });
+        self.touched.insert(key);
+        ExecutionId {
+            key,
+            index: runs.len() - 1,
+        }
+    }
+
+    fn get(&mut self, id: ExecutionId) -> Option<&mut Execution> {
+        self.touched.insert(id.key);
+        self.by_micro.get_mut(&id.key)?.get_mut(id.index)
+    }
+
+    /// Its machine froze at `at`: it stops running.
+    pub(super) fn freeze(&mut self, id: ExecutionId, at: u64) {
+        if let Some(run) = self.get(id) {
+            if let Some(since) = run.running_since.take() {
+                run.ran.push((since, at.max(since)));
+            }
+        }
+    }
+
+    /// Its machine resumed at `at`: it runs again.
+    pub(super) fn resume(&mut self, id: ExecutionId, at: u64) {
+        if let Some(run) = self.get(id) {
+            if run.end.is_none() && run.running_since.is_none() {
+                run.running_since = Some(at);
+            }
+        }
+    }
+
+    /// It ended at `at` (a frozen one runs no more: it ends where it froze).
+    pub(super) fn end(&mut self, id: ExecutionId, at: u64, how: ExecutionEnd) {
+        self.freeze(id, at);
+        if let Some(run) = self.get(id) {
+            run.end.get_or_insert((at, how));
+        }
+    }
+
+    /// Checks the micro-tasks touched since the last check, counting what still runs as
+    /// running until `now`.
+    pub(super) fn check(&mut self, now: u64) -> Result<(), String> {
+        let touched = std::mem::take(&mut self.touched);
+        for key in touched {
+            self.check_micro(key, now)?;
+            let running = self
+                .by_micro
+                .get(&key)
+                .is_some_and(|runs| runs.iter().any(|r| r.running_since.is_some()));
+            if running {
+                self.touched.insert(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every micro-task.
+    pub(super) fn check_all(&mut self, now: u64) -> Result<(), String> {
+        let keys: Vec<MicroKey> = self.by_micro.keys().copied().collect();
+        for key in keys {
+            self.check_micro(key, now)?;
+        }
+        Ok(())
+    }
+
+    fn check_micro(&mut self, key: MicroKey, now: u64) -> Result<(), String> {
+        let Some(runs) = self.by_micro.get(&key) else {
+            return Ok(());
+        };
+        let ran: Vec<Vec<(u64, u64)>> = runs.iter().map(|r| r.ran_until(now)).collect();
+        for i in 0..runs.len() {
+            for j in i + 1..runs.len() {
+                self.pairs_checked += 1;
+                if let Some((from, to)) = overlap(&ran[i], &ran[j]) {
+                    return Err(format!(
+                        "micro-task {key:?} ran twice at once for {} µs from {:.3} ms: {}; {}",
+                        to - from,
+                        from.saturating_sub(super::EPOCH_US) as f64 / 1e3,
+                        runs[i].describe(now),
+                        runs[j].describe(now)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How many executions there were.
+    pub(super) fn count(&self) -> u64 {
+        self.by_micro.values().map(|runs| runs.len() as u64).sum()
+    }
+
+    /// The executions that ran a micro-task again — each with the execution before it —
+    /// leaving out retries: `retried` tells an accepted failure that sent the micro-task
+    /// back to ready.
+    pub(super) fn re_executions(
+        &self,
+        retried: impl Fn(&str, AttemptRef) -> bool,
+    ) -> Vec<(&Execution, &Execution)> {
+        let mut pairs = Vec::new();
+        for runs in self.by_micro.values() {
+            let mut runs: Vec<&Execution> = runs.iter().collect();
+            runs.sort_by_key(|r| r.began_us);
+            for pair in runs.windows(2) {
+                if !retried(&pair[0].node, pair[0].attempt) {
+                    pairs.push((pair[0], pair[1]));
+                }
+            }
+        }
+        pairs
     }
 }
 
@@ -404,6 +782,18 @@ impl Ledger {
             }
         }
         Ok(())
+    }
+
+    /// Whether `node`'s result of `attempt` was accepted as a failure that sent its
+    /// micro-task back to ready (to be retried).
+    pub(super) fn retried(&self, node: &str, attempt: AttemptRef) -> bool {
+        self.results
+            .get(&(node.to_owned(), attempt))
+            .is_some_and(|verdicts| {
+                verdicts
+                    .iter()
+                    .any(|v| v.accepted && v.after == TaskState::Ready)
+            })
     }
 
     /// Judges one committed result by the fencing rule on the state at its place in the
@@ -717,6 +1107,82 @@ impl Sim {
         error.map_or(Ok(()), Err)
     }
 
+    /// Notes, for each worker, whether it could reach a leader that commits now: a replica
+    /// leading in the highest term there is, on the worker's side of any partition, while
+    /// entries commit (something was applied in the last [`OUTAGE_US`], or the work is done
+    /// and the log quiet; if not, the outage began with the last commit). A worker's own
+    /// faults do not count here.
+    pub(super) fn track_outages(&mut self) {
+        let now = self.now_us.load(std::sync::atomic::Ordering::Relaxed);
+        if self.ledger.applied > self.outage_watch.0 {
+            self.outage_watch = (self.ledger.applied, now);
+        }
+        let committing = self.quiet || now.saturating_sub(self.outage_watch.1) <= OUTAGE_US;
+        let leader = self.leaders_now().into_iter().max_by_key(|&id| {
+            self.node(id)
+                .replica
+                .as_ref()
+                .map_or(0, |r| r.raft().raft.term)
+        });
+        for w in 0..self.workers.len() {
+            let reachable = committing
+                && leader.is_some_and(|id| {
+                    self.side.get((id - 1) as usize).copied().unwrap_or(false)
+                        == self.workers[w].side
+                });
+            let since = if committing { now } else { self.outage_watch.1 };
+            let worker = &mut self.workers[w];
+            match (reachable, worker.outage_since_us) {
+                (false, None) => worker.outage_since_us = Some(since),
+                (true, Some(since)) => {
+                    worker.outage_since_us = None;
+                    worker.faults.push(WorkerFault {
+                        blame: Blame::CoordinatorOutage,
+                        from_us: since,
+                        until_us: now,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Checks that no two executions of one micro-task ran at once, up to now (every worker
+    /// has played its attempts up to now).
+    pub(super) fn check_executions(&mut self) -> Result<(), String> {
+        let now = self.now_us.load(std::sync::atomic::Ordering::Relaxed);
+        self.executions.check(now)
+    }
+
+    /// At the end of the run: every micro-task checked once more, and the executions and
+    /// re-executions counted.
+    pub(super) fn count_re_executions(&mut self) -> Result<(), String> {
+        let now = self.now_us.load(std::sync::atomic::Ordering::Relaxed);
+        self.executions.check_all(now)?;
+        self.stats.executions = self.executions.count();
+        self.stats.overlap_pairs_checked = self.executions.pairs_checked;
+        let ledger = &self.ledger;
+        let workers = &self.workers;
+        let stats = &mut self.stats;
+        for (before, again) in self
+            .executions
+            .re_executions(|node, attempt| ledger.retried(node, attempt))
+        {
+            let faults = workers
+                .iter()
+                .find(|w| w.name == before.node)
+                .map_or(&[][..], |w| &w.faults[..]);
+            match blame(faults, before.began_us, again.began_us) {
+                Blame::Crash => stats.re_executions_crash += 1,
+                Blame::LongFault => stats.re_executions_long_fault += 1,
+                Blame::CoordinatorOutage => stats.re_executions_outage += 1,
+                Blame::ShortFault => stats.re_executions_short_fault += 1,
+                Blame::NoWorkerFault => stats.re_executions_no_worker_fault += 1,
+            }
+        }
+        Ok(())
+    }
+
     /// Every worker's turn.
     pub(super) fn workers_turn(&mut self) -> Result<(), String> {
         for w in 0..self.workers.len() {
@@ -725,12 +1191,17 @@ impl Sim {
         Ok(())
     }
 
+    /// One worker's turn at `now`: its attempts run up to now (its lease may run out
+    /// meanwhile), then it reads what arrived, starts what it may, and talks.
     fn worker_turn(&mut self, w: usize) -> Result<(), String> {
         let now = self.now_us.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(at) = self.workers[w].restart_at_us {
             if now < at {
                 return Ok(());
             }
+            // A new process: no lease, messages numbered from 1 again, and a monotonic
+            // clock with another reading.
+            let clock = MachineClock::start(self.workers[w].clock.rate_ppm(), &mut self.rng);
             let worker = &mut self.workers[w];
             worker.restart_at_us = None;
             worker.link = Link::Idle;
@@ -738,6 +1209,11 @@ impl Sim {
             worker.retry_at_us = now;
             worker.backoff_us = BACKOFF_MIN_US;
             worker.slots_limit = worker.slots;
+            worker.clock = clock;
+            worker.next_seq = 1;
+            worker.sent.clear();
+            worker.lease_until = None;
+            worker.played_until_us = now;
             let name = worker.name.clone();
             self.event(format!("worker {name} restarted"));
         }
@@ -746,13 +1222,23 @@ impl Sim {
             return Ok(());
         }
         if worker.paused_until_us > 0 {
-            // Its attempts were frozen with it.
+            // Its attempts were frozen with it. Its clock was not: if the lease ran out
+            // meanwhile, the agent (and its guard) kill them before they run any further.
             let frozen = now.saturating_sub(worker.paused_since_us);
+            let leased = worker.has_lease(now);
+            let mut thawed = Vec::new();
             for run in worker.running.values_mut() {
                 run.ends_at_us += frozen;
+                thawed.push(run.execution);
             }
             worker.paused_until_us = 0;
+            worker.played_until_us = now;
             let name = worker.name.clone();
+            if leased {
+                for execution in thawed {
+                    self.executions.resume(execution, now);
+                }
+            }
             self.event(format!("worker {name} resumed"));
         }
         let worker = &mut self.workers[w];
@@ -761,11 +1247,43 @@ impl Sim {
             let name = worker.name.clone();
             self.event(format!("worker {name} reachable again"));
         }
+        self.worker_play(w, now);
         self.worker_link(w, now)?;
-        self.worker_execute(w, now);
+        self.worker_start(w, now);
+        self.worker_check_silence(w, now);
         self.worker_connect(w, now);
         self.worker_send(w, now);
         Ok(())
+    }
+
+    /// Gives up on a stream that no lease renewal came on for [`SILENCE_US`] (on the
+    /// worker's clock), like the agent's silence deadline: it looks for the leader again.
+    fn worker_check_silence(&mut self, w: usize, now: u64) {
+        let worker = &self.workers[w];
+        let Link::Up {
+            replica,
+            life,
+            conn,
+            ..
+        } = worker.link
+        else {
+            return;
+        };
+        if worker.clock.read_us(now) < worker.last_renewal + SILENCE_US {
+            return;
+        }
+        self.stats.silence_reconnects += 1;
+        self.worker_hang_up(w, replica, life, conn);
+        self.worker_disconnect(w, now, "no lease renewal from the leader in time", false);
+    }
+
+    /// Closes the worker's side of its stream to `replica`: the server notices at once
+    /// unless the link is down (then only when it next fails to send).
+    fn worker_hang_up(&mut self, w: usize, replica: u64, life: u64, conn: u64) {
+        if !self.worker_blocked(w, replica) {
+            let node = self.workers[w].name.clone();
+            self.send_to_replica(replica, life, Event::WorkerDetached { node, conn });
+        }
     }
 
     /// Drops the worker's stream (if it has one: `reason` says why) and sets when it
@@ -860,6 +1378,7 @@ impl Sim {
                     let worker = &mut self.workers[w];
                     worker.backoff_us = BACKOFF_MIN_US;
                     worker.next_heartbeat_us = now + HEARTBEAT_US;
+                    worker.last_renewal = worker.clock.read_us(now);
                     self.event(format!("worker {name} registered at replica {replica}"));
                     rx
                 }
@@ -913,8 +1432,8 @@ impl Sim {
         }
     }
 
-    /// One coordinator message (as the agent applies it: limit, acks, assignments,
-    /// cancellations).
+    /// One coordinator message (as the agent applies it: the lease, then limit, acks,
+    /// assignments, cancellations).
     fn worker_message(
         &mut self,
         w: usize,
@@ -928,6 +1447,13 @@ impl Sim {
             .as_ref()
             .map_or(0, |r| r.shared().status.read().unwrap().applied);
         let worker = &mut self.workers[w];
+        if let Some(grant) = message.lease {
+            if worker.on_lease(grant.seq, grant.lease_ms, now) {
+                self.stats.lease_grants += 1;
+            } else {
+                self.stats.lease_grants_unmatched += 1;
+            }
+        }
         if let Some(limit) = message.slots_limit {
             worker.slots_limit = limit;
         }
@@ -963,6 +1489,7 @@ impl Sim {
         for attempt in message.cancel {
             let attempt = AttemptRef::from(attempt);
             if let Some(run) = worker.running.get_mut(&attempt) {
+                // Killed from the agent's thread at once; the kill is played next turn.
                 run.cancelled = true;
                 run.ends_at_us = run.ends_at_us.min(now);
             } else if let Some(i) = worker.queue.iter().position(|(a, _, _)| *a == attempt) {
@@ -982,71 +1509,161 @@ impl Sim {
         }
     }
 
-    /// Plays the worker's slots up to `now`: attempts end in time order, and each end
-    /// starts the queued attempts that then fit at that very time (the agent's runners
-    /// start the next one themselves, without waiting for its loop).
-    fn worker_execute(&mut self, w: usize, now: u64) {
-        // What fits in the slots free before anything ends starts as it arrives.
-        let mut at = 0;
+    /// Plays the worker's slots from where they were up to `now`: attempts end in time
+    /// order, each end starts the queued attempts that then fit at that very time (the
+    /// agent's runners start the next one themselves, without waiting for its loop), and
+    /// the lease running out kills what runs at that moment.
+    fn worker_play(&mut self, w: usize, now: u64) {
         loop {
+            let at = self.workers[w].played_until_us;
             self.worker_start(w, at);
-            let worker = &mut self.workers[w];
-            let next = worker
+            let worker = &self.workers[w];
+            let next_end = worker
                 .running
                 .iter()
                 .filter(|(_, run)| run.ends_at_us <= now)
                 .map(|(a, run)| (run.ends_at_us, *a))
                 .min();
-            let Some((ends_at, attempt)) = next else {
-                break;
-            };
-            at = ends_at;
-            let Some(run) = worker.running.remove(&attempt) else {
-                break;
-            };
-            worker.running_cpus = worker.running_cpus.saturating_sub(run.cpus);
-            let outcome = if run.cancelled {
-                self.stats.attempts_cancelled += 1;
-                AttemptOutcome {
-                    signal: Some(9),
-                    cancelled: true,
-                    started_ms: run.started_ms,
-                    finished_ms: ends_at / 1_000,
-                    ..AttemptOutcome::default()
+            let expiry = worker.lease_expiry_us().filter(|&expiry| expiry <= now);
+            match (next_end, expiry) {
+                // An attempt ending when the lease has run out ends without it: killed.
+                (next, Some(expiry)) if next.is_none_or(|(end, _)| end >= expiry) => {
+                    self.worker_fence(w, expiry.max(at));
                 }
-            } else {
-                if run.exit_code != 0 {
-                    self.stats.attempts_failed += 1;
-                }
-                AttemptOutcome {
-                    exit_code: Some(run.exit_code),
-                    started_ms: run.started_ms,
-                    finished_ms: ends_at / 1_000,
-                    ..AttemptOutcome::default()
-                }
+                (Some((end, attempt)), _) => self.worker_finish(w, attempt, end),
+                (None, _) => break,
+            }
+        }
+        self.workers[w].played_until_us = now;
+    }
+
+    /// `attempt` exits (or dies of a cancellation) at `at`: its result is kept to be sent.
+    fn worker_finish(&mut self, w: usize, attempt: AttemptRef, at: u64) {
+        let worker = &mut self.workers[w];
+        worker.played_until_us = at;
+        let Some(run) = worker.running.remove(&attempt) else {
+            return;
+        };
+        worker.running_cpus = worker.running_cpus.saturating_sub(run.cpus);
+        let (outcome, how) = if run.cancelled {
+            self.stats.attempts_cancelled += 1;
+            let outcome = AttemptOutcome {
+                signal: Some(9),
+                cancelled: true,
+                started_ms: run.started_ms,
+                finished_ms: at / 1_000,
+                ..AttemptOutcome::default()
             };
-            let result = AttemptResult {
-                attempt,
-                node: worker.name.clone(),
-                outcome,
+            (outcome, ExecutionEnd::Cancelled)
+        } else {
+            if run.exit_code != 0 {
+                self.stats.attempts_failed += 1;
+            }
+            let outcome = AttemptOutcome {
+                exit_code: Some(run.exit_code),
+                started_ms: run.started_ms,
+                finished_ms: at / 1_000,
+                ..AttemptOutcome::default()
             };
-            worker.record_finished(result);
+            (outcome, ExecutionEnd::Exited)
+        };
+        let result = AttemptResult {
+            attempt,
+            node: worker.name.clone(),
+            outcome,
+        };
+        worker.record_finished(result);
+        self.executions.end(run.execution, at, how);
+    }
+
+    /// The lease ran out at `at`: like `AgentState::fence`, every running attempt is killed
+    /// (its result dropped: the leader re-dispatches it once it sees the lease expired too),
+    /// the queue and the unsent start reports are dropped, and nothing starts until a
+    /// leader grants a lease again. The worker gives up its stream, or the registration on
+    /// its way (which lists what it ran before), and registers again, so that the leader
+    /// learns at once what it no longer runs.
+    fn worker_fence(&mut self, w: usize, at: u64) {
+        let worker = &mut self.workers[w];
+        worker.played_until_us = at;
+        worker.lease_until = None;
+        let running = std::mem::take(&mut worker.running);
+        worker.running_cpus = 0;
+        let dropped = worker.queue.len() as u64;
+        worker.queue.clear();
+        worker.out_started.clear();
+        let killed = running.len() as u64;
+        let mut faults = worker.faults.clone();
+        if let Some(since) = worker.outage_since_us.filter(|&since| since < at) {
+            faults.push(WorkerFault {
+                blame: Blame::CoordinatorOutage,
+                from_us: since,
+                until_us: at,
+            });
+        }
+        let blamed = blame(
+            &faults,
+            at.saturating_sub(super::WORKER_LEASE_MS * 1_000),
+            at,
+        );
+        let name = worker.name.clone();
+        for run in running.into_values() {
+            self.executions.end(run.execution, at, ExecutionEnd::Fenced);
+        }
+        self.stats.lease_expiries += 1;
+        if killed + dropped > 0 {
+            self.stats.fences += 1;
+            self.stats.attempts_fenced += killed;
+            self.stats.queued_dropped += dropped;
+            match blamed {
+                Blame::Crash | Blame::LongFault => self.stats.fences_long_fault += 1,
+                Blame::CoordinatorOutage => self.stats.fences_outage += 1,
+                Blame::ShortFault => self.stats.fences_short_fault += 1,
+                Blame::NoWorkerFault => self.stats.fences_no_worker_fault += 1,
+            }
+            self.event(format!(
+                "worker {name}'s lease ran out at {:.3} ms: killed {killed} attempts, dropped \
+                 {dropped} queued",
+                at.saturating_sub(super::EPOCH_US) as f64 / 1e3
+            ));
+        }
+        if let Link::Up {
+            replica,
+            life,
+            conn,
+            ..
+        }
+        | Link::Registering {
+            replica,
+            life,
+            conn,
+            ..
+        } = self.workers[w].link
+        {
+            let now = self.now_us.load(std::sync::atomic::Ordering::Relaxed);
+            self.worker_hang_up(w, replica, life, conn);
+            self.worker_disconnect(w, now, "its lease expired", false);
         }
     }
 
     /// Starts queued attempts while they fit the slots limit (anything may start when
-    /// nothing runs), each at `at` or when it arrived, if later.
+    /// nothing runs) and the worker holds a lease, each at `at` or when it arrived, if later.
     fn worker_start(&mut self, w: usize, at: u64) {
-        let worker = &mut self.workers[w];
-        while let Some(&(attempt, cpus, arrived)) = worker.queue.front() {
+        loop {
+            let worker = &self.workers[w];
+            let Some(&(attempt, cpus, arrived)) = worker.queue.front() else {
+                return;
+            };
             let at = at.max(arrived);
-            if worker.slots_limit == 0
+            if !worker.has_lease(at)
+                || worker.slots_limit == 0
                 || (worker.running_cpus > 0 && worker.running_cpus + cpus > worker.slots_limit)
             {
-                break;
+                return;
             }
-            worker.queue.pop_front();
-            let run_ms = if self.rng.chance(20) {
+            // Mostly short; some outlast a lease, so that work still runs when one ends.
+            let run_ms = if self.rng.chance(30) {
+                super::WORKER_LEASE_MS + self.rng.below(2 * super::WORKER_LEASE_MS)
+            } else if self.rng.chance(20) {
                 500 + self.rng.below(2_000)
             } else {
                 5 + self.rng.below(145)
@@ -1056,6 +1673,10 @@ impl Sim {
             } else {
                 0
             };
+            let name = self.workers[w].name.clone();
+            let execution = self.executions.begin(attempt, &name, at);
+            let worker = &mut self.workers[w];
+            worker.queue.pop_front();
             worker.running.insert(
                 attempt,
                 Run {
@@ -1064,6 +1685,7 @@ impl Sim {
                     ends_at_us: at + run_ms * 1_000,
                     exit_code,
                     cancelled: false,
+                    execution,
                 },
             );
             worker.running_cpus += cpus;
@@ -1128,11 +1750,12 @@ impl Sim {
         worker.out_finished.clear();
         let mut running: Vec<AttemptRef> = worker.running.keys().copied().collect();
         running.extend(worker.queue.iter().map(|(a, _, _)| *a));
+        let seq = worker.stamp(now, true);
         let command = Command::register(
             worker.spec(),
             running,
             worker.unacked.values().cloned().collect(),
-            0,
+            seq,
             now_ms,
         );
         let name = worker.name.clone();
@@ -1181,9 +1804,10 @@ impl Sim {
         if !(heartbeat_due || report_due) {
             return;
         }
+        let seq = worker.stamp(now, heartbeat_due);
         let heartbeat = heartbeat_due.then(|| HeartbeatReport {
             node: worker.name.clone(),
-            seq: 0,
+            seq,
             theta: 1.0,
             h_cpu: 1.0,
             h_mem: 1.0,
@@ -1214,9 +1838,9 @@ impl Sim {
         }
     }
 
-    /// One worker fault: a crash (it comes back later with nothing), a pause past the
-    /// heartbeat timeout, or a cut from every coordinator. Returns a code for the step
-    /// trace.
+    /// One worker fault: a crash (it comes back later with nothing), a pause of the whole
+    /// machine, or a cut from every coordinator; a pause or a cut is short (at most half the
+    /// lease) or longer than the lease. Returns a code for the step trace.
     pub(super) fn worker_fault(&mut self) -> u64 {
         let now = self.now_us.load(std::sync::atomic::Ordering::Relaxed);
         let healthy: Vec<usize> = (0..self.workers.len())
@@ -1226,6 +1850,8 @@ impl Sim {
             return 0;
         };
         let name = self.workers[w].name.clone();
+        // What ran until this moment ran (and its lease may have run out meanwhile).
+        self.worker_play(w, now);
         let roll = self.rng.below(100);
         if roll < 35 {
             let link = std::mem::replace(&mut self.workers[w].link, Link::Idle);
@@ -1257,29 +1883,55 @@ impl Sim {
             let down_ms = 300 + self.rng.below(3_700);
             let worker = &mut self.workers[w];
             self.stats.results_lost_in_worker_crashes += worker.unacked.len() as u64;
+            let running = std::mem::take(&mut worker.running);
             worker.queue.clear();
-            worker.running.clear();
             worker.running_cpus = 0;
             worker.unacked.clear();
             worker.out_started.clear();
             worker.out_finished.clear();
             worker.restart_at_us = Some(now + down_ms * 1_000);
+            worker.faults.push(WorkerFault {
+                blame: Blame::Crash,
+                from_us: now,
+                until_us: now + down_ms * 1_000,
+            });
+            for run in running.into_values() {
+                self.executions
+                    .end(run.execution, now, ExecutionEnd::Crashed);
+            }
             self.stats.worker_crashes += 1;
             self.event(format!("worker {name} crashed for {down_ms} ms"));
             return 1;
         }
+        let ((low, high), blame) = if self.rng.chance(500) {
+            self.stats.worker_faults_short += 1;
+            (SHORT_FAULT_MS, Blame::ShortFault)
+        } else {
+            self.stats.worker_faults_long += 1;
+            (LONG_FAULT_MS, Blame::LongFault)
+        };
+        let fault_ms = low + self.rng.below(high - low + 1);
+        let until = now + fault_ms * 1_000;
+        self.workers[w].faults.push(WorkerFault {
+            blame,
+            from_us: now,
+            until_us: until,
+        });
         if roll < 70 {
-            let pause_ms = 3_200 + self.rng.below(5_000);
-            self.workers[w].paused_since_us = now;
-            self.workers[w].paused_until_us = now + pause_ms * 1_000;
+            let worker = &mut self.workers[w];
+            worker.paused_since_us = now;
+            worker.paused_until_us = until;
+            let frozen: Vec<ExecutionId> = worker.running.values().map(|r| r.execution).collect();
+            for execution in frozen {
+                self.executions.freeze(execution, now);
+            }
             self.stats.worker_pauses += 1;
-            self.event(format!("worker {name} paused for {pause_ms} ms"));
+            self.event(format!("worker {name} paused for {fault_ms} ms"));
             return 2;
         }
-        let cut_ms = 500 + self.rng.below(5_500);
-        self.workers[w].isolated_until_us = now + cut_ms * 1_000;
+        self.workers[w].isolated_until_us = until;
         self.stats.worker_isolations += 1;
-        self.event(format!("worker {name} cut off for {cut_ms} ms"));
+        self.event(format!("worker {name} cut off for {fault_ms} ms"));
         3
     }
 
@@ -1297,6 +1949,9 @@ impl Sim {
         let now = self.now_us.load(std::sync::atomic::Ordering::Relaxed);
         for worker in &mut self.workers {
             worker.side = false;
+            for fault in &mut worker.faults {
+                fault.until_us = fault.until_us.min(now);
+            }
             if worker.restart_at_us.is_some() {
                 worker.restart_at_us = Some(now);
             }
@@ -1309,21 +1964,8 @@ impl Sim {
         }
     }
 
-    /// Whether a worker could still take work from the leader whose state is `state`: not
-    /// one attached while its node is marked down (such a node gets no work until its
-    /// worker registers again, which it does only when its stream breaks).
-    pub(super) fn workers_can_progress(&self, state: &State) -> bool {
-        self.workers.iter().any(|w| {
-            !(matches!(w.link, Link::Up { .. })
-                && state
-                    .nodes
-                    .get(&w.name)
-                    .is_some_and(|n| n.state == NodeState::Down))
-        })
-    }
-
-    /// The leader's state has every wave finished (or no worker can take work), and every
-    /// worker is registered with nothing left to run, send or have acknowledged.
+    /// The leader's state has every wave finished, and every worker is registered with
+    /// nothing left to run, send or have acknowledged.
     pub(super) fn work_done(&self) -> bool {
         let leaders = self.leaders_now();
         let [leader] = leaders.as_slice() else {
@@ -1333,8 +1975,7 @@ impl Sim {
             return false;
         };
         let state = replica.shared().state.read().unwrap();
-        let finished = state.waves.values().all(|w| w.header.state.is_terminal())
-            || !self.workers_can_progress(&state);
+        let finished = state.waves.values().all(|w| w.header.state.is_terminal());
         finished
             && self.workers.iter().all(|w| {
                 matches!(w.link, Link::Up { replica, .. } if replica == *leader) && w.idle()
@@ -1393,5 +2034,134 @@ impl Sim {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(attempt: u32) -> AttemptRef {
+        AttemptRef {
+            wave_id: 7,
+            micro: 3,
+            attempt,
+        }
+    }
+
+    #[test]
+    fn sim_intervals_overlap_only_when_they_share_time() {
+        assert_eq!(overlap(&[(0, 100)], &[(100, 200)]), None);
+        assert_eq!(overlap(&[(0, 100)], &[(50, 60)]), Some((50, 60)));
+        assert_eq!(overlap(&[(0, 50), (150, 200)], &[(60, 140)]), None);
+        assert_eq!(
+            overlap(&[(0, 50), (150, 200)], &[(60, 151)]),
+            Some((150, 151))
+        );
+        assert_eq!(overlap(&[(10, 10)], &[(0, 100)]), None);
+    }
+
+    #[test]
+    fn sim_overlap_check_catches_two_runs_of_one_micro_task_at_once() {
+        let mut runs = Executions::default();
+        let first = runs.begin(attempt(1), "wk1", 1_000);
+        runs.end(first, 2_000, ExecutionEnd::Fenced);
+        let second = runs.begin(attempt(2), "wk2", 1_500);
+        runs.end(second, 2_500, ExecutionEnd::Exited);
+        let error = runs.check(3_000).unwrap_err();
+        assert!(
+            error.contains("micro-task (7, 3) ran twice at once for 500 µs"),
+            "{error}"
+        );
+        assert!(error.contains("attempt 1 on wk1") && error.contains("attempt 2 on wk2"));
+    }
+
+    #[test]
+    fn sim_overlap_check_counts_a_running_execution_until_now() {
+        let mut runs = Executions::default();
+        runs.begin(attempt(1), "wk1", 1_000);
+        // Starting exactly at the time checked: no time shared yet.
+        runs.begin(attempt(2), "wk2", 1_600);
+        runs.check(1_600).unwrap();
+        // Both still run a moment later: the micro-task is checked again though untouched.
+        let error = runs.check(1_700).unwrap_err();
+        assert!(error.contains("ran twice at once for 100 µs"), "{error}");
+    }
+
+    #[test]
+    fn sim_overlap_check_leaves_out_the_time_a_machine_was_frozen() {
+        let mut runs = Executions::default();
+        let frozen = runs.begin(attempt(1), "wk1", 1_000);
+        runs.freeze(frozen, 1_200);
+        let other = runs.begin(attempt(2), "wk2", 1_300);
+        runs.end(other, 1_900, ExecutionEnd::Exited);
+        runs.check(1_900).unwrap();
+        // Killed as it thawed: it ran no further.
+        runs.end(frozen, 2_000, ExecutionEnd::Fenced);
+        runs.check_all(2_000).unwrap();
+
+        // Thawed while the other still ran: caught.
+        let mut runs = Executions::default();
+        let frozen = runs.begin(attempt(1), "wk1", 1_000);
+        runs.freeze(frozen, 1_200);
+        let other = runs.begin(attempt(2), "wk2", 1_300);
+        runs.resume(frozen, 1_800);
+        runs.end(other, 1_900, ExecutionEnd::Exited);
+        assert!(runs.check(1_900).is_err());
+    }
+
+    #[test]
+    fn sim_a_re_execution_is_blamed_on_the_worst_fault_in_its_window() {
+        let faults = [
+            WorkerFault {
+                blame: Blame::ShortFault,
+                from_us: 100,
+                until_us: 200,
+            },
+            WorkerFault {
+                blame: Blame::Crash,
+                from_us: 500,
+                until_us: 900,
+            },
+        ];
+        assert_eq!(blame(&faults, 0, 99), Blame::NoWorkerFault);
+        assert_eq!(blame(&faults, 150, 400), Blame::ShortFault);
+        assert_eq!(blame(&faults, 150, 600), Blame::Crash);
+        assert_eq!(blame(&faults, 901, 1_000), Blame::NoWorkerFault);
+
+        // Coordinator outages count once they add up to more than half the lease.
+        let outage = |from_us, until_us| WorkerFault {
+            blame: Blame::CoordinatorOutage,
+            from_us,
+            until_us,
+        };
+        let second = 1_000_000;
+        let faults = [outage(0, second), outage(2 * second, 3 * second)];
+        assert_eq!(blame(&faults, 0, 3 * second), Blame::CoordinatorOutage);
+        assert_eq!(blame(&faults, 0, 2 * second), Blame::NoWorkerFault);
+        assert_eq!(
+            blame(&faults, second / 2, 3 * second - second / 2),
+            Blame::NoWorkerFault
+        );
+    }
+
+    #[test]
+    fn sim_machine_clocks_drift_and_invert() {
+        let slow = MachineClock {
+            rate_ppm: MachineClock::RATE_MIN_PPM,
+            offset_us: 123,
+        };
+        let fast = MachineClock {
+            rate_ppm: MachineClock::RATE_MAX_PPM,
+            offset_us: 0,
+        };
+        let second = super::super::EPOCH_US + 1_000_000;
+        assert_eq!(slow.read_us(second), 123 + 990_000);
+        assert_eq!(fast.read_us(second), 1_010_000);
+        for reading in [0, 1, 990_123, 1_234_567, 10_000_000_000] {
+            let at = slow.reaches_at(reading);
+            assert!(slow.read_us(at) >= reading);
+            assert!(at == super::super::EPOCH_US || slow.read_us(at - 1) < reading);
+        }
     }
 }

@@ -203,13 +203,28 @@ impl<T: Transport> Replica<T> {
     }
 
     pub(super) fn send_to_worker(&mut self, node: &str, message: pb::CoordinatorMessage) {
-        let Some((_, tx)) = self.workers.get(node) else {
+        let Some((conn, tx)) = self.workers.get(node) else {
             return;
         };
+        if self.registering.contains_key(node) {
+            // What it needs of this arrives with its registration (see `registering`).
+            tracing::debug!(
+                node,
+                conn,
+                "worker stream not registered yet; message dropped"
+            );
+            if tx.is_closed() {
+                // Its registration failed: nobody will detach it.
+                self.workers.remove(node);
+                self.registering.remove(node);
+            }
+            return;
+        }
         if let Err(e) = tx.try_send(message) {
             // A worker that cannot keep up is cut off; it reconnects and reconciles.
             tracing::warn!(node, error = %e, "worker stream full or closed, detaching it");
             self.workers.remove(node);
+            self.registering.remove(node);
         }
     }
 }

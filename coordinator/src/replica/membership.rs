@@ -33,6 +33,7 @@ impl<T: Transport> Replica<T> {
             let err = self.not_leader();
             self.fail_pending(err);
             self.workers.clear();
+            self.registering.clear();
             self.started_proposed.clear();
         }
         if !self.was_leader && is_leader {

@@ -114,6 +114,12 @@ pub(crate) struct Replica<T: Transport> {
     queued: Vec<(Command, Option<Reply>)>,
     queued_bytes: usize,
     workers: HashMap<String, (u64, mpsc::Sender<pb::CoordinatorMessage>)>,
+    /// Worker streams whose own registration is not applied yet: node → (stream, the
+    /// lowest proposal id that registration can have). Nothing is sent on such a stream:
+    /// the registration lists what the worker runs as of when it sent it, so an assignment
+    /// applied before it would reach the worker after it and be returned to ready by it
+    /// all the same — and then run twice.
+    registering: HashMap<String, (u64, u64)>,
     was_leader: bool,
     /// When this leader granted each worker's lease.
     leases: crate::leases::Leases,
@@ -263,6 +269,7 @@ impl<T: Transport> Replica<T> {
             queued: Vec::new(),
             queued_bytes: 0,
             workers: HashMap::new(),
+            registering: HashMap::new(),
             was_leader: false,
             leases: crate::leases::Leases::new(config.worker_lease_ms),
             applied,
@@ -455,6 +462,9 @@ impl<T: Transport> Replica<T> {
                 }
             }
             Event::WorkerAttached { node, conn, tx } => {
+                // Its registration is proposed after this event, so with an id from here on.
+                self.registering
+                    .insert(node.clone(), (conn, self.next_proposal));
                 self.workers.insert(node, (conn, tx));
             }
             Event::ReadIndex { reply } => {
@@ -465,6 +475,7 @@ impl<T: Transport> Replica<T> {
             Event::WorkerDetached { node, conn } => {
                 if self.workers.get(&node).is_some_and(|(c, _)| *c == conn) {
                     self.workers.remove(&node);
+                    self.registering.remove(&node);
                 }
             }
             Event::ChangeMembership { change, reply } => self.propose_member_change(change, reply),
@@ -484,6 +495,11 @@ impl<T: Transport> Replica<T> {
         if self.queued.is_empty() {
             return;
         }
+        // A replica that just won an election must count leases from now before its first
+        // scheduling round: judged on the grants of an earlier term (or none), every node
+        // would look silent for long and be marked down while its worker still holds the
+        // lease the previous leader granted.
+        self.track_role();
         let queued = std::mem::take(&mut self.queued);
         self.queued_bytes = 0;
         if self.raw.raft.state != StateRole::Leader {
@@ -683,6 +699,8 @@ impl<T: Transport> Replica<T> {
                     EntryType::EntryNormal if !entry.data.is_empty() => {
                         let outcome = match bincode::deserialize::<Command>(&entry.data) {
                             Ok(command) => {
+                                let id = self.own_proposal(&entry.context);
+                                registered(&mut self.registering, &command, id);
                                 if trace_rounds {
                                     if let Some(at) = schedule_time_ms(&command) {
                                         round_proposed_ms =
@@ -848,6 +866,32 @@ fn data_hash(data: &[u8]) -> u64 {
     hasher.finish()
 }
 
+/// `command`, this leader's proposal `id` (if it is one), is being applied: the streams it
+/// holds the own registration of are registered from now on, so their workers hear
+/// everything (this apply call's effects included).
+fn registered(registering: &mut HashMap<String, (u64, u64)>, command: &Command, id: Option<u64>) {
+    let Some(id) = id.filter(|_| !registering.is_empty()) else {
+        return;
+    };
+    for node in registered_nodes(command) {
+        if registering
+            .get(node)
+            .is_some_and(|&(_, first_id)| id >= first_id)
+        {
+            registering.remove(node);
+        }
+    }
+}
+
+/// The nodes whose registration `command` holds.
+fn registered_nodes(command: &Command) -> Vec<&str> {
+    match command {
+        Command::RegisterNode { spec, .. } => vec![spec.name.as_str()],
+        Command::Batch(commands) => commands.iter().flat_map(registered_nodes).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Rough wire size of a command, to bound group-commit entries.
 fn approx_size(command: &Command) -> usize {
     match command {
@@ -897,6 +941,37 @@ mod tests {
         // A worker's report is one batch: its results count as if proposed alone.
         let report = Command::Batch(vec![schedule(1), finished(1_000)]);
         assert_eq!(approx_size(&report), 128 + 2_128);
+    }
+
+    fn registration(node: &str) -> Command {
+        let spec = crate::state::NodeSpec {
+            name: node.to_owned(),
+            slots: 1,
+            labels: BTreeMap::new(),
+            policy: venom_core::mobius::ThrottlePolicy::Adaptive,
+            physical_cores: 1,
+            logical_cores: 1,
+            memory_total_bytes: 1 << 30,
+            gpus: 0,
+            queue_depth: 0,
+            profile: Vec::new(),
+        };
+        Command::register(spec, Vec::new(), Vec::new(), 1, 1)
+    }
+
+    #[test]
+    fn a_worker_stream_is_registered_by_its_own_registration_only() {
+        // Stream 7 of `w1` attached when the next proposal id was 10.
+        let mut registering = HashMap::from([("w1".to_owned(), (7, 10))]);
+        // Proposed before the stream attached: an earlier stream's registration.
+        registered(&mut registering, &registration("w1"), Some(9));
+        // Not this leader's proposal, or another node's.
+        registered(&mut registering, &registration("w1"), None);
+        registered(&mut registering, &registration("w2"), Some(12));
+        assert!(registering.contains_key("w1"));
+        let batch = Command::Batch(vec![schedule(1), registration("w1")]);
+        registered(&mut registering, &batch, Some(10));
+        assert!(registering.is_empty());
     }
 
     #[test]

@@ -354,8 +354,13 @@ impl Agent {
             "lease expired: no leader renewed it in time; killed the running attempts and \
              start nothing until a leader grants a new one"
         );
-        if matches!(self.link, Link::Up { .. }) {
-            self.disconnect("the lease expired");
+        match self.link {
+            Link::Up { .. } => self.disconnect("the lease expired"),
+            // The registrations of a race under way list the attempts just killed: a leader
+            // that accepted one would keep them assigned here for good. Race again, with
+            // registrations made now.
+            Link::Racing(_) => self.connect(),
+            Link::Idle(_) => {}
         }
     }
 
